@@ -1,0 +1,67 @@
+// Input checks shared by every op's CPU and CUDA entry points. Each failure is a TORCH_CHECK that
+// names the argument and the offending value, so users see a Python exception, never a crash.
+#pragma once
+#include <ATen/ATen.h>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+namespace moeyard {
+
+inline void check_rank(const at::Tensor& t, int64_t rank, const char* name) {
+  TORCH_CHECK(t.dim() == rank, "moeyard: ", name, " must have ", rank, " dimensions, got shape ",
+              t.sizes());
+}
+
+inline void check_dtype(const at::Tensor& t, at::ScalarType want, const char* name) {
+  TORCH_CHECK(t.scalar_type() == want, "moeyard: ", name, " must be ", want, ", got ",
+              t.scalar_type());
+}
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()),
+              "moeyard: ", name, " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* na,
+                              const char* nb) {
+  TORCH_CHECK(a.device() == b.device(), "moeyard: ", na, " (", a.device(), ") and ", nb, " (",
+              b.device(), ") must be on the same device");
+}
+
+// Sizes used as int32 indices on the device must stay below 2^31.
+inline void check_int32_range(int64_t n, const char* what) {
+  TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "moeyard: ", what, " = ", n,
+              " overflows int32 indexing (must be < 2^31)");
+}
+
+// The plan tensors every consumer takes: row_source [R] int32, token_row [T,k] int32.
+inline void check_plan_maps(const at::Tensor& row_source, const at::Tensor& token_row) {
+  check_rank(row_source, 1, "row_source");
+  check_rank(token_row, 2, "token_row");
+  check_dtype(row_source, at::kInt, "row_source");
+  check_dtype(token_row, at::kInt, "token_row");
+  check_same_device(row_source, token_row, "row_source", "token_row");
+  TORCH_CHECK(token_row.size(1) >= 1, "moeyard: token_row must have at least one slot, got shape ",
+              token_row.sizes());
+}
+
+// Router score functions, parsed once from the schema's string.
+enum class Score { Softmax, Sigmoid, None, Relu };
+
+inline Score parse_score(const std::string& s) {
+  if (s == "softmax") return Score::Softmax;
+  if (s == "sigmoid") return Score::Sigmoid;
+  if (s == "none") return Score::None;
+  TORCH_CHECK(false, "moeyard: score must be 'softmax', 'sigmoid' or 'none', got '", s, "'");
+}
+
+enum class DropPolicy { Position, Score };
+
+inline DropPolicy parse_drop_policy(const std::string& s) {
+  if (s == "position") return DropPolicy::Position;
+  if (s == "score") return DropPolicy::Score;
+  TORCH_CHECK(false, "moeyard: drop_policy must be 'position' or 'score', got '", s, "'");
+}
+
+}  // namespace moeyard

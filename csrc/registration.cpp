@@ -1,0 +1,64 @@
+// Every moeyard op schema, defined once. Kernels register under the CPU and CUDA keys in their own
+// files (csrc/<family>/*_cpu.cpp, *_cuda.cu); fake kernels and autograd live in python/moeyard/ops.py.
+// Semantics of each op: python/moeyard/reference.py.
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <string>
+
+#ifndef MOEYARD_CUDA_ARCHS
+#define MOEYARD_CUDA_ARCHS ""
+#endif
+
+namespace {
+// How this library was compiled, as JSON (read by `python -m moeyard info`).
+std::string build_info() {
+#ifdef MOEYARD_WITH_CUDA
+  const bool cuda = true;
+#else
+  const bool cuda = false;
+#endif
+  return std::string("{\"torch\": \"") + TORCH_VERSION + "\", \"cuda_compiled\": " +
+         (cuda ? "true" : "false") + ", \"cuda_archs\": \"" + MOEYARD_CUDA_ARCHS + "\"}";
+}
+}  // namespace
+
+TORCH_LIBRARY(moeyard, m) {
+  // JSON: the torch this library was compiled against, whether CUDA kernels are in it, for which
+  // architectures.
+  m.def("_build_info() -> str", &build_info);
+
+  // --- routing (csrc/routing) ---
+  // logits [T,E] -> top-k weights [T,k] (fp32, fp64 for fp64 logits) and experts [T,k] int32;
+  // score softmax|sigmoid|none, optional selection bias, group-limited selection, renorm, scale.
+  m.def("route(Tensor logits, int k, str score=\"softmax\", bool topk_before_score=False, "
+        "Tensor? bias=None, int n_group=1, int topk_group=1, bool renormalize=False, "
+        "float scale=1.0) -> (Tensor weights, Tensor experts)");
+  // ReMoE: ReLU gates; the up-to-k_max active experts per token, -1 in inactive slots.
+  m.def("relu_route(Tensor logits, int k_max) -> (Tensor weights, Tensor experts)");
+  // experts [T,k] -> dispatch plan: counts [E] (before drops), offsets [E+1] (after drops),
+  // row_source [R] (token*k+slot, -1 unused), token_row [T,k] (row, -1 dropped or no expert).
+  // R = T*k without capacity (None = dropless), E*C with one (expert e's rows start at e*C).
+  m.def("plan(Tensor experts, int num_experts, int? capacity=None, str drop_policy=\"position\", "
+        "Tensor? weights=None) -> (Tensor counts, Tensor offsets, Tensor row_source, Tensor token_row)");
+  // Expert choice: each expert takes its top-C tokens of scores [T,E]; returns router outputs
+  // (weights [T,E], experts [T,E] with -1 padding) and the plan of those choices (R = E*C).
+  m.def("expert_choice(Tensor scores, int capacity) -> (Tensor weights, Tensor experts, "
+        "Tensor counts, Tensor offsets, Tensor row_source, Tensor token_row)");
+  // bias[e] += rate * sign(mean(load) - load[e]), in place (auxiliary-loss-free balancing).
+  m.def("update_expert_bias(Tensor(a!) bias, Tensor load, float rate) -> ()");
+  // Switch balance loss E * sum_e f_e P_e (f_e = counts_e / (T k), P = mean softmax) and
+  // z-loss mean_t logsumexp(logits_t)^2, in one pass over the logits.
+  m.def("router_losses(Tensor logits, Tensor counts, int k) -> (Tensor balance_loss, Tensor z_loss)");
+  // DeepSeek-V3 sequence-wise balance loss (without its alpha), averaged over sequences.
+  m.def("sequence_balance_loss(Tensor scores, Tensor experts, int num_sequences) -> Tensor");
+
+  // --- permutation (csrc/experts) ---
+  // out[r] = x[row_source[r] / k] (zero for unused rows); [R, d].
+  m.def("permute(Tensor x, Tensor row_source, Tensor token_row) -> Tensor");
+  // out[t] = sum_j weights[t,j] * y[token_row[t,j]] with fp32 accumulation, in slot order; [T, d].
+  m.def("unpermute(Tensor y, Tensor row_source, Tensor token_row, Tensor? weights=None) -> Tensor");
+  // Backward of unpermute: grad_y [R,d] and, when asked, grad_weights [T,k] (else [0]).
+  m.def("unpermute_backward(Tensor grad, Tensor y, Tensor row_source, Tensor token_row, "
+        "Tensor? weights, bool compute_grad_weights) -> (Tensor grad_y, Tensor grad_weights)");
+}

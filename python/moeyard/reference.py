@@ -1,0 +1,246 @@
+"""Pure-PyTorch reference of every moeyard op: the semantics, written for clarity, not speed.
+
+The tests compare every kernel (CPU and CUDA) with these functions on random inputs. Where a rule
+is not obvious (tie-breaking, NaN, dropped slots) it is stated here once and the kernels follow it.
+
+Selection order (every top-k, group choice, expert choice and score priority): larger value first,
+ties broken by the lower index, NaN below every number (-inf included), -0 equal to +0. Values are
+compared in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_NEG_KEY = -1  # below every rank key: marks excluded entries
+
+
+def rank_key(values: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose descending order over the last dim is moeyard's selection order.
+
+    key = order(v) * 2^31 + (2^31 - 1 - index), with order() the monotone map of fp32 bit patterns
+    onto [0, 2^32) that sends NaN to 0. Keys are unique along the last dim, so ``topk`` on them is
+    deterministic.
+    """
+    v = values.float() + 0.0  # -0 -> +0
+    u = v.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    order = torch.where(u >= 0x80000000, (~u) & 0xFFFFFFFF, u | 0x80000000)
+    order = torch.where(torch.isnan(v), torch.zeros_like(order), order)
+    idx = torch.arange(v.shape[-1], device=v.device, dtype=torch.int64)
+    return order * 2**31 + (2**31 - 1 - idx)
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def route(logits, k, score="softmax", topk_before_score=False, bias=None, n_group=1, topk_group=1,
+          renormalize=False, scale=1.0):
+    """Top-k routing. Returns (weights [T,k] fp32/fp64, experts [T,k] int32), best first.
+
+    s = score(logits) (softmax over experts, sigmoid, or none = the logits themselves).
+    Selection value: logits + bias if topk_before_score, else s + bias (bias changes which experts
+    are picked, never the weights). With n_group > 1 the experts split into n_group equal groups,
+    a group's value is the sum of its two best selection values (NaN counted as -inf), and only the
+    topk_group best groups may be picked from.
+    Weights: topk_before_score -> softmax over the k selected logits (GPT-OSS / Mixtral);
+    else the selected s, divided by their sum (+1e-20) when renormalize. Then times scale.
+    """
+    acc = _acc_dtype(logits)
+    z = logits.to(acc)
+    T, E = z.shape
+    if score == "softmax":
+        s = torch.softmax(z, dim=-1)
+    elif score == "sigmoid":
+        s = torch.sigmoid(z)
+    elif score in ("none", "relu"):
+        s = torch.relu(z) if score == "relu" else z
+    else:
+        raise ValueError(f"unknown score {score!r}")
+    # Ranking the logits is exact and gives the same order as ranking s when no bias/group is used.
+    key_on_logits = topk_before_score or (bias is None and n_group == 1)
+    kv = (z if key_on_logits else s).float()
+    if bias is not None:
+        kv = kv + bias.float()
+    keys = rank_key(kv)
+    if n_group > 1:
+        gs = E // n_group
+        top = keys.view(T, n_group, gs).topk(min(2, gs), dim=-1).indices
+        vals = kv.view(T, n_group, gs).gather(-1, top)
+        gval = torch.where(torch.isnan(vals), float("-inf"), vals).sum(-1)
+        keep = rank_key(gval).topk(topk_group, dim=-1).indices
+        group_mask = torch.zeros(T, n_group, dtype=torch.bool, device=z.device).scatter(1, keep, True)
+        keys = keys.masked_fill(~group_mask.repeat_interleave(gs, dim=1), _NEG_KEY)
+    sel = keys.topk(k, dim=-1).indices
+    if topk_before_score:
+        w = torch.softmax(z.gather(1, sel), dim=-1)
+    else:
+        w = s.gather(1, sel)
+        if renormalize:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return w * scale, sel.to(torch.int32)
+
+
+def relu_route(logits, k_max):
+    """ReMoE routing: gates relu(logits); the (up to) k_max largest positive gates per token, best
+    first; remaining slots have expert -1 and weight 0. k_max = E keeps every active expert."""
+    w, e = route(logits, k_max, score="relu")
+    active = w > 0
+    return torch.where(active, w, torch.zeros_like(w)), torch.where(active, e, torch.full_like(e, -1))
+
+
+def _token_priority(experts, weights, drop_policy):
+    """Rank of each token in the drop priority: position -> token order; score -> by the token's
+    best valid weight, descending (Batch Prioritized Routing), ties to the earlier token."""
+    T = experts.shape[0]
+    if drop_policy == "position":
+        return torch.arange(T, device=experts.device)
+    if drop_policy != "score":
+        raise ValueError(f"unknown drop_policy {drop_policy!r}")
+    w = weights.float().masked_fill(experts < 0, float("-inf"))
+    conf = w.max(dim=1).values if w.shape[1] > 0 else torch.full((T,), float("-inf"))
+    order = rank_key(conf).argsort(descending=True)
+    return torch.empty_like(order).scatter_(0, order, torch.arange(T, device=order.device))
+
+
+def plan(experts, num_experts, capacity=None, drop_policy="position", weights=None):
+    """Dispatch plan of a routing. Returns (counts, offsets, row_source, token_row), all int32.
+
+    counts [E]: assignments per expert before drops (-1 experts skipped).
+    Priority of assignment (t, j): slot-major -- every token's slot 0 before any slot 1 -- and
+    within a slot by the token priority (_token_priority). Each expert's rows are its assignments
+    in priority order; with a capacity C only its first C are kept, the rest dropped.
+    Layout: dropless (capacity None) R = T*k rows, expert e's rows start at offsets[e] (compact, unused rows at the
+    end); capacity R = E*C rows, expert e's rows start at e*C.
+    offsets [E+1]: exclusive cumsum of kept rows per expert.
+    row_source [R]: t*k + j of the row's assignment, -1 for an unused row.
+    token_row [T,k]: row of assignment (t, j), -1 if dropped or expert -1.
+    """
+    T, k = experts.shape
+    E, dev = num_experts, experts.device
+    ex = experts.long().flatten()
+    valid = ex >= 0
+    counts = torch.bincount(ex[valid], minlength=E)
+    rank = _token_priority(experts, weights, drop_policy)
+    prio = (torch.arange(k, device=dev)[None, :] * T + rank[:, None]).flatten()  # [T*k]
+    n = T * k
+    sort_key = torch.where(valid, ex, torch.full_like(ex, E)) * max(n, 1) + prio
+    order = sort_key.argsort()  # unique keys: deterministic
+    sorted_e = ex[order]
+    sorted_valid = sorted_e >= 0
+    seg_start = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(n, device=dev) - seg_start[sorted_e.clamp(min=0)]
+    if capacity is None:
+        R, kept_counts = n, counts
+        row = torch.arange(n, device=dev)
+        kept = sorted_valid
+    else:
+        R, kept_counts = E * capacity, counts.clamp(max=capacity)
+        row = sorted_e.clamp(min=0) * capacity + pos
+        kept = sorted_valid & (pos < capacity)
+    row_source = torch.full((R,), -1, dtype=torch.int64, device=dev)
+    row_source[row[kept]] = order[kept]
+    token_row = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    token_row[order[kept]] = row[kept]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), torch.cumsum(kept_counts, 0)])
+    i32 = torch.int32
+    return counts.to(i32), offsets.to(i32), row_source.to(i32), token_row.view(T, k).to(i32)
+
+
+def expert_choice(scores, capacity):
+    """Expert-choice routing: expert e takes its min(C, T) best tokens by scores[:, e].
+
+    Returns (weights [T,E], experts [T,E], counts, offsets, row_source, token_row): per token the
+    experts that took it in ascending id, their scores as weights, -1 / 0 after them; and the plan
+    with R = E*C rows, expert e's rows e*C + i in its preference order i.
+    """
+    T, E = scores.shape
+    C, dev = capacity, scores.device
+    take = min(C, T)
+    acc = _acc_dtype(scores)
+    top = rank_key(scores.float().t()).topk(take, dim=-1).indices  # [E, take], best first
+    row_of = torch.full((T, E), -1, dtype=torch.int64, device=dev)
+    rows = torch.arange(E, device=dev)[:, None] * C + torch.arange(take, device=dev)[None, :]
+    row_of[top, torch.arange(E, device=dev)[:, None].expand(E, take)] = rows
+    chosen = row_of >= 0
+    slot = torch.cumsum(chosen.long(), dim=1) - 1
+    t_idx, e_idx = chosen.nonzero(as_tuple=True)
+    j_idx = slot[t_idx, e_idx]
+    experts = torch.full((T, E), -1, dtype=torch.int64, device=dev)
+    weights = torch.zeros((T, E), dtype=acc, device=dev)
+    token_row = torch.full((T, E), -1, dtype=torch.int64, device=dev)
+    experts[t_idx, j_idx] = e_idx
+    weights[t_idx, j_idx] = scores.to(acc)[t_idx, e_idx]
+    token_row[t_idx, j_idx] = row_of[t_idx, e_idx]
+    row_source = torch.full((E * C,), -1, dtype=torch.int64, device=dev)
+    row_source[row_of[t_idx, e_idx]] = t_idx * E + j_idx
+    counts = torch.full((E,), take, dtype=torch.int64, device=dev)
+    offsets = torch.arange(E + 1, device=dev) * take
+    i32 = torch.int32
+    return (weights, experts.to(i32), counts.to(i32), offsets.to(i32), row_source.to(i32),
+            token_row.to(i32))
+
+
+def permute(x, row_source, token_row):
+    """Gather rows into plan order: out[r] = x[row_source[r] // k], zero for unused rows."""
+    k = token_row.shape[1]
+    src = row_source.long()
+    out = x[(src // k).clamp(min=0)]
+    return out * (src >= 0).unsqueeze(1).to(x.dtype)
+
+
+def unpermute(y, row_source, token_row, weights=None):
+    """Combine rows back to tokens: out[t] = sum_j weights[t,j] * y[token_row[t,j]] over the
+    slots with a row, accumulated in fp32 (fp64 for fp64) in slot order, cast to y's dtype."""
+    T, k = token_row.shape
+    acc = _acc_dtype(y)
+    out = torch.zeros(T, y.shape[1], dtype=acc, device=y.device)
+    for j in range(k):
+        r = token_row[:, j].long()
+        term = y[r.clamp(min=0)].to(acc)
+        if weights is not None:
+            term = term * weights[:, j : j + 1].to(acc)
+        out = out + term * (r >= 0).unsqueeze(1).to(acc)
+    return out.to(y.dtype)
+
+
+def update_expert_bias(bias, load, rate):
+    """In place: bias += rate * sign(mean(load) - load) (Loss-Free Balancing)."""
+    load = load.double()
+    bias.add_((rate * torch.sign(load.mean() - load)).to(bias.dtype))
+
+
+def router_losses(logits, counts, k):
+    """(balance, z): balance = E * sum_e f_e P_e with f_e = counts_e / (T*k) (pre-drop counts) and
+    P = mean over tokens of softmax(logits); z = mean over tokens of logsumexp(logits)^2.
+    Balanced routing gives balance = 1 for every k (HF's load_balancing_loss_func gives k times
+    this). Both are 0 for T = 0."""
+    acc = _acc_dtype(logits)
+    z = logits.to(acc)
+    T, E = z.shape
+    if T == 0:
+        zero = z.sum() * 0
+        return zero, zero.clone()
+    P = torch.softmax(z, dim=-1).mean(0)
+    f = counts.to(acc) / (T * k)
+    return E * (f * P).sum(), (torch.logsumexp(z, dim=-1) ** 2).mean()
+
+
+def sequence_balance_loss(scores, experts, num_sequences):
+    """DeepSeek-V3 sequence-wise balance loss without its alpha. Tokens are num_sequences equal,
+    consecutive sequences of S tokens. Per sequence: f_e = E / (k S) * #(t, j) with experts = e,
+    P_e = mean_t s[t,e] / (sum_e' s[t,e'] + 1e-20); loss = mean over sequences of sum_e f_e P_e."""
+    acc = _acc_dtype(scores)
+    N, E = scores.shape
+    k = experts.shape[1]
+    B = num_sequences
+    if N == 0:
+        return scores.to(acc).sum() * 0
+    S = N // B
+    s = scores.to(acc)
+    sn = s / (s.sum(-1, keepdim=True) + 1e-20)
+    P = sn.view(B, S, E).mean(1)
+    ex = experts.long().view(B, S * k)
+    onehot = F.one_hot(ex.clamp(min=0), E).to(acc) * (ex >= 0).unsqueeze(-1).to(acc)
+    f = onehot.sum(1) * (E / (k * S))
+    return (f * P).sum(-1).mean()
