@@ -1,0 +1,57 @@
+"""Command line: ``python -m moeyard info`` (versions, kernels, GPU) and
+``python -m moeyard example`` (route a small random batch and print its dispatch plan)."""
+import argparse
+import sys
+
+import torch
+
+import moeyard
+
+
+def info() -> None:
+    b = moeyard.build_info()
+    print(f"moeyard        {moeyard.__version__}")
+    print(f"torch          {torch.__version__} (compiled against {b['torch']})")
+    print(f"torch CUDA     {torch.version.cuda or 'none (CPU-only torch)'}")
+    archs = ", ".join(b["cuda_archs"]) or "-"
+    print(f"CUDA kernels   {'compiled for ' + archs if b['cuda_compiled'] else 'not compiled'}")
+    if torch.cuda.is_available():
+        cap = ".".join(map(str, torch.cuda.get_device_capability()))
+        print(f"GPU            {torch.cuda.get_device_name()} (sm {cap})")
+    else:
+        print("GPU            none visible")
+
+
+def example(device: str) -> None:
+    torch.manual_seed(0)
+    T, E, k, C = 8, 4, 2, 3
+    logits = torch.randn(T, E, device=device)
+    weights, experts = moeyard.route(logits, k, renormalize=True)
+    p = moeyard.plan(experts, E, capacity=C)
+    print(f"route + plan on {device}: T={T} tokens, E={E} experts, k={k}, capacity={C}")
+    print("experts per token:\n", experts.cpu())
+    print("weights per token:\n", weights.cpu())
+    print("tokens per expert (before drops):", p.counts.tolist())
+    print("kept rows per expert:", (p.offsets[1:] - p.offsets[:-1]).tolist())
+    print("row of each (token, slot), -1 = dropped:\n", p.token_row.cpu())
+    stats = moeyard.load_stats(p)
+    print(f"MaxVio {stats['max_violation'].item():.3f}, "
+          f"dropped {100 * stats['dropped_fraction'].item():.1f}% of assignments")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m moeyard", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, compiled kernels, visible GPU")
+    ex = sub.add_parser("example", help="route a small batch and print its dispatch plan")
+    ex.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    if args.cmd == "info":
+        info()
+    else:
+        example(args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,467 @@
+"""moeyard's public ops: typed wrappers over ``torch.ops.moeyard``, their fake kernels (so
+``torch.compile`` traces them without running them) and their autograd formulas.
+
+Schemas are defined once in csrc/registration.cpp; the semantics of every op are written out in
+:mod:`moeyard.reference`. No op synchronizes with the host and every output shape depends only on
+argument shapes and integer arguments, so all of them work under ``torch.compile(fullgraph=True)``
+and inside CUDA graphs.
+
+Plan encoding (shared by every op that consumes a routing):
+  ``row_source [R]`` int32: ``t * k + j`` for the row holding token t's slot j, -1 if unused.
+  ``token_row [T, k]`` int32: the row of token t's slot j, -1 if dropped or routed nowhere.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RoutingPlan",
+    "route",
+    "relu_route",
+    "plan",
+    "expert_choice",
+    "permute",
+    "unpermute",
+    "update_expert_bias",
+    "router_losses",
+    "sequence_balance_loss",
+    "load_stats",
+    "expert_capacity",
+]
+
+_ops = torch.ops.moeyard
+
+
+class RoutingPlan(NamedTuple):
+    """Where every (token, slot) goes in the permuted buffer. All tensors int32, on the device.
+
+    counts [E]       assignments per expert before capacity drops (the load)
+    offsets [E+1]    exclusive cumsum of the rows each expert kept
+    row_source [R]   t*k + j of each row's assignment, -1 for unused rows
+    token_row [T,k]  row of each assignment, -1 if dropped or routed to no expert
+    capacity         None: dropless, R = T*k, expert e's rows start at offsets[e];
+                     C: R = E*C, expert e's rows start at e*C (fixed stride)
+    """
+
+    counts: Tensor
+    offsets: Tensor
+    row_source: Tensor
+    token_row: Tensor
+    capacity: Optional[int] = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_source.shape[0]
+
+    @property
+    def row_token(self) -> Tensor:
+        """Source token of each row (-1 unused)."""
+        k = self.token_row.shape[1]
+        return torch.where(self.row_source >= 0, self.row_source // k, -1)
+
+    @property
+    def row_slot(self) -> Tensor:
+        """Slot (0..k-1) of each row's assignment (-1 unused)."""
+        k = self.token_row.shape[1]
+        return torch.where(self.row_source >= 0, self.row_source % k, -1)
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------- route
+
+
+def route(
+    logits: Tensor,
+    k: int,
+    score: str = "softmax",
+    *,
+    topk_before_score: bool = False,
+    bias: Optional[Tensor] = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = False,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Top-k routing in one kernel. Returns ``(weights [T,k], experts [T,k] int32)``, best first.
+
+    Args:
+        logits: router logits ``[T, E]`` (any float dtype; math in fp32, fp64 for fp64).
+        k: experts per token, ``1 <= k <= E``.
+        score: ``"softmax"`` (Switch, Mixtral, Qwen), ``"sigmoid"`` (DeepSeek-V3) or ``"none"``.
+        topk_before_score: pick the top-k logits, then softmax over those k (Mixtral, GPT-OSS);
+            otherwise score all experts, then pick (Switch, Qwen, DeepSeek).
+        bias: fp32 ``[E]`` added to the selection values only (auxiliary-loss-free balancing):
+            it changes which experts are picked, never their weights.
+        n_group, topk_group: group-limited routing (DeepSeek-V3): only experts in the
+            ``topk_group`` groups with the best top-2 sums may be picked.
+        renormalize: divide the k weights by their sum (Mixtral, ``norm_topk_prob``).
+        scale: multiply the weights (DeepSeek-V3's ``routed_scaling_factor``).
+
+    Ties go to the lower expert id; NaN logits rank below every number and make that token's
+    softmax weights NaN (as ``torch.softmax`` does); expert ids are always valid and distinct.
+    Differentiable w.r.t. ``logits`` through the weights.
+    """
+    return _ops.route(logits, k, score, topk_before_score, bias, n_group, topk_group, renormalize,
+                      scale)
+
+
+@torch.library.register_fake("moeyard::route")
+def _route_fake(logits, k, score="softmax", topk_before_score=False, bias=None, n_group=1,
+                topk_group=1, renormalize=False, scale=1.0):
+    torch._check(logits.dim() == 2, lambda: f"logits must be 2-D, got {logits.dim()}-D")
+    torch._check(1 <= k <= logits.shape[1], lambda: f"k={k} must be in [1, E={logits.shape[1]}]")
+    T = logits.shape[0]
+    return (logits.new_empty((T, k), dtype=_acc_dtype(logits)),
+            logits.new_empty((T, k), dtype=torch.int32))
+
+
+def _route_setup(ctx, inputs, output):
+    logits, k, score, topk_before_score, bias, n_group, topk_group, renormalize, scale = inputs
+    weights, experts = output
+    ctx.save_for_backward(logits, experts)
+    ctx.score, ctx.topk_before_score = score, topk_before_score
+    ctx.renormalize, ctx.scale = renormalize, scale
+
+
+def _route_backward(ctx, grad_weights, grad_experts):
+    logits, experts = ctx.saved_tensors
+    z = logits.to(_acc_dtype(logits))
+    sel = experts.long()
+    g = grad_weights.to(z.dtype)
+    zeros = torch.zeros_like(z)
+    if ctx.topk_before_score:  # w = scale * softmax(z[sel])
+        v = torch.softmax(z.gather(1, sel), dim=-1)
+        gv = g * ctx.scale
+        grad = zeros.scatter_add(1, sel, v * (gv - (gv * v).sum(-1, keepdim=True)))
+        return grad.to(logits.dtype), *([None] * 8)
+    if ctx.score == "softmax":
+        s = torch.softmax(z, dim=-1)
+        v = s.gather(1, sel)
+    elif ctx.score == "sigmoid":
+        v = torch.sigmoid(z.gather(1, sel))
+    else:
+        v = z.gather(1, sel)
+    if ctx.renormalize:  # w = scale * v / (sum v + eps)
+        S = v.sum(-1, keepdim=True) + 1e-20
+        gv = ctx.scale * (g / S - (g * v).sum(-1, keepdim=True) / S**2)
+    else:
+        gv = ctx.scale * g
+    if ctx.score == "softmax":
+        gs = zeros.scatter_add(1, sel, gv)
+        grad = s * (gs - (gs * s).sum(-1, keepdim=True))
+    elif ctx.score == "sigmoid":
+        grad = zeros.scatter_add(1, sel, gv * v * (1 - v))
+    else:
+        grad = zeros.scatter_add(1, sel, gv)
+    return grad.to(logits.dtype), *([None] * 8)
+
+
+torch.library.register_autograd("moeyard::route", _route_backward, setup_context=_route_setup)
+
+
+def relu_route(logits: Tensor, k_max: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """ReMoE routing: gates ``relu(logits)``; per token the (up to) ``k_max`` largest positive gates
+    as ``weights [T,k_max]`` and their experts, ``-1`` (weight 0) in inactive slots.
+
+    ``k_max=None`` means E: every active expert is kept, exactly ReMoE. A smaller ``k_max`` bounds
+    the work per token and drops the smallest gates beyond it. Differentiable w.r.t. ``logits``.
+    """
+    return _ops.relu_route(logits, logits.shape[1] if k_max is None else k_max)
+
+
+@torch.library.register_fake("moeyard::relu_route")
+def _relu_route_fake(logits, k_max):
+    return _route_fake(logits, k_max)
+
+
+def _relu_route_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output[1])
+
+
+def _relu_route_backward(ctx, grad_weights, grad_experts):
+    logits, experts = ctx.saved_tensors
+    active = experts >= 0
+    grad = torch.zeros_like(logits, dtype=grad_weights.dtype).scatter_add(
+        1, experts.long().clamp(min=0), grad_weights * active)
+    return grad.to(logits.dtype), None
+
+
+torch.library.register_autograd("moeyard::relu_route", _relu_route_backward,
+                                setup_context=_relu_route_setup)
+
+
+# -------------------------------------------------------------------------------------- plan
+
+
+def plan(
+    experts: Tensor,
+    num_experts: int,
+    capacity: Optional[int] = None,
+    drop_policy: str = "position",
+    weights: Optional[Tensor] = None,
+) -> RoutingPlan:
+    """Dispatch plan of a routing ``experts [T,k]`` (int32, ``-1`` = no expert).
+
+    ``capacity=None`` is dropless (``T*k`` rows). With a capacity C each expert keeps at most C
+    assignments (``E*C`` rows, fixed stride), chosen by ``drop_policy``: ``"position"`` (every
+    first choice before any second choice, earlier tokens first: Switch/GShard) or ``"score"``
+    (tokens ordered by their best weight: Batch Prioritized Routing; needs ``weights``).
+    No host synchronization: all sizes follow from T, k, E and C.
+    On CPU, expert ids outside ``[-1, E)`` raise; on CUDA (where checking them would need a host
+    sync) they are treated as -1.
+    """
+    counts, offsets, row_source, token_row = _ops.plan(experts, num_experts, capacity, drop_policy,
+                                                       weights)
+    return RoutingPlan(counts, offsets, row_source, token_row, capacity)
+
+
+def _plan_shapes(experts, num_experts, capacity):
+    T, k = experts.shape
+    R = T * k if capacity is None else num_experts * capacity
+    i32 = dict(dtype=torch.int32)
+    return (experts.new_empty((num_experts,), **i32), experts.new_empty((num_experts + 1,), **i32),
+            experts.new_empty((R,), **i32), experts.new_empty((T, k), **i32))
+
+
+@torch.library.register_fake("moeyard::plan")
+def _plan_fake(experts, num_experts, capacity=None, drop_policy="position", weights=None):
+    torch._check(experts.dim() == 2, lambda: "experts must be 2-D")
+    torch._check(num_experts >= 1, lambda: f"num_experts={num_experts} must be >= 1")
+    torch._check(capacity is None or capacity >= 0, lambda: f"capacity={capacity} must be >= 0")
+    return _plan_shapes(experts, num_experts, capacity)
+
+
+def expert_choice(scores: Tensor, capacity: int) -> tuple[Tensor, Tensor, RoutingPlan]:
+    """Expert-choice routing: each expert takes the ``capacity`` tokens it scores highest.
+
+    Returns ``(weights [T,E], experts [T,E], plan)``: per token, the experts that took it (ascending
+    id, then -1) and their scores as combine weights; the plan has ``E*C`` rows, expert e's in its
+    preference order. Loads are balanced by construction; a token may get no expert. Not causal:
+    do not use it in autoregressive decoding. Differentiable w.r.t. ``scores``.
+    """
+    weights, experts, counts, offsets, row_source, token_row = _ops.expert_choice(scores, capacity)
+    return weights, experts, RoutingPlan(counts, offsets, row_source, token_row, capacity)
+
+
+@torch.library.register_fake("moeyard::expert_choice")
+def _expert_choice_fake(scores, capacity):
+    torch._check(scores.dim() == 2, lambda: "scores must be 2-D")
+    torch._check(capacity >= 0, lambda: f"capacity={capacity} must be >= 0")
+    T, E = scores.shape
+    counts, offsets, row_source, _ = _plan_shapes(scores.new_empty((T, E), dtype=torch.int32), E,
+                                                  capacity)
+    return (scores.new_empty((T, E), dtype=_acc_dtype(scores)),
+            scores.new_empty((T, E), dtype=torch.int32), counts, offsets, row_source,
+            scores.new_empty((T, E), dtype=torch.int32))
+
+
+def _expert_choice_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.scores_dtype = inputs[0].dtype
+
+
+def _expert_choice_backward(ctx, grad_weights, *unused):
+    (experts,) = ctx.saved_tensors
+    grad = torch.zeros_like(grad_weights).scatter_add(
+        1, experts.long().clamp(min=0), grad_weights * (experts >= 0))
+    return grad.to(ctx.scores_dtype), None
+
+
+torch.library.register_autograd("moeyard::expert_choice", _expert_choice_backward,
+                                setup_context=_expert_choice_setup)
+
+
+# ------------------------------------------------------------------------------- permutation
+
+
+def permute(x: Tensor, plan: RoutingPlan) -> Tensor:
+    """Rows of ``x [T,d]`` in plan order: ``[R, d]``, zero rows where the plan has none.
+    Differentiable w.r.t. ``x`` (its gradient gathers each token's rows back)."""
+    return _ops.permute(x, plan.row_source, plan.token_row)
+
+
+@torch.library.register_fake("moeyard::permute")
+def _permute_fake(x, row_source, token_row):
+    torch._check(x.dim() == 2, lambda: "x must be 2-D")
+    return x.new_empty((row_source.shape[0], x.shape[1]))
+
+
+def _permute_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _permute_backward(ctx, grad):
+    row_source, token_row = ctx.saved_tensors
+    return _ops.unpermute(grad, row_source, token_row, None), None, None
+
+
+torch.library.register_autograd("moeyard::permute", _permute_backward, setup_context=_permute_setup)
+
+
+def unpermute(y: Tensor, plan: RoutingPlan, weights: Optional[Tensor] = None) -> Tensor:
+    """Combine rows back to tokens: ``out[t] = sum_j weights[t,j] * y[token_row[t,j]]`` in fp32,
+    slot order, gathered (deterministic, no atomics); dropped slots add nothing. ``[T, d]`` in
+    ``y``'s dtype. Differentiable w.r.t. ``y`` and ``weights``."""
+    return _ops.unpermute(y, plan.row_source, plan.token_row, weights)
+
+
+@torch.library.register_fake("moeyard::unpermute")
+def _unpermute_fake(y, row_source, token_row, weights=None):
+    torch._check(y.dim() == 2, lambda: "y must be 2-D")
+    return y.new_empty((token_row.shape[0], y.shape[1]))
+
+
+def _unpermute_setup(ctx, inputs, output):
+    y, row_source, token_row, weights = inputs
+    ctx.save_for_backward(y, row_source, token_row, weights)
+
+
+def _unpermute_backward(ctx, grad):
+    y, row_source, token_row, weights = ctx.saved_tensors
+    need_w = weights is not None and ctx.needs_input_grad[3]
+    grad_y, grad_w = _ops.unpermute_backward(grad, y, row_source, token_row, weights, need_w)
+    return grad_y, None, None, (grad_w if need_w else None)
+
+
+torch.library.register_autograd("moeyard::unpermute", _unpermute_backward,
+                                setup_context=_unpermute_setup)
+
+
+@torch.library.register_fake("moeyard::unpermute_backward")
+def _unpermute_backward_fake(grad, y, row_source, token_row, weights, compute_grad_weights):
+    wdtype = weights.dtype if weights is not None else torch.float32
+    gw_shape = tuple(token_row.shape) if compute_grad_weights else (0,)
+    return y.new_empty(y.shape), grad.new_empty(gw_shape, dtype=wdtype)
+
+
+# ----------------------------------------------------------------------------------- balance
+
+
+def update_expert_bias(bias: Tensor, load: Tensor, rate: float = 1e-3) -> None:
+    """Auxiliary-loss-free balancing step, in place: ``bias += rate * sign(mean(load) - load)``.
+
+    ``bias`` is the fp32 ``[E]`` selection bias passed to :func:`route`; ``load`` the tokens per
+    expert of this step (e.g. ``plan.counts``, summed over micro-batches and, for data parallel,
+    all-reduced before the call). Outside autograd; no host sync."""
+    _ops.update_expert_bias(bias, load, rate)
+
+
+@torch.library.register_fake("moeyard::update_expert_bias")
+def _update_expert_bias_fake(bias, load, rate):
+    return None
+
+
+def router_losses(logits: Tensor, counts: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Switch load-balancing loss and router z-loss, in one pass over the logits.
+
+    ``balance = E * sum_e f_e * P_e`` with ``f_e = counts_e / (T*k)`` (pass the pre-drop
+    ``plan.counts``) and ``P`` the mean softmax probability; 1 at perfect balance for any k
+    (Hugging Face's ``load_balancing_loss_func`` reports k times this).
+    ``z = mean_t logsumexp(logits_t)^2``. Both differentiable w.r.t. ``logits``; multiply by your
+    coefficients (Switch: 1e-2 and 1e-3)."""
+    return _ops.router_losses(logits, counts, k)
+
+
+@torch.library.register_fake("moeyard::router_losses")
+def _router_losses_fake(logits, counts, k):
+    dt = _acc_dtype(logits)
+    return logits.new_empty((), dtype=dt), logits.new_empty((), dtype=dt)
+
+
+def _router_losses_setup(ctx, inputs, output):
+    logits, counts, k = inputs
+    ctx.save_for_backward(logits, counts)
+    ctx.k = k
+
+
+def _router_losses_backward(ctx, grad_balance, grad_z):
+    logits, counts = ctx.saved_tensors
+    z = logits.to(_acc_dtype(logits))
+    T, E = z.shape
+    if T == 0:
+        return torch.zeros_like(logits), None, None
+    p = torch.softmax(z, dim=-1)
+    f = counts.to(z.dtype) / (T * ctx.k)
+    dp = (grad_balance * E / T) * f  # d balance / d p[t, e], the same for every t
+    grad = p * (dp - (p * dp).sum(-1, keepdim=True))
+    grad = grad + (grad_z * 2 / T) * torch.logsumexp(z, dim=-1, keepdim=True) * p
+    return grad.to(logits.dtype), None, None
+
+
+torch.library.register_autograd("moeyard::router_losses", _router_losses_backward,
+                                setup_context=_router_losses_setup)
+
+
+def sequence_balance_loss(scores: Tensor, experts: Tensor, num_sequences: int) -> Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss, without its alpha (V3: 1e-4).
+
+    ``scores [N,E]`` are the affinities (sigmoid), ``experts [N,k]`` the plain top-k of them
+    (DeepSeek/Megatron use no bias and no group limit here), tokens grouped as ``num_sequences``
+    consecutive sequences. 1 at perfect balance with uniform scores. Differentiable w.r.t.
+    ``scores``."""
+    return _ops.sequence_balance_loss(scores, experts, num_sequences)
+
+
+@torch.library.register_fake("moeyard::sequence_balance_loss")
+def _sequence_balance_loss_fake(scores, experts, num_sequences):
+    return scores.new_empty((), dtype=_acc_dtype(scores))
+
+
+def _seq_loss_setup(ctx, inputs, output):
+    scores, experts, num_sequences = inputs
+    ctx.save_for_backward(scores, experts)
+    ctx.B = num_sequences
+
+
+def _seq_loss_backward(ctx, grad):
+    scores, experts = ctx.saved_tensors
+    N, E = scores.shape
+    if N == 0:
+        return torch.zeros_like(scores), None, None
+    B, k = ctx.B, experts.shape[1]
+    S = N // B
+    s = scores.to(_acc_dtype(scores))
+    ex = experts.long().view(B, S * k)
+    valid = (ex >= 0).to(s.dtype)
+    f = torch.zeros(B, E, dtype=s.dtype, device=s.device).scatter_add_(1, ex.clamp(min=0), valid)
+    f = (f * (E / (k * S))).repeat_interleave(S, dim=0)  # [N, E]: f of each token's sequence
+    Z = s.sum(-1, keepdim=True) + 1e-20
+    g = (f / Z - (f * s).sum(-1, keepdim=True) / Z**2) * (grad / (B * S))
+    return g.to(scores.dtype), None, None
+
+
+torch.library.register_autograd("moeyard::sequence_balance_loss", _seq_loss_backward,
+                                setup_context=_seq_loss_setup)
+
+
+def load_stats(plan: RoutingPlan) -> dict[str, Tensor]:
+    """Load statistics of a plan, as device tensors (no sync): ``tokens_per_expert`` (pre-drop),
+    ``max_violation`` ((max load - mean load) / mean load, DeepSeek's MaxVio) and
+    ``dropped_fraction`` (assignments dropped by the capacity)."""
+    load = plan.counts.float()
+    mean = load.mean()
+    total = load.sum()
+    kept = plan.offsets[-1].float()
+    return {
+        "tokens_per_expert": plan.counts,
+        "max_violation": (load.max() - mean) / mean.clamp(min=1e-20),
+        "dropped_fraction": (total - kept) / total.clamp(min=1),
+    }
+
+
+def expert_capacity(num_tokens: int, num_experts: int, k: int = 1, capacity_factor: float = 1.25,
+                    min_capacity: int = 4) -> int:
+    """Capacity per expert ``max(ceil(T * k / E * capacity_factor), min_capacity)`` (Megatron's
+    formula; with k = 1 Switch's). A Python int: capacities are static, so shapes stay static."""
+    return max(int(math.ceil(num_tokens * k / num_experts * capacity_factor)), min_capacity)
