@@ -1,0 +1,27 @@
+# The two commands of the README, each doing its whole set-up on a fresh machine:
+#   make demo   install everything, build moeyard, run the main job
+#   make test   install everything, build moeyard, run the test suite (what CI runs)
+# PYTHON, MAX_JOBS, TORCH_CUDA_ARCH_LIST, MOEYARD_CPU_ONLY are passed through to the build.
+PYTHON ?= python3
+# torch 2.11 from PyPI is a CUDA 13.0 build: its CUDA major must match nvcc's (13) for the CUDA
+# kernels to compile. With no nvcc, or a CPU-only torch, moeyard builds its CPU kernels only.
+TORCH_SPEC ?= torch==2.11.*
+
+.PHONY: deps install demo test gpu
+deps:
+	$(PYTHON) -m pip install -q "$(TORCH_SPEC)" numpy pytest ninja "setuptools>=70" wheel
+
+install: deps
+	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+
+demo: install
+	$(PYTHON) -m moeyard info
+	$(PYTHON) -m moeyard example
+
+test: install
+	$(PYTHON) -m pytest -q
+
+# On a GPU machine (no network, torch preinstalled): build for the visible GPU, run the GPU tests,
+# compute-sanitizer and the benchmarks.
+gpu:
+	bash benchmarks/gpu_run.sh
