@@ -112,8 +112,8 @@ def route(
     softmax weights NaN (as ``torch.softmax`` does); expert ids are always valid and distinct.
     Differentiable w.r.t. ``logits`` through the weights.
     """
-    return _ops.route(logits, k, score, topk_before_score, bias, n_group, topk_group, renormalize,
-                      scale)
+    return _ops.route.default(logits, k, score, topk_before_score, bias, n_group, topk_group,
+                              renormalize, scale)
 
 
 @torch.library.register_fake("moeyard::route")
@@ -126,50 +126,6 @@ def _route_fake(logits, k, score="softmax", topk_before_score=False, bias=None, 
             logits.new_empty((T, k), dtype=torch.int32))
 
 
-def _route_setup(ctx, inputs, output):
-    logits, k, score, topk_before_score, bias, n_group, topk_group, renormalize, scale = inputs
-    weights, experts = output
-    ctx.save_for_backward(logits, experts)
-    ctx.score, ctx.topk_before_score = score, topk_before_score
-    ctx.renormalize, ctx.scale = renormalize, scale
-
-
-def _route_backward(ctx, grad_weights, grad_experts):
-    logits, experts = ctx.saved_tensors
-    z = logits.to(_acc_dtype(logits))
-    sel = experts.long()
-    g = grad_weights.to(z.dtype)
-    zeros = torch.zeros_like(z)
-    if ctx.topk_before_score:  # w = scale * softmax(z[sel])
-        v = torch.softmax(z.gather(1, sel), dim=-1)
-        gv = g * ctx.scale
-        grad = zeros.scatter_add(1, sel, v * (gv - (gv * v).sum(-1, keepdim=True)))
-        return grad.to(logits.dtype), *([None] * 8)
-    if ctx.score == "softmax":
-        s = torch.softmax(z, dim=-1)
-        v = s.gather(1, sel)
-    elif ctx.score == "sigmoid":
-        v = torch.sigmoid(z.gather(1, sel))
-    else:
-        v = z.gather(1, sel)
-    if ctx.renormalize:  # w = scale * v / (sum v + eps)
-        S = v.sum(-1, keepdim=True) + 1e-20
-        gv = ctx.scale * (g / S - (g * v).sum(-1, keepdim=True) / S**2)
-    else:
-        gv = ctx.scale * g
-    if ctx.score == "softmax":
-        gs = zeros.scatter_add(1, sel, gv)
-        grad = s * (gs - (gs * s).sum(-1, keepdim=True))
-    elif ctx.score == "sigmoid":
-        grad = zeros.scatter_add(1, sel, gv * v * (1 - v))
-    else:
-        grad = zeros.scatter_add(1, sel, gv)
-    return grad.to(logits.dtype), *([None] * 8)
-
-
-torch.library.register_autograd("moeyard::route", _route_backward, setup_context=_route_setup)
-
-
 def relu_route(logits: Tensor, k_max: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """ReMoE routing: gates ``relu(logits)``; per token the (up to) ``k_max`` largest positive gates
     as ``weights [T,k_max]`` and their experts, ``-1`` (weight 0) in inactive slots.
@@ -177,28 +133,12 @@ def relu_route(logits: Tensor, k_max: Optional[int] = None) -> tuple[Tensor, Ten
     ``k_max=None`` means E: every active expert is kept, exactly ReMoE. A smaller ``k_max`` bounds
     the work per token and drops the smallest gates beyond it. Differentiable w.r.t. ``logits``.
     """
-    return _ops.relu_route(logits, logits.shape[1] if k_max is None else k_max)
+    return _ops.relu_route.default(logits, logits.shape[1] if k_max is None else k_max)
 
 
 @torch.library.register_fake("moeyard::relu_route")
 def _relu_route_fake(logits, k_max):
     return _route_fake(logits, k_max)
-
-
-def _relu_route_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], output[1])
-
-
-def _relu_route_backward(ctx, grad_weights, grad_experts):
-    logits, experts = ctx.saved_tensors
-    active = experts >= 0
-    grad = torch.zeros_like(logits, dtype=grad_weights.dtype).scatter_add(
-        1, experts.long().clamp(min=0), grad_weights * active)
-    return grad.to(logits.dtype), None
-
-
-torch.library.register_autograd("moeyard::relu_route", _relu_route_backward,
-                                setup_context=_relu_route_setup)
 
 
 # -------------------------------------------------------------------------------------- plan
