@@ -1,4 +1,5 @@
-// Autograd of the differentiable routing ops, registered under the Autograd key in C++ so an eager
+// Autograd of the differentiable routing and balance ops (route, relu_route, expert_choice,
+// router_losses, sequence_balance_loss), registered under the Autograd key in C++ so an eager
 // call costs no Python (a Python autograd kernel added ~13 us of host time per call, more than the
 // GPU work of a route). Forward redispatches to the CPU/CUDA kernels; backward is composed of ATen
 // ops (so torch.compile traces it) and matches python/moeyard/reference.py's formulas.
@@ -120,6 +121,103 @@ class ReluRouteFunction : public torch::autograd::Function<ReluRouteFunction> {
   }
 };
 
+class ExpertChoiceFunction : public torch::autograd::Function<ExpertChoiceFunction> {
+ public:
+  static tensor_list forward(AutogradContext* ctx, const at::Tensor& scores, int64_t capacity) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("moeyard::expert_choice", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                           at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [w, e, counts, offsets, row_source, token_row] = op.call(scores, capacity);
+    ctx->save_for_backward({e});
+    ctx->saved_data["dtype"] = scores.scalar_type();
+    ctx->mark_non_differentiable({e, counts, offsets, row_source, token_row});
+    return {w, e, counts, offsets, row_source, token_row};
+  }
+
+  // weights[t, j] = scores[t, experts[t, j]] where experts >= 0
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const auto e = ctx->get_saved_variables()[0];
+    at::Tensor grad;
+    if (grads[0].defined())
+      grad = at::zeros_like(grads[0])
+                 .scatter_add(1, e.to(at::kLong).clamp_min(0), grads[0] * e.ge(0))
+                 .to(ctx->saved_data["dtype"].toScalarType());
+    return {grad, {}};
+  }
+};
+
+class RouterLossesFunction : public torch::autograd::Function<RouterLossesFunction> {
+ public:
+  static tensor_list forward(AutogradContext* ctx, const at::Tensor& logits,
+                             const at::Tensor& counts, int64_t k) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("moeyard::router_losses", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&,
+                                                                   const at::Tensor&, int64_t)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [balance, z] = op.call(logits, counts, k);
+    ctx->save_for_backward({logits, counts});
+    ctx->saved_data["k"] = k;
+    return {balance, z};
+  }
+
+  // balance = E/(T^2 k) sum_e counts_e sum_t p[t,e];  z = mean_t lse_t^2
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& logits = saved[0];
+    const auto z = logits.to(acc_dtype(logits));
+    const int64_t T = z.size(0), E = z.size(1), k = ctx->saved_data["k"].toInt();
+    if (T == 0) return {at::zeros_like(logits), {}, {}};
+    const auto p = at::softmax(z, -1);
+    auto grad = at::zeros_like(z);
+    if (grads[0].defined()) {
+      const auto dp = grads[0].to(z.scalar_type()) * (static_cast<double>(E) / T) *
+                      saved[1].to(z.scalar_type()) / static_cast<double>(T * k);
+      grad = grad + p * (dp - (p * dp).sum(-1, true));
+    }
+    if (grads[1].defined())
+      grad = grad + grads[1].to(z.scalar_type()) * (2.0 / T) * at::logsumexp(z, -1, true) * p;
+    return {grad.to(logits.scalar_type()), {}, {}};
+  }
+};
+
+class SequenceBalanceLossFunction
+    : public torch::autograd::Function<SequenceBalanceLossFunction> {
+ public:
+  static tensor_list forward(AutogradContext* ctx, const at::Tensor& scores,
+                             const at::Tensor& experts, int64_t num_sequences) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("moeyard::sequence_balance_loss", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto loss = op.call(scores, experts, num_sequences);
+    ctx->save_for_backward({scores, experts});
+    ctx->saved_data["B"] = num_sequences;
+    return {loss};
+  }
+
+  // loss = 1/B sum_b sum_e f_be P_be,  P_be = 1/S sum_t s_te / Z_t,  Z_t = sum_e s_te + eps
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& scores = saved[0];
+    const auto& experts = saved[1];
+    const int64_t N = scores.size(0), E = scores.size(1);
+    if (N == 0 || !grads[0].defined()) return {at::zeros_like(scores), {}, {}};
+    const int64_t B = ctx->saved_data["B"].toInt(), k = experts.size(1), S = N / B;
+    const auto s = scores.to(acc_dtype(scores));
+    const auto ex = experts.to(at::kLong).view({B, S * k});
+    auto f = at::zeros({B, E}, s.options())
+                 .scatter_add_(1, ex.clamp_min(0), ex.ge(0).to(s.scalar_type()));
+    f = (f * (static_cast<double>(E) / (k * S))).repeat_interleave(S, 0);  // [N, E]
+    const auto Z = s.sum(-1, true) + 1e-20;
+    const auto g = (f / Z - (f * s).sum(-1, true) / Z.pow(2)) *
+                   (grads[0].to(s.scalar_type()) / static_cast<double>(B * S));
+    return {g.to(scores.scalar_type()), {}, {}};
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> route_autograd(const at::Tensor& logits, int64_t k,
                                                   c10::string_view score, bool topk_before_score,
                                                   const std::optional<at::Tensor>& bias,
@@ -135,11 +233,31 @@ std::tuple<at::Tensor, at::Tensor> relu_route_autograd(const at::Tensor& logits,
   return {out[0], out[1]};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+expert_choice_autograd(const at::Tensor& scores, int64_t capacity) {
+  auto o = ExpertChoiceFunction::apply(scores, capacity);
+  return {o[0], o[1], o[2], o[3], o[4], o[5]};
+}
+
+std::tuple<at::Tensor, at::Tensor> router_losses_autograd(const at::Tensor& logits,
+                                                          const at::Tensor& counts, int64_t k) {
+  auto o = RouterLossesFunction::apply(logits, counts, k);
+  return {o[0], o[1]};
+}
+
+at::Tensor sequence_balance_loss_autograd(const at::Tensor& scores, const at::Tensor& experts,
+                                          int64_t num_sequences) {
+  return SequenceBalanceLossFunction::apply(scores, experts, num_sequences)[0];
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moeyard, Autograd, m) {
   m.impl("route", &route_autograd);
   m.impl("relu_route", &relu_route_autograd);
+  m.impl("expert_choice", &expert_choice_autograd);
+  m.impl("router_losses", &router_losses_autograd);
+  m.impl("sequence_balance_loss", &sequence_balance_loss_autograd);
 }
 
 }  // namespace moeyard

@@ -1,5 +1,6 @@
-"""moeyard's public ops: typed wrappers over ``torch.ops.moeyard``, their fake kernels (so
-``torch.compile`` traces them without running them) and their autograd formulas.
+"""moeyard's public ops: typed wrappers over ``torch.ops.moeyard`` and their fake kernels (so
+``torch.compile`` traces them without running them). Autograd is registered in C++
+(csrc/*/*_autograd.cpp) so that eager calls run no Python beyond the wrapper.
 
 Schemas are defined once in csrc/registration.cpp; the semantics of every op are written out in
 :mod:`moeyard.reference`. No op synchronizes with the host and every output shape depends only on
@@ -161,8 +162,8 @@ def plan(
     On CPU, expert ids outside ``[-1, E)`` raise; on CUDA (where checking them would need a host
     sync) they are treated as -1.
     """
-    counts, offsets, row_source, token_row = _ops.plan(experts, num_experts, capacity, drop_policy,
-                                                       weights)
+    counts, offsets, row_source, token_row = _ops.plan.default(experts, num_experts, capacity,
+                                                               drop_policy, weights)
     return RoutingPlan(counts, offsets, row_source, token_row, capacity)
 
 
@@ -190,7 +191,8 @@ def expert_choice(scores: Tensor, capacity: int) -> tuple[Tensor, Tensor, Routin
     preference order. Loads are balanced by construction; a token may get no expert. Not causal:
     do not use it in autoregressive decoding. Differentiable w.r.t. ``scores``.
     """
-    weights, experts, counts, offsets, row_source, token_row = _ops.expert_choice(scores, capacity)
+    weights, experts, counts, offsets, row_source, token_row = _ops.expert_choice.default(
+        scores, capacity)
     return weights, experts, RoutingPlan(counts, offsets, row_source, token_row, capacity)
 
 
@@ -206,29 +208,13 @@ def _expert_choice_fake(scores, capacity):
             scores.new_empty((T, E), dtype=torch.int32))
 
 
-def _expert_choice_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.scores_dtype = inputs[0].dtype
-
-
-def _expert_choice_backward(ctx, grad_weights, *unused):
-    (experts,) = ctx.saved_tensors
-    grad = torch.zeros_like(grad_weights).scatter_add(
-        1, experts.long().clamp(min=0), grad_weights * (experts >= 0))
-    return grad.to(ctx.scores_dtype), None
-
-
-torch.library.register_autograd("moeyard::expert_choice", _expert_choice_backward,
-                                setup_context=_expert_choice_setup)
-
-
 # ------------------------------------------------------------------------------- permutation
 
 
 def permute(x: Tensor, plan: RoutingPlan) -> Tensor:
     """Rows of ``x [T,d]`` in plan order: ``[R, d]``, zero rows where the plan has none.
     Differentiable w.r.t. ``x`` (its gradient gathers each token's rows back)."""
-    return _ops.permute(x, plan.row_source, plan.token_row)
+    return _ops.permute.default(x, plan.row_source, plan.token_row)
 
 
 @torch.library.register_fake("moeyard::permute")
@@ -237,45 +223,17 @@ def _permute_fake(x, row_source, token_row):
     return x.new_empty((row_source.shape[0], x.shape[1]))
 
 
-def _permute_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1], inputs[2])
-
-
-def _permute_backward(ctx, grad):
-    row_source, token_row = ctx.saved_tensors
-    return _ops.unpermute(grad, row_source, token_row, None), None, None
-
-
-torch.library.register_autograd("moeyard::permute", _permute_backward, setup_context=_permute_setup)
-
-
 def unpermute(y: Tensor, plan: RoutingPlan, weights: Optional[Tensor] = None) -> Tensor:
     """Combine rows back to tokens: ``out[t] = sum_j weights[t,j] * y[token_row[t,j]]`` in fp32,
     slot order, gathered (deterministic, no atomics); dropped slots add nothing. ``[T, d]`` in
     ``y``'s dtype. Differentiable w.r.t. ``y`` and ``weights``."""
-    return _ops.unpermute(y, plan.row_source, plan.token_row, weights)
+    return _ops.unpermute.default(y, plan.row_source, plan.token_row, weights)
 
 
 @torch.library.register_fake("moeyard::unpermute")
 def _unpermute_fake(y, row_source, token_row, weights=None):
     torch._check(y.dim() == 2, lambda: "y must be 2-D")
     return y.new_empty((token_row.shape[0], y.shape[1]))
-
-
-def _unpermute_setup(ctx, inputs, output):
-    y, row_source, token_row, weights = inputs
-    ctx.save_for_backward(y, row_source, token_row, weights)
-
-
-def _unpermute_backward(ctx, grad):
-    y, row_source, token_row, weights = ctx.saved_tensors
-    need_w = weights is not None and ctx.needs_input_grad[3]
-    grad_y, grad_w = _ops.unpermute_backward(grad, y, row_source, token_row, weights, need_w)
-    return grad_y, None, None, (grad_w if need_w else None)
-
-
-torch.library.register_autograd("moeyard::unpermute", _unpermute_backward,
-                                setup_context=_unpermute_setup)
 
 
 @torch.library.register_fake("moeyard::unpermute_backward")
@@ -294,7 +252,7 @@ def update_expert_bias(bias: Tensor, load: Tensor, rate: float = 1e-3) -> None:
     ``bias`` is the fp32 ``[E]`` selection bias passed to :func:`route`; ``load`` the tokens per
     expert of this step (e.g. ``plan.counts``, summed over micro-batches and, for data parallel,
     all-reduced before the call). Outside autograd; no host sync."""
-    _ops.update_expert_bias(bias, load, rate)
+    _ops.update_expert_bias.default(bias, load, rate)
 
 
 @torch.library.register_fake("moeyard::update_expert_bias")
@@ -310,37 +268,13 @@ def router_losses(logits: Tensor, counts: Tensor, k: int) -> tuple[Tensor, Tenso
     (Hugging Face's ``load_balancing_loss_func`` reports k times this).
     ``z = mean_t logsumexp(logits_t)^2``. Both differentiable w.r.t. ``logits``; multiply by your
     coefficients (Switch: 1e-2 and 1e-3)."""
-    return _ops.router_losses(logits, counts, k)
+    return _ops.router_losses.default(logits, counts, k)
 
 
 @torch.library.register_fake("moeyard::router_losses")
 def _router_losses_fake(logits, counts, k):
     dt = _acc_dtype(logits)
     return logits.new_empty((), dtype=dt), logits.new_empty((), dtype=dt)
-
-
-def _router_losses_setup(ctx, inputs, output):
-    logits, counts, k = inputs
-    ctx.save_for_backward(logits, counts)
-    ctx.k = k
-
-
-def _router_losses_backward(ctx, grad_balance, grad_z):
-    logits, counts = ctx.saved_tensors
-    z = logits.to(_acc_dtype(logits))
-    T, E = z.shape
-    if T == 0:
-        return torch.zeros_like(logits), None, None
-    p = torch.softmax(z, dim=-1)
-    f = counts.to(z.dtype) / (T * ctx.k)
-    dp = (grad_balance * E / T) * f  # d balance / d p[t, e], the same for every t
-    grad = p * (dp - (p * dp).sum(-1, keepdim=True))
-    grad = grad + (grad_z * 2 / T) * torch.logsumexp(z, dim=-1, keepdim=True) * p
-    return grad.to(logits.dtype), None, None
-
-
-torch.library.register_autograd("moeyard::router_losses", _router_losses_backward,
-                                setup_context=_router_losses_setup)
 
 
 def sequence_balance_loss(scores: Tensor, experts: Tensor, num_sequences: int) -> Tensor:
@@ -350,39 +284,12 @@ def sequence_balance_loss(scores: Tensor, experts: Tensor, num_sequences: int) -
     (DeepSeek/Megatron use no bias and no group limit here), tokens grouped as ``num_sequences``
     consecutive sequences. 1 at perfect balance with uniform scores. Differentiable w.r.t.
     ``scores``."""
-    return _ops.sequence_balance_loss(scores, experts, num_sequences)
+    return _ops.sequence_balance_loss.default(scores, experts, num_sequences)
 
 
 @torch.library.register_fake("moeyard::sequence_balance_loss")
 def _sequence_balance_loss_fake(scores, experts, num_sequences):
     return scores.new_empty((), dtype=_acc_dtype(scores))
-
-
-def _seq_loss_setup(ctx, inputs, output):
-    scores, experts, num_sequences = inputs
-    ctx.save_for_backward(scores, experts)
-    ctx.B = num_sequences
-
-
-def _seq_loss_backward(ctx, grad):
-    scores, experts = ctx.saved_tensors
-    N, E = scores.shape
-    if N == 0:
-        return torch.zeros_like(scores), None, None
-    B, k = ctx.B, experts.shape[1]
-    S = N // B
-    s = scores.to(_acc_dtype(scores))
-    ex = experts.long().view(B, S * k)
-    valid = (ex >= 0).to(s.dtype)
-    f = torch.zeros(B, E, dtype=s.dtype, device=s.device).scatter_add_(1, ex.clamp(min=0), valid)
-    f = (f * (E / (k * S))).repeat_interleave(S, dim=0)  # [N, E]: f of each token's sequence
-    Z = s.sum(-1, keepdim=True) + 1e-20
-    g = (f / Z - (f * s).sum(-1, keepdim=True) / Z**2) * (grad / (B * S))
-    return g.to(scores.dtype), None, None
-
-
-torch.library.register_autograd("moeyard::sequence_balance_loss", _seq_loss_backward,
-                                setup_context=_seq_loss_setup)
 
 
 def load_stats(plan: RoutingPlan) -> dict[str, Tensor]:
