@@ -13,7 +13,7 @@
 //   hit L1). Kernel 2, one 32x32 block: column sums over blocks in a fixed order, then
 //   balance = E * sum_e (counts_e / (T k)) * (colsum_e / T) and z = sum lse^2 / T.
 //   Bytes: T*E*sizeof(logit) + nblocks*E*8. Shared memory W*(E+1)*sizeof(acc) <= 48 KiB, so
-//   E <= 12287 (fp64: 6143).
+//   E <= 12287 (fp64: 6143); sequence_balance_loss adds a 4-byte histogram: E <= 6143 (fp64: 4095).
 // sequence_balance_loss: kernel 1, one block per chunk of up to kBalanceChunkRows rows of one
 //   sequence, as above with s / (sum_e s + 1e-20) and an integer histogram of the chosen experts
 //   (shared-memory int atomics: exact, order-free); kernel 2, one block per sequence: sum_e
@@ -49,12 +49,14 @@ __device__ T block_sum(T v, T* red) {
   return total;
 }
 
-// Warps per block for a per-warp [E] accumulator of acc_bytes entries (+ extra bytes per block).
-int warps_for(int64_t E, int64_t acc_bytes, int64_t extra, const char* op) {
+// Warps per block for per-warp accumulators of (E + 1) entries of acc_bytes each, plus
+// extra_per_expert * E bytes shared by the block; at most kMaxWarps, within kMaxSmem.
+int warps_for(int64_t E, int64_t acc_bytes, int64_t extra_per_expert, const char* op) {
   const int64_t per_warp = (E + 1) * acc_bytes;
-  const int64_t w = std::min<int64_t>(kMaxWarps, (kMaxSmem - extra) / per_warp);
+  const int64_t w = std::min<int64_t>(kMaxWarps, (kMaxSmem - extra_per_expert * E) / per_warp);
   TORCH_CHECK(w >= 1, "moeyard: ", op, " on CUDA supports up to ",
-              (kMaxSmem - extra) / acc_bytes - 1, " experts for this dtype, got E=", E);
+              (kMaxSmem - acc_bytes) / (acc_bytes + extra_per_expert),
+              " experts for this dtype, got E=", E);
   return static_cast<int>(w);
 }
 
@@ -303,7 +305,7 @@ at::Tensor sequence_balance_loss_cuda(const at::Tensor& scores_in, const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(),
                                   "sequence_balance_loss_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    const int W = warps_for(s.E, sizeof(acc_t), s.E * 4, "sequence_balance_loss");
+    const int W = warps_for(s.E, sizeof(acc_t), 4, "sequence_balance_loss");
     const size_t smem = static_cast<size_t>(W) * s.E * sizeof(acc_t) + s.E * 4;
     seq_loss_partial_kernel<scalar_t, acc_t>
         <<<static_cast<unsigned>(nblocks), W * 32, smem, stream>>>(
