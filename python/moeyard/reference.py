@@ -185,8 +185,10 @@ def permute(x, row_source, token_row):
     """Gather rows into plan order: out[r] = x[row_source[r] // k], zero for unused rows."""
     k = token_row.shape[1]
     src = row_source.long()
-    out = x[(src // k).clamp(min=0)]
-    return out * (src >= 0).unsqueeze(1).to(x.dtype)
+    out = torch.zeros(src.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+    used = src >= 0
+    out[used] = x[src[used] // k]
+    return out
 
 
 def unpermute(y, row_source, token_row, weights=None):
@@ -197,10 +199,11 @@ def unpermute(y, row_source, token_row, weights=None):
     out = torch.zeros(T, y.shape[1], dtype=acc, device=y.device)
     for j in range(k):
         r = token_row[:, j].long()
-        term = y[r.clamp(min=0)].to(acc)
+        has = r >= 0  # slots without a row are skipped, not multiplied by 0 (NaN * 0 = NaN)
+        term = y[r[has]].to(acc)
         if weights is not None:
-            term = term * weights[:, j : j + 1].to(acc)
-        out = out + term * (r >= 0).unsqueeze(1).to(acc)
+            term = term * weights[has, j : j + 1].to(acc)
+        out[has] = out[has] + term
     return out.to(y.dtype)
 
 
