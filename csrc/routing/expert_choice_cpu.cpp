@@ -61,7 +61,7 @@ expert_choice_cpu(const at::Tensor& scores_in, int64_t capacity) {
   const ExpertChoiceParams p = check_expert_choice_args(scores_in, capacity);
   auto scores = scores_in.contiguous();
   auto [weights, experts, counts, offsets, row_source, token_row] = expert_choice_outputs(scores, p);
-  if (p.T == 0) {
+  if (p.T == 0 || p.E == 0) {
     row_source.fill_(-1);
     return {weights, experts, counts, offsets, row_source, token_row};
   }

@@ -99,7 +99,7 @@ expert_choice_cuda(const at::Tensor& scores_in, int64_t capacity) {
   auto scores = scores_in.contiguous();
   auto [weights, experts, counts, offsets, row_source, token_row] = expert_choice_outputs(scores, p);
   const int64_t T = p.T, E = p.E, C = p.C, take = p.take;
-  if (T == 0) {
+  if (T == 0 || E == 0) {  // nothing to choose; E*C rows all unused
     row_source.fill_(-1);
     return {weights, experts, counts, offsets, row_source, token_row};
   }

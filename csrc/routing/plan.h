@@ -89,8 +89,6 @@ inline ExpertChoiceParams check_expert_choice_args(const at::Tensor& scores, int
   p.T = scores.size(0);
   p.E = scores.size(1);
   p.C = capacity;
-  TORCH_CHECK(p.E >= 1, "moeyard: scores must have at least one expert column, got shape ",
-              scores.sizes());
   TORCH_CHECK(capacity >= 0, "moeyard: capacity must be >= 0, got ", capacity);
   check_int32_range(p.E, "E");
   check_int32_range(capacity, "capacity");  // so that E*C below cannot overflow int64
