@@ -26,17 +26,16 @@ def test_update_expert_bias(device, load_dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_bias_balances_a_skewed_router(device):
     """Loss-Free Balancing oracle: a fixed skewed router becomes balanced; |b| <= steps * u."""
-    T, E, k, u, steps = 4096, 8, 2, 1e-3, 400
-    logits = torch.randn(T, E, device=device) * 0.01 + torch.linspace(0, 0.05, E, device=device)
+    T, E, k, u, steps = 4096, 8, 2, 3e-3, 400
+    logits = torch.randn(T, E, device=device) + torch.linspace(0, 1, E, device=device)
     bias = torch.zeros(E, device=device)
-    first = None
+    vio = []
     for _ in range(steps):
         _, experts = moeyard.route(logits, k, score="sigmoid", bias=bias)
         p = moeyard.plan(experts, E)
-        vio = moeyard.load_stats(p)["max_violation"].item()
-        first = vio if first is None else first
+        vio.append(moeyard.load_stats(p)["max_violation"].item())
         moeyard.update_expert_bias(bias, p.counts, u)
-    assert first > 0.5 and vio < 0.1
+    assert vio[0] > 0.5 and max(vio[-50:]) < 0.1
     assert bias.abs().max().item() <= steps * u + 1e-6
 
 

@@ -80,7 +80,9 @@ def test_first_choices_before_second_choices(device):
     experts = torch.tensor([[1, 0], [0, 1], [2, 0], [0, 2]], dtype=torch.int32, device=device)
     p = moeyard.plan(experts, 3, capacity=2)
     kept = p.token_row >= 0
-    assert kept.tolist() == [[True, False], [True, True], [True, False], [True, False]]
+    # expert 0's two slots go to the first choices of tokens 1 and 3, so the second choices of
+    # tokens 0 and 2 are dropped although token 0 comes first
+    assert kept.tolist() == [[True, False], [True, True], [True, False], [True, True]]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -106,8 +108,8 @@ def test_plan_opcheck_cuda():
 
 
 PLAN_BAD = [
-    (lambda: moeyard.plan(torch.tensor([[0, 4]], dtype=torch.int32), 4), "out of range|\\[-1, 4\\)"),
-    (lambda: moeyard.plan(torch.tensor([[0, -2]], dtype=torch.int32), 4), "out of range|\\[-1, 4\\)"),
+    (lambda: moeyard.plan(torch.tensor([[0, 4]], dtype=torch.int32), 4), "is not an expert id"),
+    (lambda: moeyard.plan(torch.tensor([[0, -2]], dtype=torch.int32), 4), "is not an expert id"),
     (lambda: moeyard.plan(torch.zeros(3, 2, dtype=torch.int64), 4), "int32|Int"),
     (lambda: moeyard.plan(torch.zeros(3, dtype=torch.int32), 4), "2 dimensions"),
     (lambda: moeyard.plan(torch.zeros(3, 2, dtype=torch.int32), 0), "num_experts"),
