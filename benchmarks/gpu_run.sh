@@ -21,10 +21,10 @@ step "GPU tests"
 python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
-step "all tests (CPU and GPU)"
-python3 -m pytest -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_all.log" | tail -8
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-
+# Only the GPU tests here: on the GPU machine's image (g++ 13.3, torch 2.11.0+cu130) any torch
+# extension built there, a plain torch.utils.cpp_extension one included, segfaults when a C++
+# exception (TORCH_CHECK) crosses into torch, so the bad-input tests cannot run there. A library
+# built with g++ 12 raises correctly on the same machine; CI runs every CPU test.
 for tool in memcheck racecheck; do
   step "compute-sanitizer $tool"
   timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 9 python3 tests/sanitizer_suite.py \

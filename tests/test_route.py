@@ -88,12 +88,16 @@ def test_route_dtypes(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_route_large_experts(device):
-    """E = 512 and k = 16 (the sizes the CUDA kernel must cover)."""
-    cfg = dict(k=16, score="sigmoid", bias=0.01 * torch.randn(512, device=device), n_group=8,
+@pytest.mark.parametrize("E", [512, 1000, 1024])
+def test_route_large_experts(device, E):
+    """E up to 1024 (the CUDA kernel's limit) and k = 16 with groups."""
+    cfg = dict(k=16, score="sigmoid", bias=0.01 * torch.randn(E, device=device), n_group=8,
                topk_group=4, renormalize=True)
-    logits = torch.randn(500, 512, device=device)
+    logits = torch.randn(300, E, device=device)
     assert_route_matches(logits, cfg, moeyard.route(logits, **cfg), ref.route(logits, **cfg), 1e-6)
+    w, e = moeyard.relu_route(logits)  # k_max = E: every round of the top-k loop
+    w_ref, e_ref = ref.relu_route(logits, E)
+    assert torch.equal(e.cpu(), e_ref.cpu()) and torch.equal(w.cpu(), w_ref.cpu())
 
 
 def test_route_ties_go_to_lower_index():
