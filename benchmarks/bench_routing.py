@@ -107,7 +107,7 @@ def main():
         cases = [
             ("stock route (softmax, topk, renorm)", lambda: stock_route(logits, k)),
             ("moeyard route", lambda: moeyard.route(logits, k, renormalize=True)),
-            ("stock plan (argsort, bincount, cumsum, inverse)", lambda: stock_plan(e_s, E)),
+            ("stock plan (argsort, histc, cumsum, inverse)", lambda: stock_plan(e_s, E)),
             ("moeyard plan (dropless)", lambda: moeyard.plan(e_m, E)),
             ("stock route + plan", s_route_plan),
             ("moeyard route + plan", m_route_plan),
@@ -126,7 +126,7 @@ def main():
     print("\n| shape | case | eager us | graph us | speed-up vs stock (eager / graph) |")
     print("|---|---|---|---|---|")
     pairs = {"moeyard route": "stock route (softmax, topk, renorm)",
-             "moeyard plan (dropless)": "stock plan (argsort, bincount, cumsum, inverse)",
+             "moeyard plan (dropless)": "stock plan (argsort, histc, cumsum, inverse)",
              "moeyard route + plan": "stock route + plan",
              "moeyard permute (bf16)": "stock permute x[order // k] (bf16)",
              "moeyard unpermute (bf16, fp32 acc)": "stock combine index_add_ (bf16)"}
