@@ -133,4 +133,13 @@ inline at::ScalarType grad_weights_dtype(const std::optional<at::Tensor>& weight
   return weights.has_value() ? weights->scalar_type() : at::kFloat;
 }
 
+// unpermute_backward's second output: the accumulated dot products in the weights' dtype, or an
+// empty [0] tensor when they were not asked for.
+inline at::Tensor finish_grad_weights(const at::Tensor& grad_w_acc, bool compute_grad_weights,
+                                      const std::optional<at::Tensor>& weights,
+                                      const at::Tensor& y) {
+  const auto dtype = grad_weights_dtype(weights);
+  return compute_grad_weights ? grad_w_acc.to(dtype) : at::empty({0}, y.options().dtype(dtype));
+}
+
 }  // namespace moeyard

@@ -157,10 +157,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
             w.defined() ? w.const_data_ptr<acc_t>() : nullptr, grad_y.mutable_data_ptr<scalar_t>(),
             grad_w_acc.defined() ? grad_w_acc.mutable_data_ptr<acc_t>() : nullptr);
       });
-  const auto gw_dtype = grad_weights_dtype(weights);
-  at::Tensor grad_w = compute_grad_weights ? grad_w_acc.to(gw_dtype)
-                                           : at::empty({0}, y.options().dtype(gw_dtype));
-  return {grad_y, grad_w};
+  return {grad_y, finish_grad_weights(grad_w_acc, compute_grad_weights, weights, y)};
 }
 
 }  // namespace

@@ -268,10 +268,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
         else
           launch_unpermute_backward<scalar_t, 1>(s, gp, yp, rs, tr, wp, gyp, gwp);
       });
-  const auto gw_dtype = grad_weights_dtype(weights);
-  at::Tensor grad_w = compute_grad_weights ? grad_w_acc.to(gw_dtype)
-                                           : at::empty({0}, y.options().dtype(gw_dtype));
-  return {grad_y, grad_w};
+  return {grad_y, finish_grad_weights(grad_w_acc, compute_grad_weights, weights, y)};
 }
 
 }  // namespace

@@ -1,25 +1,28 @@
 // plan on the GPU: the dispatch plan of a routing (counts, offsets, row_source, token_row), with no
 // host synchronization: every size is known from the shapes, all work is queued on the current
-// stream.
+// stream. A stable counting sort of the T*k assignments by expert, in priority order (slot-major:
+// assignment i = j*T + q is slot j of the q-th token in priority order), in four launches:
 //
-// 1. count: histogram of the expert ids (shared-memory atomics per block, then one global atomic
-//    per expert and block; global atomics when E does not fit in shared memory).
-// 2. scan (one block): seg_start = exclusive cumsum of counts, offsets = exclusive cumsum of the
-//    kept counts (min(count, C) with a capacity).
-// 3. drop_policy 'score' only: token priority order = the T tokens sorted by confidence (max of
+// 0. drop_policy 'score' only: token priority order = the T tokens sorted by confidence (max of
 //    their weights over slots with an expert, NaN if any of those is NaN, -inf with none; order
-//    bits of common/order.h, NaN last), a stable radix sort on the inverted 32-bit key so ties
-//    keep the lower token first.
-// 4. sort input i = j*T + q (slot-major priority), t = order[q]: key = expert of (t, j) (E for an
-//    empty slot), value = t*k + j; stable radix sort on the key's low bits_for(E) bits, so each
-//    expert's assignments stay in priority order and empty slots come last.
-// 5. scatter: sorted position r of expert e, p = r - seg_start[e]; dropless row = r; with capacity
-//    C row = e*C + p if p < C, else dropped. row_source is pre-filled with -1 only with a capacity
-//    (dropless, every row is written).
+//    bits of common/order.h, NaN last), a stable CUB radix sort on the inverted 32-bit key so ties
+//    keep the lower token first. 'position': token order, no sort.
+// 1. count: each warp takes a chunk of kChunk consecutive assignments and counts them per expert
+//    (shared-memory counters; id outside [0, E) -> pseudo-expert E). block_counts [E+1][warps].
+// 2. block scan: one warp per expert turns its row of block_counts into exclusive offsets across
+//    warps; the row total is the expert's count.
+// 3. scan (one block): seg_start = exclusive cumsum of counts (seg_start[E] = valid assignments),
+//    offsets = exclusive cumsum of the kept counts (min(count, C) with a capacity).
+// 4. scatter: each warp walks its chunk again, 32 assignments at a time; __match_any_sync groups
+//    the lanes with the same expert, a lane's rank among them plus the warp's running counter gives
+//    the assignment's position in the sorted order (stable). Position p within expert e: dropless
+//    row = seg_start[e] + p; capacity row = e*C + p if p < C, else dropped. Capacity rows nobody
+//    fills get -1 in the same launch.
 // Unlike the CPU kernel, ids outside [-1, E) cannot be reported without a host synchronization:
 // they are treated as -1 (not counted, no row, token_row -1, no weight in the confidence).
-// Work O(T*k) (radix sort passes: ceil(bits_for(E) / 8)), temporaries ~ 16*T*k + 12*T bytes plus
-// CUB's scratch.
+// Work O(T*k + E*T*k/kChunk); temporaries (E+1) * T*k/kChunk + 2(E+1) ints (+ 16 T bytes and
+// CUB scratch for 'score'). Counters sit in shared memory for E < kMaxSharedExperts, else in the
+// warp's global row of block_counts.
 #include <torch/library.h>
 
 #include <cub/block/block_scan.cuh>
@@ -38,28 +41,95 @@ constexpr int64_t kMaxSmemHistogram = 48 * 1024;
 
 inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>(ceil_div(n, kThreads)); }
 
+// Sort keys of the tokens for drop_policy 'score': ascending key = descending confidence.
+template <typename scalar_t>
+__global__ void plan_confidence_kernel(const int32_t* __restrict__ experts,
+                                       const scalar_t* __restrict__ weights, int64_t T, int64_t k,
+                                       int32_t E, uint32_t* __restrict__ keys,
+                                       int32_t* __restrict__ tokens) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= T) return;
+  float conf = -INFINITY;
+  for (int64_t j = 0; j < k; ++j) {
+    const int32_t e = experts[t * k + j];
+    if (e < 0 || e >= E) continue;
+    const float w = static_cast<float>(weights[t * k + j]);
+    conf = (w != w || w > conf) ? w : conf;  // NaN propagates, as torch's max does
+  }
+  keys[t] = ~order_bits(conf);
+  tokens[t] = static_cast<int32_t>(t);
+}
+
+constexpr int kPlanWarps = 4;  // warps per block of the count and scatter kernels
+constexpr int kChunk = 256;    // assignments per warp
+constexpr int64_t kMaxSharedExperts = 48 * 1024 / (kPlanWarps * 4) - 1;
+
+// Assignment i of the priority order: its expert (E for none) and source t*k + j.
+__device__ __forceinline__ int32_t assignment(int64_t i, const int32_t* __restrict__ experts,
+                                              const int32_t* __restrict__ order, int64_t T,
+                                              int64_t k, int32_t E, int32_t& src) {
+  const int64_t j = i / T, q = i - j * T;
+  const int64_t t = order != nullptr ? order[q] : q;
+  src = static_cast<int32_t>(t * k + j);
+  const int32_t e = experts[src];
+  return (e >= 0 && e < E) ? e : E;
+}
+
+// block_counts [E+1][nw]: assignments of each expert in each warp's chunk. Without shared
+// counters block_counts must be zero on entry.
 template <bool kShared>
-__global__ void plan_count_kernel(const int32_t* __restrict__ experts, int64_t n, int32_t E,
-                                  int32_t* __restrict__ counts) {
-  extern __shared__ int32_t hist[];
+__global__ void __launch_bounds__(kPlanWarps * 32)
+    plan_count_kernel(const int32_t* __restrict__ experts, const int32_t* __restrict__ order,
+                      int64_t T, int64_t k, int32_t E, int64_t n, int64_t nw,
+                      int32_t* __restrict__ block_counts) {
+  extern __shared__ int32_t smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kPlanWarps + warp;
+  if (gw >= nw) return;
+  const int32_t E1 = E + 1;
+  int32_t* cnt = smem + warp * E1;
   if (kShared) {
-    for (int32_t e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
-    __syncthreads();
+    for (int32_t e = lane; e < E1; e += 32) cnt[e] = 0;
+    __syncwarp();
   }
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += stride) {
-    const int32_t e = experts[i];
-    if (e >= 0 && e < E) atomicAdd(kShared ? &hist[e] : &counts[e], 1);
+  const int64_t end = min(n, (gw + 1) * kChunk);
+  for (int64_t i = gw * kChunk + lane; i < end; i += 32) {
+    int32_t src;
+    const int32_t e = assignment(i, experts, order, T, k, E, src);
+    atomicAdd(kShared ? &cnt[e] : &block_counts[e * nw + gw], 1);
   }
   if (kShared) {
-    __syncthreads();
-    for (int32_t e = threadIdx.x; e < E; e += blockDim.x)
-      if (hist[e] != 0) atomicAdd(&counts[e], hist[e]);
+    __syncwarp();
+    for (int32_t e = lane; e < E1; e += 32) block_counts[e * nw + gw] = cnt[e];
   }
 }
 
-// One block; C < 0 = dropless. seg_start [E], offsets [E+1].
+// One warp per expert (E+1 rows): exclusive scan of its row across warps; totals[e] = row sum for
+// the E real experts.
+__global__ void __launch_bounds__(kPlanWarps * 32)
+    plan_block_scan_kernel(int32_t* __restrict__ block_counts, int64_t nw, int32_t E1,
+                           int32_t* __restrict__ totals) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int32_t e = blockIdx.x * kPlanWarps + warp;
+  if (e >= E1) return;
+  int32_t* row = block_counts + static_cast<int64_t>(e) * nw;
+  int32_t carry = 0;
+  for (int64_t base = 0; base < nw; base += 32) {
+    const int64_t b = base + lane;
+    const int32_t v = b < nw ? row[b] : 0;
+    int32_t incl = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int32_t u = __shfl_up_sync(kFullMask, incl, o);
+      if (lane >= o) incl += u;
+    }
+    if (b < nw) row[b] = carry + incl - v;
+    carry += __shfl_sync(kFullMask, incl, 31);
+  }
+  if (lane == 0 && e < E1 - 1) totals[e] = carry;  // row E (no expert) has no count
+}
+
+// One block; C < 0 = dropless. counts [E] -> seg_start [E+1], offsets [E+1].
 __global__ void plan_scan_kernel(const int32_t* __restrict__ counts, int32_t E, int64_t C,
                                  int32_t* __restrict__ seg_start, int32_t* __restrict__ offsets) {
   using Scan = cub::BlockScan<int32_t, kScanThreads>;
@@ -81,68 +151,64 @@ __global__ void plan_scan_kernel(const int32_t* __restrict__ counts, int32_t E, 
     carry_all += tot_all;
     carry_kept += tot_kept;
   }
-  if (threadIdx.x == 0) offsets[E] = carry_kept;
-}
-
-// Sort keys of the tokens for drop_policy 'score': ascending key = descending confidence.
-template <typename scalar_t>
-__global__ void plan_confidence_kernel(const int32_t* __restrict__ experts,
-                                       const scalar_t* __restrict__ weights, int64_t T, int64_t k,
-                                       int32_t E, uint32_t* __restrict__ keys,
-                                       int32_t* __restrict__ tokens) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= T) return;
-  float conf = -INFINITY;
-  for (int64_t j = 0; j < k; ++j) {
-    const int32_t e = experts[t * k + j];
-    if (e < 0 || e >= E) continue;
-    const float w = static_cast<float>(weights[t * k + j]);
-    conf = (w != w || w > conf) ? w : conf;  // NaN propagates, as torch's max does
+  if (threadIdx.x == 0) {
+    seg_start[E] = carry_all;
+    offsets[E] = carry_kept;
   }
-  keys[t] = ~order_bits(conf);
-  tokens[t] = static_cast<int32_t>(t);
 }
 
-// order == nullptr: token order (drop_policy 'position').
-__global__ void plan_sort_input_kernel(const int32_t* __restrict__ experts,
-                                       const int32_t* __restrict__ order, int64_t T, int64_t k,
-                                       int32_t E, uint32_t* __restrict__ keys,
-                                       int32_t* __restrict__ values) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= T * k) return;
-  const int64_t j = i / T, q = i - j * T;
-  const int64_t t = order ? order[q] : q;
-  const int64_t src = t * k + j;
-  const int32_t e = experts[src];
-  keys[i] = (e >= 0 && e < E) ? static_cast<uint32_t>(e) : static_cast<uint32_t>(E);
-  values[i] = static_cast<int32_t>(src);
-}
-
-// C < 0 = dropless.
-__global__ void plan_scatter_kernel(const uint32_t* __restrict__ keys,
-                                    const int32_t* __restrict__ values,
-                                    const int32_t* __restrict__ seg_start, int64_t n, int32_t E,
-                                    int64_t C, int32_t* __restrict__ row_source,
-                                    int32_t* __restrict__ token_row) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r >= n) return;
-  const uint32_t e = keys[r];
-  const int32_t src = values[r];
-  const bool valid = e < static_cast<uint32_t>(E);
-  if (C < 0) {
-    row_source[r] = valid ? src : -1;
-    token_row[src] = valid ? static_cast<int32_t>(r) : -1;
-    return;
+// C < 0 = dropless. block_offsets = block_counts after plan_block_scan_kernel.
+template <bool kShared>
+__global__ void __launch_bounds__(kPlanWarps * 32)
+    plan_scatter_kernel(const int32_t* __restrict__ experts, const int32_t* __restrict__ order,
+                        int64_t T, int64_t k, int32_t E, int64_t n, int64_t nw, int64_t C,
+                        int32_t* __restrict__ block_offsets, const int32_t* __restrict__ seg_start,
+                        const int32_t* __restrict__ counts, int32_t* __restrict__ row_source,
+                        int32_t* __restrict__ token_row) {
+  extern __shared__ int32_t smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (C >= 0) {  // capacity rows beyond an expert's count stay unused
+    const int64_t R = static_cast<int64_t>(E) * C;
+    for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < R;
+         r += static_cast<int64_t>(gridDim.x) * blockDim.x)
+      if (r % C >= counts[r / C]) row_source[r] = -1;
   }
-  int32_t row = -1;
-  if (valid) {
-    const int64_t p = r - seg_start[e];
-    if (p < C) {
-      row = static_cast<int32_t>(static_cast<int64_t>(e) * C + p);
-      row_source[row] = src;
+  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kPlanWarps + warp;
+  if (gw >= nw) return;
+  const int32_t E1 = E + 1;
+  // Running position of each expert's next assignment in the sorted order.
+  auto counter = [&](int32_t e) -> int32_t& {
+    return kShared ? smem[warp * E1 + e] : block_offsets[e * nw + gw];
+  };
+  for (int32_t e = lane; e < E1; e += 32) counter(e) = seg_start[e] + block_offsets[e * nw + gw];
+  __syncwarp();
+  const unsigned lower = (1u << lane) - 1u;
+  const int64_t end = min(n, (gw + 1) * kChunk);
+  for (int64_t base = gw * kChunk; base < end; base += 32) {
+    const int64_t i = base + lane;
+    const bool active = i < end;
+    int32_t src = 0;
+    const int32_t e = active ? assignment(i, experts, order, T, k, E, src) : -1;
+    const unsigned peers = __match_any_sync(kFullMask, e);
+    const int32_t rank = __popc(peers & lower);
+    const int32_t pos = active ? counter(e) + rank : 0;
+    __syncwarp();
+    if (active && rank == 0) counter(e) += __popc(peers);
+    __syncwarp();
+    if (!active) continue;
+    if (e == E) {  // no expert: no row
+      token_row[src] = -1;
+      if (C < 0) row_source[pos] = -1;
+      continue;
     }
+    int32_t row = pos;
+    if (C >= 0) {
+      const int64_t p = pos - seg_start[e];
+      row = p < C ? static_cast<int32_t>(e * C + p) : -1;
+    }
+    if (row >= 0) row_source[row] = src;
+    token_row[src] = row;
   }
-  token_row[src] = row;
 }
 
 // Scratch for a CUB call, on the device of `like`.
@@ -171,30 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_cuda(
   const auto iopts = experts.options().dtype(at::kInt);
   const int32_t* ex = experts.const_data_ptr<int32_t>();
 
-  // 1. counts
-  counts.zero_();
-  {
-    const int64_t smem = static_cast<int64_t>(E) * sizeof(int32_t);
-    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(n, kThreads), 4 * sms));
-    if (smem <= kMaxSmemHistogram) {
-      plan_count_kernel<true><<<blocks, kThreads, smem, stream>>>(
-          ex, n, E, counts.mutable_data_ptr<int32_t>());
-    } else {
-      plan_count_kernel<false><<<blocks, kThreads, 0, stream>>>(
-          ex, n, E, counts.mutable_data_ptr<int32_t>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-
-  // 2. seg_start, offsets
-  auto seg_start = at::empty({p.E}, iopts);
-  plan_scan_kernel<<<1, kScanThreads, 0, stream>>>(counts.const_data_ptr<int32_t>(), E, C,
-                                                   seg_start.mutable_data_ptr<int32_t>(),
-                                                   offsets.mutable_data_ptr<int32_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  // 3. token priority order (drop_policy 'score')
+  // 0. token priority order (drop_policy 'score')
   at::Tensor order;
   if (p.policy == DropPolicy::Score) {
     auto w = weights_in->contiguous();
@@ -220,32 +263,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_cuda(
         scratch.mutable_data_ptr(), bytes, kin, kout, tokens.const_data_ptr<int32_t>(),
         order.mutable_data_ptr<int32_t>(), static_cast<int>(T), 0, 32, stream));
   }
+  const int32_t* ord = order.defined() ? order.const_data_ptr<int32_t>() : nullptr;
 
-  // 4. sort the assignments by expert, stable on the priority order
-  auto keys_in = at::empty({n}, iopts), keys_out = at::empty({n}, iopts);
-  auto vals_in = at::empty({n}, iopts), vals_out = at::empty({n}, iopts);
-  auto* kin = reinterpret_cast<uint32_t*>(keys_in.mutable_data_ptr<int32_t>());
-  auto* kout = reinterpret_cast<uint32_t*>(keys_out.mutable_data_ptr<int32_t>());
-  plan_sort_input_kernel<<<blocks_for(n), kThreads, 0, stream>>>(
-      ex, order.defined() ? order.const_data_ptr<int32_t>() : nullptr, T, k, E, kin,
-      vals_in.mutable_data_ptr<int32_t>());
+  // 1-4. counting sort. One temporary: block_counts [E+1][nw], then seg_start [E+1].
+  const int64_t nw = ceil_div(n, kChunk), E1 = p.E + 1;
+  const bool shared = p.E < kMaxSharedExperts;
+  auto scratch = shared ? at::empty({E1 * nw + E1}, iopts) : at::zeros({E1 * nw + E1}, iopts);
+  int32_t* block_counts = scratch.mutable_data_ptr<int32_t>();
+  int32_t* seg_start = block_counts + E1 * nw;
+  int32_t* cnt = counts.mutable_data_ptr<int32_t>();
+  const dim3 grid(static_cast<unsigned>(ceil_div(nw, kPlanWarps)));
+  const int64_t smem = shared ? kPlanWarps * E1 * static_cast<int64_t>(sizeof(int32_t)) : 0;
+  if (shared) {
+    plan_count_kernel<true><<<grid, kPlanWarps * 32, smem, stream>>>(ex, ord, T, k, E, n, nw,
+                                                                     block_counts);
+  } else {
+    plan_count_kernel<false><<<grid, kPlanWarps * 32, 0, stream>>>(ex, ord, T, k, E, n, nw,
+                                                                   block_counts);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int end_bit = bits_for(E);
-  size_t bytes = 0;
-  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-      nullptr, bytes, static_cast<const uint32_t*>(kin), kout, vals_in.const_data_ptr<int32_t>(),
-      vals_out.mutable_data_ptr<int32_t>(), static_cast<int>(n), 0, end_bit, stream));
-  auto scratch = cub_scratch(experts, bytes);
-  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-      scratch.mutable_data_ptr(), bytes, static_cast<const uint32_t*>(kin), kout,
-      vals_in.const_data_ptr<int32_t>(), vals_out.mutable_data_ptr<int32_t>(),
-      static_cast<int>(n), 0, end_bit, stream));
-
-  // 5. rows
-  if (!p.dropless()) row_source.fill_(-1);
-  plan_scatter_kernel<<<blocks_for(n), kThreads, 0, stream>>>(
-      kout, vals_out.const_data_ptr<int32_t>(), seg_start.const_data_ptr<int32_t>(), n, E, C,
-      row_source.mutable_data_ptr<int32_t>(), token_row.mutable_data_ptr<int32_t>());
+  plan_block_scan_kernel<<<static_cast<unsigned>(ceil_div(E1, kPlanWarps)), kPlanWarps * 32, 0,
+                           stream>>>(block_counts, nw, static_cast<int32_t>(E1), cnt);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  plan_scan_kernel<<<1, kScanThreads, 0, stream>>>(cnt, E, C, seg_start,
+                                                   offsets.mutable_data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto* rs = row_source.mutable_data_ptr<int32_t>();
+  auto* tr = token_row.mutable_data_ptr<int32_t>();
+  if (shared) {
+    plan_scatter_kernel<true><<<grid, kPlanWarps * 32, smem, stream>>>(
+        ex, ord, T, k, E, n, nw, C, block_counts, seg_start, cnt, rs, tr);
+  } else {
+    plan_scatter_kernel<false><<<grid, kPlanWarps * 32, 0, stream>>>(
+        ex, ord, T, k, E, n, nw, C, block_counts, seg_start, cnt, rs, tr);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {counts, offsets, row_source, token_row};
 }
