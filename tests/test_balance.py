@@ -24,6 +24,13 @@ def test_update_expert_bias(device, load_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_update_expert_bias_opcheck(device):
+    bias = torch.randn(8, device=device)
+    load = torch.randint(0, 9, (8,), device=device, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.moeyard.update_expert_bias.default, (bias, load, 1e-3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bias_balances_a_skewed_router(device):
     """Loss-Free Balancing oracle: a fixed skewed router becomes balanced; |b| <= steps * u."""
     T, E, k, u, steps = 4096, 8, 2, 3e-3, 400

@@ -77,6 +77,10 @@ def test_opcheck(device):
                               (yr, p.row_source, p.token_row, wr))
         torch.library.opcheck(torch.ops.moeyard.unpermute.default,
                               (yr, p.row_source, p.token_row, None))
+    g = torch.randn(20, 8, device=device)
+    for weights, need_w in ((w, True), (w, False), (None, False)):
+        torch.library.opcheck(torch.ops.moeyard.unpermute_backward.default,
+                              (g, y, p.row_source, p.token_row, weights, need_w))
 
 
 def _bad_plan():
