@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 namespace moeyard {
 
@@ -18,9 +19,20 @@ inline void check_dtype(const at::Tensor& t, at::ScalarType want, const char* na
               t.scalar_type());
 }
 
+// Floating-point data: one of the four dtypes every kernel is instantiated for.
 inline void check_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()),
-              "moeyard: ", name, " must be a floating-point tensor, got ", t.scalar_type());
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "moeyard: ", name, " must be a floating-point tensor (float32, float64, float16 or "
+              "bfloat16), got ", st);
+}
+
+// Accumulation type of every reduction and of router outputs: fp64 for fp64 data, else fp32.
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* na,

@@ -9,19 +9,10 @@
 #pragma once
 #include <cstdint>
 #include <optional>
-#include <type_traits>
 
 #include "common/checks.h"
 
 namespace moeyard {
-
-// Accumulation type of the combine: fp64 for fp64 data, fp32 otherwise.
-template <typename scalar_t>
-using combine_acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-inline at::ScalarType combine_acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 struct PermuteShape {
   int64_t T = 0;  // tokens: token_row.size(0)
@@ -29,13 +20,6 @@ struct PermuteShape {
   int64_t R = 0;  // plan rows: row_source.size(0)
   int64_t d = 0;  // hidden size
 };
-
-// Row data (x, y, grad_y) is one of the four dtypes the kernels are instantiated for.
-inline void check_row_dtype(const at::Tensor& t, const char* name) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              "moeyard: ", name, " must be float32, float64, float16 or bfloat16, got ", st);
-}
 
 inline PermuteShape plan_shape(const at::Tensor& row_source, const at::Tensor& token_row) {
   check_plan_maps(row_source, token_row);
@@ -63,7 +47,7 @@ inline void check_weights(const std::optional<at::Tensor>& weights, const at::Te
 inline PermuteShape check_permute_args(const at::Tensor& x, const at::Tensor& row_source,
                                        const at::Tensor& token_row) {
   check_rank(x, 2, "x");
-  check_row_dtype(x, "x");
+  check_float(x, "x");
   PermuteShape s = plan_shape(row_source, token_row);
   check_same_device(x, row_source, "x", "row_source");
   TORCH_CHECK(x.size(0) == s.T, "moeyard: x has ", x.size(0), " rows but token_row has T=", s.T,
@@ -79,7 +63,7 @@ inline PermuteShape check_unpermute_args(const at::Tensor& y, const at::Tensor& 
                                          const at::Tensor& token_row,
                                          const std::optional<at::Tensor>& weights) {
   check_rank(y, 2, "y");
-  check_row_dtype(y, "y");
+  check_float(y, "y");
   PermuteShape s = plan_shape(row_source, token_row);
   check_same_device(y, row_source, "y", "row_source");
   TORCH_CHECK(y.size(0) == s.R, "moeyard: y has ", y.size(0), " rows but row_source has R=", s.R,
@@ -125,7 +109,7 @@ inline void check_plan_values_cpu(const at::Tensor& row_source, const at::Tensor
 // when there are none.
 inline at::Tensor weights_as_acc(const std::optional<at::Tensor>& weights, at::ScalarType data) {
   if (!weights.has_value()) return at::Tensor();
-  return weights->to(combine_acc_dtype(data)).contiguous();
+  return weights->to(acc_dtype(data)).contiguous();
 }
 
 // dtype of grad_weights: that of weights, float32 without weights.

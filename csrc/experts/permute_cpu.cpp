@@ -49,8 +49,8 @@ at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& row_source_in,
 
 template <typename scalar_t>
 void unpermute_cpu_kernel(const PermuteShape& s, const scalar_t* y, const int32_t* token_row,
-                          const combine_acc_t<scalar_t>* w, scalar_t* out) {
-  using acc_t = combine_acc_t<scalar_t>;
+                          const acc_type_t<scalar_t>* w, scalar_t* out) {
+  using acc_t = acc_type_t<scalar_t>;
   const int64_t d = s.d, k = s.k;
   at::parallel_for(0, s.T, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(d);
@@ -84,7 +84,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& row_source_in
   if (s.T == 0 || s.d == 0) return out;
   const at::Tensor w = weights_as_acc(weights, y.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "unpermute_cpu", [&] {
-    using acc_t = combine_acc_t<scalar_t>;
+    using acc_t = acc_type_t<scalar_t>;
     unpermute_cpu_kernel<scalar_t>(s, y.const_data_ptr<scalar_t>(),
                                    token_row.const_data_ptr<int32_t>(),
                                    w.defined() ? w.const_data_ptr<acc_t>() : nullptr,
@@ -96,9 +96,9 @@ at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& row_source_in
 template <typename scalar_t>
 void unpermute_backward_cpu_kernel(const PermuteShape& s, const scalar_t* grad, const scalar_t* y,
                                    const int32_t* row_source, const int32_t* token_row,
-                                   const combine_acc_t<scalar_t>* w, scalar_t* grad_y,
-                                   combine_acc_t<scalar_t>* grad_w) {
-  using acc_t = combine_acc_t<scalar_t>;
+                                   const acc_type_t<scalar_t>* w, scalar_t* grad_y,
+                                   acc_type_t<scalar_t>* grad_w) {
+  using acc_t = acc_type_t<scalar_t>;
   const int64_t d = s.d, k = s.k;
   if (d > 0) {
     at::parallel_for(0, s.R, 16, [&](int64_t begin, int64_t end) {
@@ -142,15 +142,15 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
   auto row_source = row_source_in.contiguous();
   auto token_row = token_row_in.contiguous();
   check_plan_values_cpu(row_source, token_row, s);
-  const auto acc_dtype = combine_acc_dtype(y.scalar_type());
+  const auto acc = acc_dtype(y.scalar_type());
   auto grad_y = at::empty({s.R, s.d}, y.options());
   at::Tensor grad_w_acc = compute_grad_weights
-                              ? at::empty({s.T, s.k}, y.options().dtype(acc_dtype))
+                              ? at::empty({s.T, s.k}, y.options().dtype(acc))
                               : at::Tensor();
   const at::Tensor w = weights_as_acc(weights, y.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, y.scalar_type(), "unpermute_backward_cpu", [&] {
-        using acc_t = combine_acc_t<scalar_t>;
+        using acc_t = acc_type_t<scalar_t>;
         unpermute_backward_cpu_kernel<scalar_t>(
             s, grad.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
             row_source.const_data_ptr<int32_t>(), token_row.const_data_ptr<int32_t>(),

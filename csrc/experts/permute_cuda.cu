@@ -97,9 +97,9 @@ at::Tensor permute_cuda(const at::Tensor& x_in, const at::Tensor& row_source_in,
 template <typename scalar_t, int VEC>
 __global__ void unpermute_kernel(const scalar_t* __restrict__ y,
                                  const int32_t* __restrict__ token_row,
-                                 const combine_acc_t<scalar_t>* __restrict__ w,
+                                 const acc_type_t<scalar_t>* __restrict__ w,
                                  scalar_t* __restrict__ out, int64_t R, int k, int64_t d) {
-  using acc_t = combine_acc_t<scalar_t>;
+  using acc_t = acc_type_t<scalar_t>;
   using V = Vec<scalar_t, VEC>;
   const int64_t t = blockIdx.x;
   const int64_t nvec = d / VEC;
@@ -134,7 +134,7 @@ at::Tensor unpermute_cuda(const at::Tensor& y_in, const at::Tensor& row_source_i
   if (s.T == 0 || s.d == 0) return out;
   const at::Tensor w = weights_as_acc(weights, y.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "unpermute_cuda", [&] {
-    using acc_t = combine_acc_t<scalar_t>;
+    using acc_t = acc_type_t<scalar_t>;
     constexpr int VEC = 16 / sizeof(scalar_t);
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
@@ -161,10 +161,10 @@ at::Tensor unpermute_cuda(const at::Tensor& y_in, const at::Tensor& row_source_i
 template <typename scalar_t, int VEC>
 __global__ void grad_rows_kernel(const scalar_t* __restrict__ grad,
                                  const int32_t* __restrict__ row_source,
-                                 const combine_acc_t<scalar_t>* __restrict__ w,
+                                 const acc_type_t<scalar_t>* __restrict__ w,
                                  scalar_t* __restrict__ grad_y, int64_t n_assign, int64_t k,
                                  int64_t d) {
-  using acc_t = combine_acc_t<scalar_t>;
+  using acc_t = acc_type_t<scalar_t>;
   using V = Vec<scalar_t, VEC>;
   const int64_t r = blockIdx.x;
   const int64_t nvec = d / VEC;
@@ -192,9 +192,9 @@ template <typename scalar_t, int VEC>
 __global__ void grad_weights_kernel(const scalar_t* __restrict__ grad,
                                     const scalar_t* __restrict__ y,
                                     const int32_t* __restrict__ token_row,
-                                    combine_acc_t<scalar_t>* __restrict__ grad_w, int64_t n_assign,
+                                    acc_type_t<scalar_t>* __restrict__ grad_w, int64_t n_assign,
                                     int64_t R, int64_t k, int64_t d) {
-  using acc_t = combine_acc_t<scalar_t>;
+  using acc_t = acc_type_t<scalar_t>;
   using V = Vec<scalar_t, VEC>;
   const int64_t tj = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -219,8 +219,8 @@ __global__ void grad_weights_kernel(const scalar_t* __restrict__ grad,
 template <typename scalar_t, int VEC>
 void launch_unpermute_backward(const PermuteShape& s, const scalar_t* grad, const scalar_t* y,
                                const int32_t* row_source, const int32_t* token_row,
-                               const combine_acc_t<scalar_t>* w, scalar_t* grad_y,
-                               combine_acc_t<scalar_t>* grad_w) {
+                               const acc_type_t<scalar_t>* w, scalar_t* grad_y,
+                               acc_type_t<scalar_t>* grad_w) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (s.R > 0 && s.d > 0) {
     grad_rows_kernel<scalar_t, VEC><<<static_cast<unsigned>(s.R), row_threads(s.d / VEC), 0,
@@ -246,15 +246,15 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
   auto grad = grad_in.to(y.scalar_type()).contiguous();  // autograd passes y's dtype already
   auto row_source = row_source_in.contiguous();
   auto token_row = token_row_in.contiguous();
-  const auto acc_dtype = combine_acc_dtype(y.scalar_type());
+  const auto acc = acc_dtype(y.scalar_type());
   auto grad_y = at::empty({s.R, s.d}, y.options());
   at::Tensor grad_w_acc = compute_grad_weights
-                              ? at::empty({s.T, s.k}, y.options().dtype(acc_dtype))
+                              ? at::empty({s.T, s.k}, y.options().dtype(acc))
                               : at::Tensor();
   const at::Tensor w = weights_as_acc(weights, y.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, y.scalar_type(), "unpermute_backward_cuda", [&] {
-        using acc_t = combine_acc_t<scalar_t>;
+        using acc_t = acc_type_t<scalar_t>;
         constexpr int VEC = 16 / sizeof(scalar_t);
         const scalar_t* gp = grad.const_data_ptr<scalar_t>();
         const scalar_t* yp = y.const_data_ptr<scalar_t>();

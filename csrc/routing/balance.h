@@ -8,7 +8,6 @@
 
 #include "common/checks.h"
 #include "common/order.h"  // MOEYARD_HD
-#include "routing/route.h"  // acc_type_t
 
 namespace moeyard {
 
@@ -24,17 +23,6 @@ inline void check_count_dtype(const at::Tensor& t, const char* name) {
                   st == at::kFloat || st == at::kDouble;
   TORCH_CHECK(ok, "moeyard: ", name,
               " must be an integer (uint8, int8..int64) or floating-point tensor, got ", st);
-}
-
-// Logits / scores: one of the four floating dtypes the kernels are instantiated for.
-inline void check_score_dtype(const at::Tensor& t, const char* name) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              "moeyard: ", name, " must be float32, float64, float16 or bfloat16, got ", st);
-}
-
-inline at::ScalarType balance_acc_dtype(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // --- update_expert_bias: bias[e] += float(rate * sign(mean(load) - load[e])), mean in fp64.
@@ -70,7 +58,7 @@ struct RouterLossShape {
 inline RouterLossShape check_router_losses_args(const at::Tensor& logits, const at::Tensor& counts,
                                                 int64_t k) {
   check_rank(logits, 2, "logits");
-  check_score_dtype(logits, "logits");
+  check_float(logits, "logits");
   check_rank(counts, 1, "counts");
   check_count_dtype(counts, "counts");
   check_same_device(logits, counts, "logits", "counts");
@@ -102,7 +90,7 @@ inline SeqLossShape check_sequence_balance_loss_args(const at::Tensor& scores,
                                                      const at::Tensor& experts,
                                                      int64_t num_sequences) {
   check_rank(scores, 2, "scores");
-  check_score_dtype(scores, "scores");
+  check_float(scores, "scores");
   check_rank(experts, 2, "experts");
   check_dtype(experts, at::kInt, "experts");
   check_same_device(scores, experts, "scores", "experts");

@@ -92,7 +92,7 @@ void router_losses_cpu_kernel(const RouterLossShape& s, const scalar_t* logits,
 std::tuple<at::Tensor, at::Tensor> router_losses_cpu(const at::Tensor& logits_in,
                                                      const at::Tensor& counts_in, int64_t k) {
   const RouterLossShape s = check_router_losses_args(logits_in, counts_in, k);
-  const auto acc = balance_acc_dtype(logits_in);
+  const auto acc = acc_dtype(logits_in.scalar_type());
   auto opts = logits_in.options().dtype(acc);
   if (s.T == 0) return {at::zeros({}, opts), at::zeros({}, opts)};
   auto logits = logits_in.contiguous();
@@ -163,7 +163,7 @@ acc_type_t<scalar_t> sequence_balance_loss_cpu_kernel(const SeqLossShape& s,
 at::Tensor sequence_balance_loss_cpu(const at::Tensor& scores_in, const at::Tensor& experts_in,
                                      int64_t num_sequences) {
   const SeqLossShape s = check_sequence_balance_loss_args(scores_in, experts_in, num_sequences);
-  const auto acc = balance_acc_dtype(scores_in);
+  const auto acc = acc_dtype(scores_in.scalar_type());
   auto opts = scores_in.options().dtype(acc);
   auto experts = experts_in.contiguous();
   const int32_t* ex = experts.const_data_ptr<int32_t>();

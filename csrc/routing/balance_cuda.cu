@@ -183,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor> router_losses_cuda(const at::Tensor& logits_i
                                                       const at::Tensor& counts_in, int64_t k) {
   const RouterLossShape s = check_router_losses_args(logits_in, counts_in, k);
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  const auto acc = balance_acc_dtype(logits_in);
+  const auto acc = acc_dtype(logits_in.scalar_type());
   auto opts = logits_in.options().dtype(acc);
   if (s.T == 0) return {at::zeros({}, opts), at::zeros({}, opts)};
   auto logits = logits_in.contiguous();
@@ -289,7 +289,7 @@ at::Tensor sequence_balance_loss_cuda(const at::Tensor& scores_in, const at::Ten
                                       int64_t num_sequences) {
   const SeqLossShape s = check_sequence_balance_loss_args(scores_in, experts_in, num_sequences);
   const c10::cuda::CUDAGuard guard(scores_in.device());
-  const auto acc = balance_acc_dtype(scores_in);
+  const auto acc = acc_dtype(scores_in.scalar_type());
   auto opts = scores_in.options().dtype(acc);
   if (s.N == 0) return at::zeros({}, opts);
   auto scores = scores_in.contiguous();

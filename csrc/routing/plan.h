@@ -68,13 +68,6 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_outputs(
           at::empty({p.T, p.k}, opts)};
 }
 
-// Number of bits that hold every value in [0, v] (radix sort end_bit); at least 1.
-inline int bits_for(int64_t v) {
-  int b = 1;
-  while (b < 63 && (int64_t{1} << b) <= v) ++b;
-  return b;
-}
-
 // --- expert choice ---
 
 struct ExpertChoiceParams {

@@ -37,7 +37,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kScanThreads = 1024;
-constexpr int64_t kMaxSmemHistogram = 48 * 1024;
 
 inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>(ceil_div(n, kThreads)); }
 

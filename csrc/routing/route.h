@@ -4,7 +4,6 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 
 #include "common/checks.h"
 #include "common/order.h"
@@ -73,13 +72,8 @@ MOEYARD_HD T pointwise_score(T z, Score s) {
   return z;
 }
 
-// Accumulation type: fp64 for fp64 logits, fp32 otherwise.
-template <typename scalar_t>
-using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
 inline std::tuple<at::Tensor, at::Tensor> route_outputs(const at::Tensor& logits, int64_t k) {
-  auto wdtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return {at::empty({logits.size(0), k}, logits.options().dtype(wdtype)),
+  return {at::empty({logits.size(0), k}, logits.options().dtype(acc_dtype(logits.scalar_type()))),
           at::empty({logits.size(0), k}, logits.options().dtype(at::kInt))};
 }
 

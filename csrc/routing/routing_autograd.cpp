@@ -14,15 +14,11 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::tensor_list;
 
-at::ScalarType acc_dtype(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // d(weights)/d(logits) of route, given the selection (experts) it made.
 at::Tensor route_backward(const at::Tensor& grad_w, const at::Tensor& logits,
                           const at::Tensor& experts, Score score, bool topk_before_score,
                           bool renormalize, double scale) {
-  const auto z = logits.to(acc_dtype(logits));
+  const auto z = logits.to(acc_dtype(logits.scalar_type()));
   const auto sel = experts.to(at::kLong);
   const auto g = grad_w.to(z.scalar_type());
   auto zeros = at::zeros_like(z);
@@ -167,7 +163,7 @@ class RouterLossesFunction : public torch::autograd::Function<RouterLossesFuncti
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
     const auto& logits = saved[0];
-    const auto z = logits.to(acc_dtype(logits));
+    const auto z = logits.to(acc_dtype(logits.scalar_type()));
     const int64_t T = z.size(0), E = z.size(1), k = ctx->saved_data["k"].toInt();
     if (T == 0) return {at::zeros_like(logits), {}, {}};
     const auto p = at::softmax(z, -1);
@@ -206,7 +202,7 @@ class SequenceBalanceLossFunction
     const int64_t N = scores.size(0), E = scores.size(1);
     if (N == 0 || !grads[0].defined()) return {at::zeros_like(scores), {}, {}};
     const int64_t B = ctx->saved_data["B"].toInt(), k = experts.size(1), S = N / B;
-    const auto s = scores.to(acc_dtype(scores));
+    const auto s = scores.to(acc_dtype(scores.scalar_type()));
     const auto ex = experts.to(at::kLong).view({B, S * k});
     auto f = at::zeros({B, E}, s.options())
                  .scatter_add_(1, ex.clamp_min(0), ex.ge(0).to(s.scalar_type()));
