@@ -61,4 +61,29 @@ TORCH_LIBRARY(moeyard, m) {
   // Backward of unpermute: grad_y [R,d] and, when asked, grad_weights [T,k] (else [0]).
   m.def("unpermute_backward(Tensor grad, Tensor y, Tensor row_source, Tensor token_row, "
         "Tensor? weights, bool compute_grad_weights) -> (Tensor grad_y, Tensor grad_weights)");
+
+  // --- expert compute (csrc/experts) ---
+  // out[r] = a[a_index ? a_index[r] : r] @ b[e] for the rows r of expert e (offsets [E+1] int32,
+  // or with a capacity C rows e*C .. e*C + offsets[e+1]-offsets[e]; other rows zero); b [E,K,N]
+  // in either memory order; fp32 accumulation.
+  m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets, Tensor? a_index=None, int? capacity=None) "
+        "-> Tensor");
+  // Gradients of grouped_mm; an output not asked for is an empty [0] tensor.
+  m.def("grouped_mm_backward(Tensor grad, Tensor a, Tensor b, Tensor offsets, Tensor? a_index, "
+        "int? capacity, bool need_a, bool need_b) -> (Tensor grad_a, Tensor grad_b)");
+  // The routed experts' MLP and combine: y[t] = sum_j weights[t,j] * (act(x[t] @ w1[e] + b1[e]) @
+  // w2[e] + b2[e]) over the slots with a row; w1 [E,H,N1], w2 [E,I,H] (logical, either order).
+  m.def("expert_ffn(Tensor x, Tensor row_source, Tensor token_row, Tensor offsets, int? capacity, "
+        "Tensor weights, Tensor w1, Tensor w2, Tensor? b1=None, Tensor? b2=None, "
+        "str activation=\"swiglu\") -> Tensor");
+  // expert_ffn that also returns the first product's pre-activation h [R,N1] (for the backward).
+  m.def("_expert_ffn_forward(Tensor x, Tensor row_source, Tensor token_row, Tensor offsets, "
+        "int? capacity, Tensor weights, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, "
+        "str activation) -> (Tensor out, Tensor h)");
+  // Gradients of expert_ffn w.r.t. (x, weights, w1, w2, b1, b2) where output_mask says so (else
+  // empty [0]); recomputes the activation from h.
+  m.def("_expert_ffn_backward(Tensor grad, Tensor x, Tensor row_source, Tensor token_row, "
+        "Tensor offsets, int? capacity, Tensor weights, Tensor w1, Tensor w2, Tensor? b1, "
+        "Tensor? b2, str activation, Tensor h, bool[6] output_mask) -> (Tensor grad_x, "
+        "Tensor grad_weights, Tensor grad_w1, Tensor grad_w2, Tensor grad_b1, Tensor grad_b2)");
 }

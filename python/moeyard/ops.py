@@ -32,6 +32,9 @@ __all__ = [
     "sequence_balance_loss",
     "load_stats",
     "expert_capacity",
+    "grouped_mm",
+    "expert_ffn",
+    "ACTIVATIONS",
 ]
 
 _ops = torch.ops.moeyard
@@ -312,3 +315,121 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int = 1, capacity_fact
     """Capacity per expert ``max(ceil(T * k / E * capacity_factor), min_capacity)`` (Megatron's
     formula; with k = 1 Switch's). A Python int: capacities are static, so shapes stay static."""
     return max(int(math.ceil(num_tokens * k / num_experts * capacity_factor)), min_capacity)
+
+
+# ------------------------------------------------------------------------------ expert compute
+
+from .reference import ACTIVATIONS  # noqa: E402  (one list of the activation names)
+
+
+def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor, a_index: Optional[Tensor] = None,
+               capacity: Optional[int] = None) -> Tensor:
+    """Grouped matrix product: ``out[r] = a[src(r)] @ b[e]`` for the rows r of expert e; ``[R, N]``.
+
+    Args:
+        a: ``[A, K]`` rows (fp32, fp16 or bf16; fp64 on CPU).
+        b: ``[E, K, N]`` in a's dtype. Either memory order works without a copy: row-major
+            ``[E, K, N]``, or ``w.transpose(1, 2)`` of an ``[E, N, K]`` nn.Linear-style weight (how
+            Hugging Face v5 stores experts).
+        offsets: ``[E+1]`` int32 on a's device (e.g. ``plan.offsets``): expert e owns rows
+            ``offsets[e]..offsets[e+1]``. Read on the device: no host synchronization.
+        a_index: optional ``[R]`` int32: row r reads ``a[a_index[r]]`` (fuses a gather such as a
+            permutation; -1 reads a zero row). Without it R = A and row r reads ``a[r]``.
+        capacity: fixed-stride layout (``plan.capacity``): expert e owns rows
+            ``e*C .. e*C + offsets[e+1] - offsets[e]``; R must be ``E*C``; the rows past each
+            expert's count are zero in the output.
+
+    Accumulates in fp32. Differentiable w.r.t. ``a`` and ``b``: ``grad_a`` sums the rows that read
+    the same source row in fp32 in row order (deterministic), ``grad_b`` has b's memory order.
+    """
+    return _ops.grouped_mm.default(a, b, offsets, a_index, capacity)
+
+
+def _grouped_rows(a, a_index):
+    return a.shape[0] if a_index is None else a_index.shape[0]
+
+
+@torch.library.register_fake("moeyard::grouped_mm")
+def _grouped_mm_fake(a, b, offsets, a_index=None, capacity=None):
+    torch._check(a.dim() == 2 and b.dim() == 3, lambda: "a must be 2-D and b 3-D")
+    torch._check(a.shape[1] == b.shape[1], lambda: f"a has K={a.shape[1]}, b has K={b.shape[1]}")
+    return a.new_empty((_grouped_rows(a, a_index), b.shape[2]))
+
+
+@torch.library.register_fake("moeyard::grouped_mm_backward")
+def _grouped_mm_backward_fake(grad, a, b, offsets, a_index, capacity, need_a, need_b):
+    return (a.new_empty(a.shape if need_a else (0,)),
+            torch.empty_like(b) if need_b else b.new_empty((0,)))
+
+
+def expert_ffn(
+    x: Tensor,
+    plan: RoutingPlan,
+    weights: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    gate_up_bias: Optional[Tensor] = None,
+    down_bias: Optional[Tensor] = None,
+    activation: str = "swiglu",
+    layout: str = "linear",
+) -> Tensor:
+    """The routed experts' MLP and the combine, as one op:
+    ``y[t] = sum_j weights[t,j] * (act(x[t] @ W1[e] + b1[e]) @ W2[e] + b2[e])`` over token t's
+    slots j that have a row in ``plan`` (e = that row's expert); ``[T, H]`` in x's dtype.
+
+    Args:
+        x: ``[T, H]`` tokens. weights: ``[T, k]`` routing weights (e.g. from :func:`route`).
+        gate_up, down: expert weights in x's dtype. ``layout="linear"`` (Hugging Face v5 Mixtral,
+            Qwen, OLMoE, DeepSeek: nn.Linear order) takes ``gate_up [E, N1, H]``,
+            ``down [E, H, I]``; ``layout="matmul"`` (GPT-OSS) takes ``gate_up [E, H, N1]``,
+            ``down [E, I, H]``. N1 = 2I for the SwiGLU activations, else I. Never copied.
+        gate_up_bias ``[E, N1]``, down_bias ``[E, H]``: optional (GPT-OSS has both).
+        activation: ``"swiglu"`` (gate and up as the two halves of N1), ``"swiglu_oss"`` (GPT-OSS:
+            interleaved gate/up, clamped at 7, ``(up + 1) * gate * sigmoid(1.702 gate)``),
+            ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"none"``.
+
+    Rows are read from x through the plan (no permuted copy of x). Products accumulate in fp32;
+    the activation's output is kept in x's dtype; the combine sums in fp32 in slot order (a
+    gather: deterministic). Differentiable w.r.t. x, weights and all expert parameters. For the
+    backward it saves the first product's pre-activation ``[R, N1]`` (and references its inputs);
+    the activation is recomputed from it.
+    """
+    if layout == "linear":
+        w1, w2 = gate_up.transpose(1, 2), down.transpose(1, 2)
+    elif layout == "matmul":
+        w1, w2 = gate_up, down
+    else:
+        raise ValueError(f"layout must be 'linear' or 'matmul', got {layout!r}")
+    return _ops.expert_ffn.default(x, plan.row_source, plan.token_row, plan.offsets, plan.capacity,
+                                   weights, w1, w2, gate_up_bias, down_bias, activation)
+
+
+def _ffn_width(w1, activation):
+    n1 = w1.shape[2]
+    return n1 // 2 if activation in ("swiglu", "swiglu_oss") else n1
+
+
+@torch.library.register_fake("moeyard::expert_ffn")
+def _expert_ffn_fake(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1=None,
+                     b2=None, activation="swiglu"):
+    torch._check(x.dim() == 2 and w1.dim() == 3 and w2.dim() == 3,
+                 lambda: "x must be 2-D, w1 and w2 3-D")
+    torch._check(activation in ACTIVATIONS, lambda: f"unknown activation {activation!r}")
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("moeyard::_expert_ffn_forward")
+def _expert_ffn_forward_fake(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1,
+                             b2, activation):
+    out = _expert_ffn_fake(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1, b2,
+                           activation)
+    return out, x.new_empty((row_source.shape[0], w1.shape[2]))
+
+
+@torch.library.register_fake("moeyard::_expert_ffn_backward")
+def _expert_ffn_backward_fake(grad, x, row_source, token_row, offsets, capacity, weights, w1, w2,
+                              b1, b2, activation, h, output_mask):
+    def like(t, need):
+        return torch.empty_like(t) if need and t is not None else x.new_empty((0,))
+    return (like(x, output_mask[0]), like(weights, output_mask[1]), like(w1, output_mask[2]),
+            like(w2, output_mask[3]), like(b1, output_mask[4]), like(b2, output_mask[5]))

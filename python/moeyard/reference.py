@@ -247,3 +247,99 @@ def sequence_balance_loss(scores, experts, num_sequences):
     onehot = F.one_hot(ex.clamp(min=0), E).to(acc) * (ex >= 0).unsqueeze(-1).to(acc)
     f = onehot.sum(1) * (E / (k * S))
     return (f * P).sum(-1).mean()
+
+
+# ------------------------------------------------------------------------------ expert compute
+#
+# Weights are "logical [E, K, N]": row r of expert e computes a[src(r)] @ b[e]. Hugging Face v5
+# stores nn.Linear-style [E, N, K] (gate_up_proj [E, 2I, H], down_proj [E, H, I]); those are passed
+# as b.transpose(1, 2) views, never copied. Products, bias and activation are computed in fp32
+# (fp64 for fp64), rounded once to the data dtype.
+
+ACTIVATIONS = ("swiglu", "swiglu_oss", "gelu", "gelu_tanh", "relu", "none")
+OSS_ALPHA, OSS_LIMIT = 1.702, 7.0  # GPT-OSS's swiglu_alpha and swiglu_limit
+
+
+def activation(h, act):
+    """act(h) over the last dim of the first GEMM's output (fp32 in, fp32 out).
+
+    swiglu      h = [gate | up] (the two halves, HF v5 gate_up_proj): silu(gate) * up
+    swiglu_oss  GPT-OSS: gate = h[..., 0::2], up = h[..., 1::2] (interleaved);
+                gate = min(gate, 7), up = clamp(up, -7, 7); (up + 1) * gate * sigmoid(1.702 gate)
+    gelu        erf GELU;  gelu_tanh: tanh approximation;  relu;  none: identity
+    """
+    if act == "swiglu":
+        g, u = h.chunk(2, dim=-1)
+        return F.silu(g) * u
+    if act == "swiglu_oss":
+        g = h[..., 0::2].clamp(max=OSS_LIMIT)
+        u = h[..., 1::2].clamp(min=-OSS_LIMIT, max=OSS_LIMIT)
+        return (u + 1) * g * torch.sigmoid(OSS_ALPHA * g)
+    if act == "gelu":
+        return F.gelu(h)
+    if act == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if act == "relu":
+        return torch.relu(h)
+    if act == "none":
+        return h
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def expert_rows(offsets, capacity, num_rows):
+    """(expert, used) of every row: expert e owns rows offsets[e]..offsets[e+1] (dropless) or
+    e*C .. e*C + offsets[e+1] - offsets[e] (capacity C, fixed stride); other rows are unused."""
+    E = offsets.shape[0] - 1
+    off = offsets.long().cpu()
+    expert = torch.full((num_rows,), -1, dtype=torch.long)
+    for e in range(E):
+        start = off[e] if capacity is None else e * capacity
+        expert[start : start + off[e + 1] - off[e]] = e
+    return expert, expert >= 0
+
+
+def grouped_mm(a, b, offsets, a_index=None, capacity=None):
+    """out[r] = a[src(r)] @ b[e(r)] for every used row r, zero for unused rows; [R, N].
+
+    b is logical [E, K, N]. Without a_index, src(r) = r and R = a.shape[0]; with a_index [R],
+    src(r) = a_index[r] and -1 reads a zero row. Rows are split among experts by expert_rows."""
+    acc = _acc_dtype(a)
+    R = a.shape[0] if a_index is None else a_index.shape[0]
+    expert, used = expert_rows(offsets, capacity, R)
+    out = torch.zeros(R, b.shape[2], dtype=acc, device=a.device)
+    for e in range(b.shape[0]):
+        rows = (expert == e).nonzero().flatten().to(a.device)
+        if rows.numel() == 0:
+            continue
+        if a_index is None:
+            src = a[rows].to(acc)
+        else:
+            idx = a_index[rows].long()
+            src = torch.where((idx >= 0)[:, None], a[idx.clamp(min=0)].to(acc), 0)
+        out[rows] = src @ b[e].to(acc)
+    return out.to(a.dtype)
+
+
+def expert_ffn(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1=None, b2=None,
+               activation_name="swiglu"):
+    """The routed expert MLP: y[t] = sum_j weights[t,j] * f_e(x[t]) over the slots j with a row,
+    f_e(v) = act(v @ w1[e] + b1[e]) @ w2[e] + b2[e], e the expert owning that row.
+
+    w1 logical [E, H, N1] (N1 = 2I for the SwiGLU kinds, else I), w2 logical [E, I, H]. The first
+    GEMM's activation output is rounded to x's dtype before the second GEMM (as the kernels keep
+    it); the combine accumulates in fp32. Returns [T, H] in x's dtype."""
+    acc = _acc_dtype(x)
+    k = token_row.shape[1]
+    R = row_source.shape[0]
+    expert, used = expert_rows(offsets, capacity, R)
+    expert = expert.to(x.device)
+    src = torch.where(row_source >= 0, row_source // k, -1)
+    h = grouped_mm(x.to(acc), w1.to(acc), offsets, src, capacity)
+    if b1 is not None:
+        h = h + torch.where((expert >= 0)[:, None], b1.to(acc)[expert.clamp(min=0)], 0)
+    a = activation(h, activation_name).to(x.dtype)
+    y = grouped_mm(a.to(acc), w2.to(acc), offsets, None, capacity)
+    if b2 is not None:
+        y = y + torch.where((expert >= 0)[:, None], b2.to(acc)[expert.clamp(min=0)], 0)
+    y = torch.where((expert >= 0)[:, None], y, 0)
+    return unpermute(y, row_source, token_row, weights.to(acc)).to(x.dtype)
