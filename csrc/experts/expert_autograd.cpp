@@ -1,0 +1,158 @@
+// Autograd of grouped_mm and expert_ffn, registered under the Autograd key in C++ (no Python on
+// the eager path; see routing/routing_autograd.cpp). Each backward is one op of its own
+// (grouped_mm_backward, _expert_ffn_backward) so torch.compile traces it through fake kernels.
+//
+// grouped_mm saves a, b, offsets and a_index (references, no copies).
+// expert_ffn saves its inputs (references) and the first product's pre-activation [R, N1], the
+// one intermediate it keeps: the backward recomputes the activation from it and never needs the
+// second product (see expert_ops.cpp). Without grad mode it runs the plain op and saves nothing.
+#include <torch/autograd.h>
+#include <array>
+#include <torch/library.h>
+
+namespace moeyard {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::tensor_list;
+
+template <typename Signature>
+auto typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+inline std::optional<at::Tensor> opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+inline at::Tensor grad_or_none(bool needed, const at::Tensor& g) {
+  return needed ? g : at::Tensor();
+}
+
+class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
+ public:
+  static tensor_list forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b,
+                             const at::Tensor& offsets, const std::optional<at::Tensor>& a_index,
+                             std::optional<int64_t> capacity) {
+    static auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&, std::optional<int64_t>)>(
+        "moeyard::grouped_mm");
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = op.call(a, b, offsets, a_index, capacity);
+    }
+    ctx->save_for_backward({a, b, offsets, a_index.value_or(at::Tensor())});
+    ctx->saved_data["capacity"] = capacity ? c10::IValue(*capacity) : c10::IValue();
+    return {out};
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    static auto op = typed_op<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const std::optional<at::Tensor>&, std::optional<int64_t>, bool, bool)>(
+        "moeyard::grouped_mm_backward");
+    const bool need_a = ctx->needs_input_grad(0), need_b = ctx->needs_input_grad(1);
+    if (!grads[0].defined() || !(need_a || need_b)) return {{}, {}, {}, {}, {}};
+    const auto saved = ctx->get_saved_variables();
+    const auto cap = ctx->saved_data["capacity"];
+    auto [ga, gb] = op.call(grads[0], saved[0], saved[1], saved[2], opt(saved[3]),
+                            cap.isNone() ? std::nullopt : std::optional<int64_t>(cap.toInt()),
+                            need_a, need_b);
+    return {grad_or_none(need_a, ga), grad_or_none(need_b, gb), {}, {}, {}};
+  }
+};
+
+at::Tensor grouped_mm_autograd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
+                               const std::optional<at::Tensor>& a_index,
+                               std::optional<int64_t> capacity) {
+  return GroupedMmFunction::apply(a, b, offsets, a_index, capacity)[0];
+}
+
+class ExpertFfnFunction : public torch::autograd::Function<ExpertFfnFunction> {
+ public:
+  // Differentiable inputs, in the order of _expert_ffn_backward's outputs:
+  // x, weights, w1, w2, b1, b2.
+  static tensor_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weights,
+                             const at::Tensor& w1, const at::Tensor& w2,
+                             const std::optional<at::Tensor>& b1,
+                             const std::optional<at::Tensor>& b2, const at::Tensor& row_source,
+                             const at::Tensor& token_row, const at::Tensor& offsets,
+                             std::optional<int64_t> capacity, c10::string_view activation) {
+    static auto op = typed_op<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        std::optional<int64_t>, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::string_view)>(
+        "moeyard::_expert_ffn_forward");
+    at::Tensor out, pre;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(out, pre) = op.call(x, row_source, token_row, offsets, capacity, weights, w1, w2,
+                                   b1, b2, activation);
+    }
+    ctx->save_for_backward({x, weights, w1, w2, b1.value_or(at::Tensor()),
+                            b2.value_or(at::Tensor()), row_source, token_row, offsets, pre});
+    ctx->saved_data["capacity"] = capacity ? c10::IValue(*capacity) : c10::IValue();
+    ctx->saved_data["activation"] = std::string(activation);
+    return {out};
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    static auto op = typed_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                         at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, std::optional<int64_t>, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+        c10::string_view, const at::Tensor&, std::array<bool, 6>)>("moeyard::_expert_ffn_backward");
+    constexpr int kInputs = 11;
+    tensor_list result(kInputs);
+    std::array<bool, 6> mask{};
+    bool any = false;
+    for (int i = 0; i < 6; ++i) any |= (mask[i] = ctx->needs_input_grad(i));
+    if (!grads[0].defined() || !any) return result;
+    const auto s = ctx->get_saved_variables();
+    const auto cap = ctx->saved_data["capacity"];
+    const auto activation = ctx->saved_data["activation"].toStringRef();
+    auto grads_out = op.call(grads[0], s[0], s[6], s[7], s[8],
+                             cap.isNone() ? std::nullopt : std::optional<int64_t>(cap.toInt()),
+                             s[1], s[2], s[3], opt(s[4]), opt(s[5]), activation, s[9], mask);
+    const at::Tensor all[6] = {std::get<0>(grads_out), std::get<1>(grads_out),
+                               std::get<2>(grads_out), std::get<3>(grads_out),
+                               std::get<4>(grads_out), std::get<5>(grads_out)};
+    for (int i = 0; i < 6; ++i) result[i] = grad_or_none(mask[i], all[i]);
+    return result;
+  }
+};
+
+at::Tensor expert_ffn_autograd(const at::Tensor& x, const at::Tensor& row_source,
+                               const at::Tensor& token_row, const at::Tensor& offsets,
+                               std::optional<int64_t> capacity, const at::Tensor& weights,
+                               const at::Tensor& w1, const at::Tensor& w2,
+                               const std::optional<at::Tensor>& b1,
+                               const std::optional<at::Tensor>& b2, c10::string_view activation) {
+  const bool needs_grad =
+      at::GradMode::is_enabled() &&
+      (x.requires_grad() || weights.requires_grad() || w1.requires_grad() || w2.requires_grad() ||
+       (b1 && b1->requires_grad()) || (b2 && b2->requires_grad()));
+  if (!needs_grad) {  // inference: the plain op, nothing saved
+    static auto op = typed_op<at::Tensor(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        std::optional<int64_t>, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::string_view)>(
+        "moeyard::expert_ffn");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1, b2,
+                   activation);
+  }
+  return ExpertFfnFunction::apply(x, weights, w1, w2, b1, b2, row_source, token_row, offsets,
+                                  capacity, activation)[0];
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moeyard, Autograd, m) {
+  m.impl("grouped_mm", &grouped_mm_autograd);
+  m.impl("expert_ffn", &expert_ffn_autograd);
+}
+
+}  // namespace moeyard

@@ -1,0 +1,421 @@
+// grouped_mm, expert_ffn and their backward ops: argument checks and the composition of the
+// expert-compute primitives (grouped_mm.h), written once for both devices. Registered under the
+// CPU key and, when built with CUDA, the CUDA key; the primitives dispatch on the tensors' device.
+//
+// expert_ffn, with r a plan row of expert e, t its token, w its routing weight:
+//   forward   pre = x[t] @ w1[e] + b1[e]  [R,N1]   (kept only for the backward)
+//             act = act(pre)              [R,I]    (one product, activation in its epilogue)
+//             y   = act @ w2[e] + b2[e]   [R,H]
+//             out = unpermute(y, weights) [T,H]    (each token gathers its rows, fp32)
+//   backward  g      = grad[t] @ w2[e]^T            [R,I]  (grad read through the plan)
+//             grad_pre = act'(pre) * w g, act_w = w act(pre), grad_w[r] = g . act(pre)
+//                                                   (+ grad[t] . b2[e] with a down bias)
+//             grad_w2[e] = sum_r act_w[r]^T grad[t],  grad_b2[e] = sum_r w grad[t]
+//             grad_w1[e] = sum_r x[t]^T grad_pre[r],  grad_b1[e] = sum_r grad_pre[r]
+//             grad_x = unpermute(grad_pre @ w1[e]^T)  (each token sums its k rows, fp32)
+// Saved for the backward (expert_autograd.cpp): the inputs (referenced, not copied) and pre.
+// The product y is not saved: grad_w needs only g and act(pre).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+#include "experts/grouped_mm.h"
+
+namespace moeyard {
+
+// ------------------------------------------------------------------------------------ checks
+
+void check_weight_layout(const at::Tensor& b, const char* name) {
+  TORCH_CHECK(b.stride(2) == 1 || b.stride(1) == 1, "moeyard: ", name,
+              " must be row-major [E,K,N] or a transpose(1, 2) view of a row-major [E,N,K] "
+              "tensor, got strides ", b.strides(), "; call .contiguous() on it");
+}
+
+static Segments check_segments(const at::Tensor& offsets, int64_t E, int64_t R,
+                               std::optional<int64_t> capacity) {
+  check_rank(offsets, 1, "offsets");
+  check_dtype(offsets, at::kInt, "offsets");
+  TORCH_CHECK(E >= 1, "moeyard: there must be at least one expert, got E = ", E);
+  TORCH_CHECK(offsets.size(0) == E + 1, "moeyard: offsets must have E+1 = ", E + 1,
+              " entries (one more than the experts of the weights), got ", offsets.size(0));
+  if (capacity) {
+    TORCH_CHECK(*capacity >= 0, "moeyard: capacity must be >= 0, got ", *capacity);
+    TORCH_CHECK(R == E * *capacity, "moeyard: with capacity C = ", *capacity, " there must be E*C = ",
+                E * *capacity, " rows, got ", R);
+  }
+  check_int32_range(R, "rows");
+  return Segments{E, R, capacity};
+}
+
+GroupedShape check_grouped_mm_args(const at::Tensor& a, const at::Tensor& b,
+                                   const at::Tensor& offsets,
+                                   const std::optional<at::Tensor>& a_index,
+                                   std::optional<int64_t> capacity) {
+  check_rank(a, 2, "a");
+  check_rank(b, 3, "b");
+  check_float(a, "a");
+  TORCH_CHECK(b.scalar_type() == a.scalar_type(), "moeyard: b must have a's dtype ",
+              a.scalar_type(), ", got ", b.scalar_type());
+  TORCH_CHECK(a.size(1) == b.size(1), "moeyard: a has K = ", a.size(1),
+              " columns but b is [E, K, N] with K = ", b.size(1));
+  check_same_device(a, b, "a", "b");
+  check_same_device(a, offsets, "a", "offsets");
+  check_weight_layout(b, "b");
+  GroupedShape s;
+  s.A = a.size(0);
+  s.K = a.size(1);
+  s.N = b.size(2);
+  int64_t R = s.A;
+  if (a_index) {
+    check_rank(*a_index, 1, "a_index");
+    check_dtype(*a_index, at::kInt, "a_index");
+    check_same_device(a, *a_index, "a", "a_index");
+    R = a_index->size(0);
+  }
+  s.seg = check_segments(offsets, b.size(0), R, capacity);
+  check_int32_range(s.A, "rows of a");
+  return s;
+}
+
+void check_offsets_values_cpu(const at::Tensor& offsets, const Segments& seg) {
+  const auto off_t = offsets.contiguous();
+  const int32_t* off = off_t.const_data_ptr<int32_t>();
+  TORCH_CHECK(off[0] == 0, "moeyard: offsets must start at 0, got offsets[0] = ", off[0]);
+  for (int64_t e = 0; e < seg.E; ++e) {
+    TORCH_CHECK(off[e + 1] >= off[e], "moeyard: offsets must not decrease, got offsets[", e,
+                "] = ", off[e], " > offsets[", e + 1, "] = ", off[e + 1]);
+    if (seg.capacity)
+      TORCH_CHECK(off[e + 1] - off[e] <= *seg.capacity, "moeyard: expert ", e, " keeps ",
+                  off[e + 1] - off[e], " rows, more than the capacity ", *seg.capacity);
+  }
+  TORCH_CHECK(off[seg.E] <= seg.R, "moeyard: offsets must end at most at R = ", seg.R,
+              " rows, got offsets[E] = ", off[seg.E]);
+}
+
+void check_index_values_cpu(const at::Tensor& index, int64_t A, const char* name) {
+  const auto idx_t = index.contiguous();
+  const int32_t* idx = idx_t.const_data_ptr<int32_t>();
+  for (int64_t r = 0; r < idx_t.numel(); ++r)
+    TORCH_CHECK(idx[r] >= -1 && idx[r] < A, "moeyard: ", name, "[", r, "] = ", idx[r],
+                " is out of range [-1, ", A, ")");
+}
+
+FfnShape check_expert_ffn_args(const at::Tensor& x, const at::Tensor& row_source,
+                               const at::Tensor& token_row, const at::Tensor& offsets,
+                               std::optional<int64_t> capacity, const at::Tensor& weights,
+                               const at::Tensor& w1, const at::Tensor& w2,
+                               const std::optional<at::Tensor>& b1,
+                               const std::optional<at::Tensor>& b2,
+                               const std::string& activation) {
+  FfnShape s;
+  s.act = parse_activation(activation);
+  check_plan_maps(row_source, token_row);
+  check_rank(x, 2, "x");
+  check_rank(w1, 3, "w1 (gate_up)");
+  check_rank(w2, 3, "w2 (down)");
+  check_float(x, "x");
+  check_rank(weights, 2, "weights");
+  check_float(weights, "weights");
+  TORCH_CHECK(weights.sizes() == token_row.sizes(), "moeyard: weights must have the shape of "
+              "the plan's token_row ", token_row.sizes(), ", got ", weights.sizes());
+  s.T = x.size(0);
+  s.H = x.size(1);
+  s.k = token_row.size(1);
+  TORCH_CHECK(token_row.size(0) == s.T, "moeyard: x has ", s.T, " tokens but the plan has ",
+              token_row.size(0));
+  const int64_t E = w1.size(0);
+  s.N1 = w1.size(2);
+  TORCH_CHECK(w1.size(1) == s.H, "moeyard: gate_up must map H = ", s.H,
+              " (the width of x) to N1, got logical [E, H, N1] = ", w1.sizes());
+  if (is_gated(s.act))
+    TORCH_CHECK(s.N1 % 2 == 0, "moeyard: activation '", activation,
+                "' needs an even gate_up width (gate and up), got ", s.N1);
+  s.I = is_gated(s.act) ? s.N1 / 2 : s.N1;
+  TORCH_CHECK(w2.size(0) == E && w2.size(1) == s.I && w2.size(2) == s.H,
+              "moeyard: down must be logical [E, I, H] = [", E, ", ", s.I, ", ", s.H,
+              "] for gate_up ", w1.sizes(), " and activation '", activation, "', got ", w2.sizes());
+  for (const auto* t : {&w1, &w2})
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "moeyard: expert weights must have x's dtype ",
+                x.scalar_type(), ", got ", t->scalar_type());
+  check_weight_layout(w1, "gate_up");
+  check_weight_layout(w2, "down");
+  const std::pair<const std::optional<at::Tensor>*, int64_t> biases[] = {{&b1, s.N1}, {&b2, s.H}};
+  for (const auto& [bias, width] : biases) {
+    if (!*bias) continue;
+    TORCH_CHECK((*bias)->dim() == 2 && (*bias)->size(0) == E && (*bias)->size(1) == width,
+                "moeyard: an expert bias must be [E, ", width, "] = [", E, ", ", width, "], got ",
+                (*bias)->sizes());
+    TORCH_CHECK((*bias)->scalar_type() == x.scalar_type(), "moeyard: expert biases must have x's "
+                "dtype ", x.scalar_type(), ", got ", (*bias)->scalar_type());
+    check_same_device(x, **bias, "x", "an expert bias");
+  }
+  for (const auto* t : {&row_source, &offsets, &weights, &w1, &w2})
+    check_same_device(x, *t, "x", "the plan, weights and expert weights");
+  check_dtype(offsets, at::kInt, "offsets");
+  s.up.A = s.T;
+  s.up.K = s.H;
+  s.up.N = s.N1;
+  s.up.seg = check_segments(offsets, E, row_source.size(0), capacity);
+  check_int32_range(s.T * s.k, "T*k");
+  if (x.is_cpu()) {
+    check_offsets_values_cpu(offsets, s.up.seg);
+    check_index_values_cpu(row_source, s.T * s.k, "row_source");
+    check_index_values_cpu(token_row, s.up.seg.R, "token_row");
+  }
+  return s;
+}
+
+// -------------------------------------------------------------------------- device dispatch
+
+namespace {
+
+#ifdef MOEYARD_WITH_CUDA
+#define MOEYARD_DISPATCH(fn, p, device_tensor) \
+  ((device_tensor).is_cuda() ? fn##_cuda(p) : fn##_cpu(p))
+#else
+#define MOEYARD_DISPATCH(fn, p, device_tensor) fn##_cpu(p)
+#endif
+
+void rows_gemm(const RowsGemm& p) { MOEYARD_DISPATCH(rows_gemm, p, p.a); }
+void weight_grad(const WeightGrad& p) { MOEYARD_DISPATCH(weight_grad, p, p.lhs); }
+void segment_sum(const SegmentSum& p) { MOEYARD_DISPATCH(segment_sum, p, p.src); }
+void act_backward(const ActBackward& p) { MOEYARD_DISPATCH(act_backward, p, p.pre); }
+
+// [begin, end) of each expert's used rows, int64 on offsets' device.
+std::pair<at::Tensor, at::Tensor> expert_ranges(const at::Tensor& offsets, const Segments& seg) {
+  const auto off = offsets.to(at::kLong);
+  const auto counts = off.slice(0, 1) - off.slice(0, 0, seg.E);
+  const auto begin = seg.capacity ? at::arange(seg.E, off.options()) * *seg.capacity
+                                  : off.slice(0, 0, seg.E);
+  return {begin, begin + counts};
+}
+
+at::Tensor unpermute(const at::Tensor& y, const at::Tensor& row_source,
+                     const at::Tensor& token_row, const std::optional<at::Tensor>& weights) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("moeyard::unpermute", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&)>();
+  at::AutoDispatchBelowADInplaceOrView guard;  // a kernel of a kernel: no autograd graph
+  return op.call(y, row_source, token_row, weights);
+}
+
+// ------------------------------------------------------------------------------- grouped_mm
+
+at::Tensor grouped_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
+                      const std::optional<at::Tensor>& a_index, std::optional<int64_t> capacity) {
+  const GroupedShape s = check_grouped_mm_args(a, b, offsets, a_index, capacity);
+  if (a.is_cpu()) {
+    check_offsets_values_cpu(offsets, s.seg);
+    if (a_index) check_index_values_cpu(*a_index, s.A, "a_index");
+  }
+  const c10::OptionalDeviceGuard guard(a.device());
+  const auto index = a_index ? a_index->contiguous() : at::Tensor();
+  auto out = at::empty({s.seg.R, s.N}, a.options());
+  if (s.seg.R == 0 || s.N == 0) return out;
+  rows_gemm(RowsGemm{a.contiguous(), {a_index ? &index : nullptr, 1}, b, offsets.contiguous(), s.seg,
+                     std::nullopt, Activation::None, out, at::Tensor()});
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(
+    const at::Tensor& grad_in, const at::Tensor& a_in, const at::Tensor& b,
+    const at::Tensor& offsets_in, const std::optional<at::Tensor>& a_index,
+    std::optional<int64_t> capacity, bool need_a, bool need_b) {
+  const GroupedShape s = check_grouped_mm_args(a_in, b, offsets_in, a_index, capacity);
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == s.seg.R && grad_in.size(1) == s.N &&
+                  grad_in.scalar_type() == a_in.scalar_type(),
+              "moeyard: grad must be [R, N] = [", s.seg.R, ", ", s.N, "] in a's dtype, got ",
+              grad_in.sizes(), " ", grad_in.scalar_type());
+  const c10::OptionalDeviceGuard guard(a_in.device());
+  const auto grad = grad_in.contiguous(), a = a_in.contiguous(), offsets = offsets_in.contiguous();
+  const auto index = a_index ? a_index->contiguous() : at::Tensor();
+  const RowIndex a_rows{a_index ? &index : nullptr, 1};
+  at::Tensor grad_a = a.new_empty({0}), grad_b = b.new_empty({0});
+  if (need_a) {
+    auto grad_rows = at::empty({s.seg.R, s.K}, a.options());
+    if (s.seg.R > 0 && s.K > 0)
+      rows_gemm(RowsGemm{grad, {}, b.transpose(1, 2), offsets, s.seg, std::nullopt,
+                         Activation::None, grad_rows, at::Tensor()});
+    if (!a_index) {
+      grad_a = grad_rows;
+    } else {
+      // Each source row sums the rows that read it, in row order: a stable sort of a_index
+      // lists them, a binary search finds each source's run (no host sync, no atomics).
+      const auto [sorted, order] = at::sort(index.to(at::kLong), /*stable=*/true, 0, false);
+      const auto sources = at::arange(s.A, sorted.options());
+      const auto order32 = order.to(at::kInt);
+      grad_a = at::empty({s.A, s.K}, a.options());
+      if (s.A > 0 && s.K > 0)
+        segment_sum(SegmentSum{grad_rows, {&order32, 1}, std::nullopt,
+                               at::searchsorted(sorted, sources),
+                               at::searchsorted(sorted, sources, /*out_int32=*/false,
+                                                /*right=*/true),
+                               grad_a});
+    }
+  }
+  if (need_b) {
+    grad_b = at::empty_like(b);  // b's memory order (dense views keep their strides)
+    if (grad_b.numel() > 0) weight_grad(WeightGrad{a, a_rows, grad, {}, offsets, s.seg, grad_b});
+  }
+  return {grad_a, grad_b};
+}
+
+// ------------------------------------------------------------------------------- expert_ffn
+
+std::tuple<at::Tensor, at::Tensor> ffn_forward(
+    const at::Tensor& x_in, const at::Tensor& row_source_in, const at::Tensor& token_row,
+    const at::Tensor& offsets_in, std::optional<int64_t> capacity, const at::Tensor& weights,
+    const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& b1,
+    const std::optional<at::Tensor>& b2, const std::string& activation, bool keep_pre) {
+  const FfnShape s = check_expert_ffn_args(x_in, row_source_in, token_row, offsets_in, capacity,
+                                           weights, w1, w2, b1, b2, activation);
+  const c10::OptionalDeviceGuard guard(x_in.device());
+  const auto x = x_in.contiguous(), row_source = row_source_in.contiguous();
+  const auto offsets = offsets_in.contiguous();
+  const int64_t R = s.up.seg.R;
+  auto act = at::empty({R, s.I}, x.options());
+  auto pre = keep_pre ? at::empty({R, s.N1}, x.options()) : at::Tensor();
+  auto y = at::empty({R, s.H}, x.options());
+  if (R > 0 && s.H > 0) {
+    rows_gemm(RowsGemm{x, {&row_source, s.k}, w1, offsets, s.up.seg, b1, s.act, act, pre});
+    rows_gemm(RowsGemm{act, {}, w2, offsets, s.up.seg, b2, Activation::None, y, at::Tensor()});
+  } else if (keep_pre) {
+    pre.zero_();
+  }
+  auto out = unpermute(y, row_source, token_row, weights);
+  return {out, keep_pre ? pre : x.new_empty({0})};
+}
+
+at::Tensor expert_ffn(const at::Tensor& x, const at::Tensor& row_source,
+                      const at::Tensor& token_row, const at::Tensor& offsets,
+                      std::optional<int64_t> capacity, const at::Tensor& weights,
+                      const at::Tensor& w1, const at::Tensor& w2,
+                      const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2,
+                      c10::string_view activation) {
+  return std::get<0>(ffn_forward(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1,
+                                 b2, std::string(activation), false));
+}
+
+std::tuple<at::Tensor, at::Tensor> expert_ffn_forward(
+    const at::Tensor& x, const at::Tensor& row_source, const at::Tensor& token_row,
+    const at::Tensor& offsets, std::optional<int64_t> capacity, const at::Tensor& weights,
+    const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& b1,
+    const std::optional<at::Tensor>& b2, c10::string_view activation) {
+  return ffn_forward(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1, b2,
+                     std::string(activation), true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+expert_ffn_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
+                    const at::Tensor& row_source_in, const at::Tensor& token_row,
+                    const at::Tensor& offsets_in, std::optional<int64_t> capacity,
+                    const at::Tensor& weights, const at::Tensor& w1, const at::Tensor& w2,
+                    const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2,
+                    c10::string_view activation, const at::Tensor& pre_in,
+                    std::array<bool, 6> mask) {
+  const FfnShape s = check_expert_ffn_args(x_in, row_source_in, token_row, offsets_in, capacity,
+                                           weights, w1, w2, b1, b2, std::string(activation));
+  const Segments& seg = s.up.seg;
+  const int64_t R = seg.R;
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type(),
+              "moeyard: grad must have x's shape and dtype");
+  TORCH_CHECK(pre_in.dim() == 2 && pre_in.size(0) == R && pre_in.size(1) == s.N1,
+              "moeyard: the saved pre-activation must be [R, N1] = [", R, ", ", s.N1, "], got ",
+              pre_in.sizes());
+  const c10::OptionalDeviceGuard guard(x_in.device());
+  const auto grad = grad_in.contiguous(), x = x_in.contiguous(), pre = pre_in.contiguous();
+  const auto row_source = row_source_in.contiguous(), offsets = offsets_in.contiguous();
+  const auto acc = acc_dtype(x.scalar_type());
+  const auto none = [&] { return x.new_empty({0}); };
+  const RowIndex token_of_row{&row_source, s.k};
+  const auto used = row_source.ge(0);
+  const auto row_weight =
+      at::where(used, weights.reshape(-1).to(acc).index_select(0, row_source.clamp_min(0).to(at::kLong)),
+                0);
+
+  // g = grad[t] @ w2[e]^T, then the activation's backward.
+  auto g = at::empty({R, s.I}, x.options());
+  auto grad_pre = at::empty({R, s.N1}, x.options());
+  auto act_w = at::empty({R, s.I}, x.options());
+  auto grad_w_rows = at::empty({R}, x.options().dtype(acc));
+  if (R > 0) {
+    if (s.I > 0)
+      rows_gemm(RowsGemm{grad, token_of_row, w2.transpose(1, 2), offsets, seg, std::nullopt,
+                         Activation::None, g, at::Tensor()});
+    act_backward(ActBackward{g, pre, row_weight, s.act, grad_pre, act_w, grad_w_rows});
+  }
+
+  at::Tensor grad_x = none(), grad_weights = none(), grad_w1 = none(), grad_w2 = none(),
+             grad_b1 = none(), grad_b2 = none();
+  if (mask[1]) {
+    if (b2 && R > 0) {  // + grad[t] . b2[e]: a [T,E] product, then one entry per row
+      const auto off = offsets.to(at::kLong);
+      const auto rows = at::arange(R, off.options());
+      const auto expert = seg.capacity ? at::floor_divide(rows, std::max<int64_t>(*seg.capacity, 1))
+                                       : at::searchsorted(off.slice(0, 1), rows, false, true);
+      const auto gb = at::mm(grad.to(acc), b2->to(acc).t());
+      const auto token = at::floor_divide(row_source.clamp_min(0), s.k).to(at::kLong);
+      grad_w_rows.add_(at::where(used, gb.index({token, expert.clamp_max(seg.E - 1)}), 0));
+    }
+    const auto padded = at::cat({grad_w_rows, at::zeros({1}, grad_w_rows.options())});
+    const auto tr = token_row.to(at::kLong);
+    grad_weights = padded.index_select(0, at::where(tr.ge(0), tr, R).reshape(-1))
+                       .reshape(token_row.sizes())
+                       .to(weights.scalar_type());
+  }
+  const bool any_rows = R > 0;
+  const auto [begin, end] = expert_ranges(offsets, seg);
+  if (mask[3]) {
+    grad_w2 = at::empty_like(w2);
+    if (grad_w2.numel() > 0)
+      weight_grad(WeightGrad{act_w, {}, grad, token_of_row, offsets, seg, grad_w2});
+  }
+  if (mask[5] && b2) {
+    grad_b2 = at::empty_like(*b2);
+    if (grad_b2.numel() > 0)
+      segment_sum(SegmentSum{grad, token_of_row, row_weight, begin, end, grad_b2});
+  }
+  if (mask[2]) {
+    grad_w1 = at::empty_like(w1);
+    if (grad_w1.numel() > 0)
+      weight_grad(WeightGrad{x, token_of_row, grad_pre, {}, offsets, seg, grad_w1});
+  }
+  if (mask[4] && b1) {
+    grad_b1 = at::empty_like(*b1);
+    if (grad_b1.numel() > 0) segment_sum(SegmentSum{grad_pre, {}, std::nullopt, begin, end, grad_b1});
+  }
+  if (mask[0]) {
+    auto rows_dx = at::empty({R, s.H}, x.options());
+    if (any_rows && s.H > 0)
+      rows_gemm(RowsGemm{grad_pre, {}, w1.transpose(1, 2), offsets, seg, std::nullopt,
+                         Activation::None, rows_dx, at::Tensor()});
+    grad_x = unpermute(rows_dx, row_source, token_row, std::nullopt);
+  }
+  return {grad_x, grad_weights, grad_w1, grad_w2, grad_b1, grad_b2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moeyard, CPU, m) {
+  m.impl("grouped_mm", &grouped_mm);
+  m.impl("grouped_mm_backward", &grouped_mm_backward);
+  m.impl("expert_ffn", &expert_ffn);
+  m.impl("_expert_ffn_forward", &expert_ffn_forward);
+  m.impl("_expert_ffn_backward", &expert_ffn_backward);
+}
+
+#ifdef MOEYARD_WITH_CUDA
+TORCH_LIBRARY_IMPL(moeyard, CUDA, m) {
+  m.impl("grouped_mm", &grouped_mm);
+  m.impl("grouped_mm_backward", &grouped_mm_backward);
+  m.impl("expert_ffn", &expert_ffn);
+  m.impl("_expert_ffn_forward", &expert_ffn_forward);
+  m.impl("_expert_ffn_backward", &expert_ffn_backward);
+}
+#endif
+
+}  // namespace moeyard

@@ -1,0 +1,259 @@
+// Expert compute, shared by the CPU and CUDA code: activation math (one definition, host and
+// device), argument checks of grouped_mm and expert_ffn, and the four primitives every device
+// implements (grouped_mm_cpu.cpp, grouped_mm_cuda.cu). The ops themselves (expert_ops.cpp) are
+// compositions of these primitives and of unpermute, the same on both devices.
+// Semantics: python/moeyard/reference.py (activation, expert_rows, grouped_mm, expert_ffn).
+//
+// Row segments. Expert e owns the rows of one segment: offsets[e]..offsets[e+1] (dropless) or,
+// with a capacity C, e*C .. e*C + offsets[e+1] - offsets[e] (fixed stride, the plan's capacity
+// layout). Rows owned by no expert (past an expert's count, or past offsets[E]) are "unused":
+// their outputs are zero and they are never read as inputs of a reduction.
+//
+// Weights are logical [E, K, N] with either memory order (stride(2) == 1: row-major; stride(1) ==
+// 1: a transpose(1, 2) view of an nn.Linear-style [E, N, K], how Hugging Face v5 stores experts).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "common/checks.h"
+
+#ifdef __CUDACC__
+#define MOEYARD_HD __host__ __device__ __forceinline__
+#else
+#define MOEYARD_HD inline
+#endif
+
+namespace moeyard {
+
+// ------------------------------------------------------------------------------ activations
+
+enum class Activation { SwiGLU, SwiGLUOss, Gelu, GeluTanh, Relu, None };
+
+inline Activation parse_activation(const std::string& s) {
+  if (s == "swiglu") return Activation::SwiGLU;
+  if (s == "swiglu_oss") return Activation::SwiGLUOss;
+  if (s == "gelu") return Activation::Gelu;
+  if (s == "gelu_tanh") return Activation::GeluTanh;
+  if (s == "relu") return Activation::Relu;
+  if (s == "none") return Activation::None;
+  TORCH_CHECK(false, "moeyard: activation must be one of 'swiglu', 'swiglu_oss', 'gelu', "
+              "'gelu_tanh', 'relu', 'none', got '", s, "'");
+}
+
+// Gated activations read two columns of the first product per output column: SwiGLU the two
+// halves [gate | up], GPT-OSS's variant interleaved pairs (gate, up).
+constexpr bool is_gated(Activation a) {
+  return a == Activation::SwiGLU || a == Activation::SwiGLUOss;
+}
+
+constexpr float kOssAlpha = 1.702f;  // GPT-OSS swiglu_alpha
+constexpr float kOssLimit = 7.0f;    // GPT-OSS swiglu_limit
+
+MOEYARD_HD float m_exp(float v) { return expf(v); }
+MOEYARD_HD double m_exp(double v) { return exp(v); }
+MOEYARD_HD float m_erf(float v) { return erff(v); }
+MOEYARD_HD double m_erf(double v) { return erf(v); }
+MOEYARD_HD float m_tanh(float v) { return tanhf(v); }
+MOEYARD_HD double m_tanh(double v) { return tanh(v); }
+
+template <typename T>
+MOEYARD_HD T sigmoid(T v) {
+  return T(1) / (T(1) + m_exp(-v));
+}
+
+// Ungated activation and its derivative.
+template <typename T>
+MOEYARD_HD T act_value(Activation a, T v) {
+  switch (a) {
+    case Activation::Gelu:
+      return T(0.5) * v * (T(1) + m_erf(v * T(0.70710678118654752)));
+    case Activation::GeluTanh: {
+      const T c = T(0.79788456080286536);  // sqrt(2 / pi)
+      return T(0.5) * v * (T(1) + m_tanh(c * (v + T(0.044715) * v * v * v)));
+    }
+    case Activation::Relu:
+      return v > T(0) ? v : T(0);
+    default:
+      return v;
+  }
+}
+
+template <typename T>
+MOEYARD_HD T act_grad(Activation a, T v) {
+  switch (a) {
+    case Activation::Gelu:
+      return T(0.5) * (T(1) + m_erf(v * T(0.70710678118654752))) +
+             v * T(0.39894228040143268) * m_exp(T(-0.5) * v * v);  // 1 / sqrt(2 pi)
+    case Activation::GeluTanh: {
+      const T c = T(0.79788456080286536);
+      const T th = m_tanh(c * (v + T(0.044715) * v * v * v));
+      return T(0.5) * (T(1) + th) +
+             T(0.5) * v * (T(1) - th * th) * c * (T(1) + T(3 * 0.044715) * v * v);
+    }
+    case Activation::Relu:
+      return v > T(0) ? T(1) : T(0);
+    default:
+      return T(1);
+  }
+}
+
+// Gated: out = f(gate, up); SwiGLU silu(gate) * up; GPT-OSS (min(up, 7) clamped to [-7, 7] + 1) *
+// g * sigmoid(1.702 g) with g = min(gate, 7).
+template <typename T>
+MOEYARD_HD T glu_value(Activation a, T gate, T up) {
+  if (a == Activation::SwiGLU) return gate * sigmoid(gate) * up;
+  const T g = gate < T(kOssLimit) ? gate : T(kOssLimit);
+  const T u = up < T(-kOssLimit) ? T(-kOssLimit) : (up > T(kOssLimit) ? T(kOssLimit) : up);
+  return (u + T(1)) * g * sigmoid(T(kOssAlpha) * g);
+}
+
+// d out / d gate and d out / d up (the clamps pass gradient inside their closed interval, as
+// torch.clamp does).
+template <typename T>
+MOEYARD_HD void glu_grad(Activation a, T gate, T up, T& d_gate, T& d_up) {
+  if (a == Activation::SwiGLU) {
+    const T s = sigmoid(gate);
+    d_up = gate * s;
+    d_gate = up * s * (T(1) + gate * (T(1) - s));
+    return;
+  }
+  const bool g_in = gate <= T(kOssLimit);
+  const T g = g_in ? gate : T(kOssLimit);
+  const bool u_in = up >= T(-kOssLimit) && up <= T(kOssLimit);
+  const T u = u_in ? up : (up < T(0) ? T(-kOssLimit) : T(kOssLimit));
+  const T s = sigmoid(T(kOssAlpha) * g);
+  const T glu = g * s;
+  d_up = u_in ? glu : T(0);
+  d_gate = g_in ? (u + T(1)) * (s + T(kOssAlpha) * g * s * (T(1) - s)) : T(0);
+}
+
+// Column c of the first product that holds the gate (or up) input of output column j, for width
+// n1 of the first product: SwiGLU halves, GPT-OSS pairs.
+MOEYARD_HD int64_t gate_col(Activation a, int64_t j, int64_t n1) {
+  return a == Activation::SwiGLU ? j : 2 * j;
+}
+MOEYARD_HD int64_t up_col(Activation a, int64_t j, int64_t n1) {
+  return a == Activation::SwiGLU ? n1 / 2 + j : 2 * j + 1;
+}
+
+// ---------------------------------------------------------------------------------- shapes
+
+// The rows of a grouped product and how they split among experts.
+struct Segments {
+  int64_t E = 0;                    // experts
+  int64_t R = 0;                    // rows
+  std::optional<int64_t> capacity;  // fixed stride C (R = E*C), or dropless
+};
+
+struct GroupedShape {
+  Segments seg;
+  int64_t A = 0;  // rows of a
+  int64_t K = 0;
+  int64_t N = 0;
+};
+
+void check_weight_layout(const at::Tensor& b, const char* name);
+
+// grouped_mm(a [A,K], b [E,K,N], offsets [E+1], a_index [R]?, capacity?).
+GroupedShape check_grouped_mm_args(const at::Tensor& a, const at::Tensor& b,
+                                   const at::Tensor& offsets,
+                                   const std::optional<at::Tensor>& a_index,
+                                   std::optional<int64_t> capacity);
+
+// CPU only (on a GPU the check would need a host sync): offsets start at 0, never decrease, end
+// at most at R, and with a capacity no expert keeps more than C rows.
+void check_offsets_values_cpu(const at::Tensor& offsets, const Segments& seg);
+
+// CPU only: every a_index entry lies in [-1, A).
+void check_index_values_cpu(const at::Tensor& index, int64_t A, const char* name);
+
+struct FfnShape {
+  GroupedShape up;  // the first product: x [T,H] gathered through the plan, w1 [E,H,N1]
+  int64_t T = 0, k = 0, H = 0, N1 = 0, I = 0;
+  Activation act = Activation::SwiGLU;
+};
+
+FfnShape check_expert_ffn_args(const at::Tensor& x, const at::Tensor& row_source,
+                               const at::Tensor& token_row, const at::Tensor& offsets,
+                               std::optional<int64_t> capacity, const at::Tensor& weights,
+                               const at::Tensor& w1, const at::Tensor& w2,
+                               const std::optional<at::Tensor>& b1,
+                               const std::optional<at::Tensor>& b2, const std::string& activation);
+
+// ------------------------------------------------------------------------------ primitives
+//
+// Each primitive writes every element of its output (unused rows as zeros), reads offsets on
+// the device (no host sync on CUDA) and accumulates in fp32 (fp64 for fp64 on the CPU).
+
+// Row gather: src(r) = index[r] / div, or r without an index; index < 0 reads a zero row.
+struct RowIndex {
+  const at::Tensor* index = nullptr;  // [rows] int32, or none
+  int64_t div = 1;
+};
+
+// out[r] = epilogue(a[src(r)] @ b[e(r)]) for the used rows r, 0 for unused ones. Epilogue:
+// v = product + bias[e] (fp32); pre[r] = v if pre is defined; out[r] = act(v) (gated
+// activations: out has N/2 columns, see gate_col/up_col).
+struct RowsGemm {
+  at::Tensor a;  // [A, K]
+  RowIndex a_rows;
+  at::Tensor b;        // [E, K, N], either memory order
+  at::Tensor offsets;  // [E+1] int32
+  Segments seg;
+  std::optional<at::Tensor> bias;  // [E, N]
+  Activation act = Activation::None;
+  at::Tensor out;  // [R, N or N/2], written
+  at::Tensor pre;  // [R, N] or undefined
+};
+
+// out[e] = sum over the used rows r of expert e of lhs[lsrc(r)]^T rhs[rsrc(r)]: [E, M, N] written
+// through out's strides (so a weight gradient gets its weight's memory order).
+struct WeightGrad {
+  at::Tensor lhs;  // [*, M]
+  RowIndex lhs_rows;
+  at::Tensor rhs;  // [*, N]
+  RowIndex rhs_rows;
+  at::Tensor offsets;
+  Segments seg;
+  at::Tensor out;  // [E, M, N]
+};
+
+// out[s] = sum over positions p in [begin[s], end[s]) of scale[p] * src[src(p)] (fp32, in
+// position order; src(p) through rows as RowIndex, or p), cast to out's dtype. [S, N].
+struct SegmentSum {
+  at::Tensor src;  // [*, N]
+  RowIndex rows;
+  std::optional<at::Tensor> scale;  // [positions] in the accumulation dtype
+  at::Tensor begin, end;            // [S] int64
+  at::Tensor out;                   // [S, N]
+};
+
+// Backward of the activation for every row r (w = row_weight[r], fp32; 0 for unused rows):
+//   grad_pre[r] = act'(pre[r]) * (w * grad_act[r]),  act_w[r] = w * act(pre[r]),
+//   grad_w[r] = dot(grad_act[r], act(pre[r]))  (fp32).
+struct ActBackward {
+  at::Tensor grad_act;    // [R, I]
+  at::Tensor pre;         // [R, N1]
+  at::Tensor row_weight;  // [R] acc dtype
+  Activation act = Activation::None;
+  at::Tensor grad_pre;  // [R, N1], written
+  at::Tensor act_w;     // [R, I], written
+  at::Tensor grad_w;    // [R] acc dtype, written
+};
+
+void rows_gemm_cpu(const RowsGemm& p);
+void weight_grad_cpu(const WeightGrad& p);
+void segment_sum_cpu(const SegmentSum& p);
+void act_backward_cpu(const ActBackward& p);
+#ifdef MOEYARD_WITH_CUDA
+void rows_gemm_cuda(const RowsGemm& p);
+void weight_grad_cuda(const WeightGrad& p);
+void segment_sum_cuda(const SegmentSum& p);
+void act_backward_cuda(const ActBackward& p);
+#endif
+
+}  // namespace moeyard

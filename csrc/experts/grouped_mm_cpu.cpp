@@ -1,0 +1,151 @@
+// The expert-compute primitives on the CPU (declared and specified in grouped_mm.h).
+//
+// Each expert's rows are gathered into a contiguous fp32 (fp64 for fp64) block and multiplied
+// with one at::mm, which runs on all cores through the BLAS; bias, activation and their
+// derivatives are applied row-parallel (at::parallel_for) with the scalar functions of
+// grouped_mm.h, the same ones the CUDA epilogues use. Offsets are read on the host here.
+#include <ATen/Parallel.h>
+
+#include "experts/grouped_mm.h"
+
+namespace moeyard {
+namespace {
+
+// First row and used-row count of expert e's segment.
+inline std::pair<int64_t, int64_t> segment(const int32_t* off, const Segments& seg, int64_t e) {
+  const int64_t n = off[e + 1] - off[e];
+  return {seg.capacity ? e * *seg.capacity : off[e], n};
+}
+
+// Rows src(start..start+n) of src as a contiguous [n, cols] tensor of dtype acc (zero rows where
+// the index is negative).
+at::Tensor gather_rows(const at::Tensor& src, const RowIndex& rows, int64_t start, int64_t n,
+                       at::ScalarType acc) {
+  if (rows.index == nullptr) return src.narrow(0, start, n).to(acc).contiguous();
+  const auto idx = rows.index->narrow(0, start, n).to(at::kLong);
+  const auto valid = idx.ge(0);
+  const auto picked = src.index_select(0, at::where(valid, at::floor_divide(idx, rows.div), 0));
+  return at::where(valid.unsqueeze(1), picked.to(acc), at::zeros({}, picked.options().dtype(acc)))
+      .contiguous();
+}
+
+template <typename acc_t>
+void apply_activation(const at::Tensor& v, Activation act, at::Tensor& out) {
+  const int64_t n = v.size(0), width = v.size(1), out_width = out.size(1);
+  const acc_t* pv = v.const_data_ptr<acc_t>();
+  acc_t* po = out.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const acc_t* row = pv + r * width;
+      acc_t* o = po + r * out_width;
+      for (int64_t j = 0; j < out_width; ++j)
+        o[j] = is_gated(act) ? glu_value<acc_t>(act, row[gate_col(act, j, width)],
+                                                row[up_col(act, j, width)])
+                             : act_value<acc_t>(act, row[j]);
+    }
+  });
+}
+
+}  // namespace
+
+void rows_gemm_cpu(const RowsGemm& p) {
+  const auto acc = acc_dtype(p.a.scalar_type());
+  const auto off_t = p.offsets.to(at::kInt).contiguous();
+  const int32_t* off = off_t.const_data_ptr<int32_t>();
+  p.out.zero_();  // unused rows
+  if (p.pre.defined()) p.pre.zero_();
+  for (int64_t e = 0; e < p.seg.E; ++e) {
+    const auto [start, n] = segment(off, p.seg, e);
+    if (n == 0) continue;
+    auto v = at::mm(gather_rows(p.a, p.a_rows, start, n, acc), p.b[e].to(acc));
+    if (p.bias) v.add_(p.bias->select(0, e).to(acc));
+    if (p.pre.defined()) p.pre.narrow(0, start, n).copy_(v);
+    if (p.act == Activation::None) {
+      p.out.narrow(0, start, n).copy_(v);
+      continue;
+    }
+    auto a = at::empty({n, p.out.size(1)}, v.options());
+    AT_DISPATCH_FLOATING_TYPES(acc, "rows_gemm_cpu", [&] { apply_activation<scalar_t>(v, p.act, a); });
+    p.out.narrow(0, start, n).copy_(a);
+  }
+}
+
+void weight_grad_cpu(const WeightGrad& p) {
+  const auto acc = acc_dtype(p.lhs.scalar_type());
+  const auto off_t = p.offsets.to(at::kInt).contiguous();
+  const int32_t* off = off_t.const_data_ptr<int32_t>();
+  for (int64_t e = 0; e < p.seg.E; ++e) {
+    const auto [start, n] = segment(off, p.seg, e);
+    if (n == 0) {
+      p.out[e].zero_();
+      continue;
+    }
+    const auto l = gather_rows(p.lhs, p.lhs_rows, start, n, acc);
+    const auto r = gather_rows(p.rhs, p.rhs_rows, start, n, acc);
+    p.out[e].copy_(at::mm(l.t(), r));
+  }
+}
+
+void segment_sum_cpu(const SegmentSum& p) {
+  const auto acc = acc_dtype(p.src.scalar_type());
+  const auto begin_t = p.begin.to(at::kLong).contiguous(), end_t = p.end.to(at::kLong).contiguous();
+  const int64_t* begin = begin_t.const_data_ptr<int64_t>();
+  const int64_t* end = end_t.const_data_ptr<int64_t>();
+  for (int64_t s = 0; s < p.out.size(0); ++s) {
+    const int64_t n = end[s] - begin[s];
+    if (n <= 0) {
+      p.out[s].zero_();
+      continue;
+    }
+    auto rows = gather_rows(p.src, p.rows, begin[s], n, acc);
+    if (p.scale) rows.mul_(p.scale->narrow(0, begin[s], n).to(acc).unsqueeze(1));
+    p.out[s].copy_(rows.sum(0));
+  }
+}
+
+void act_backward_cpu(const ActBackward& p) {
+  const int64_t R = p.pre.size(0), width = p.pre.size(1), I = p.grad_act.size(1);
+  const auto grad_act = p.grad_act.contiguous(), pre = p.pre.contiguous();
+  const auto row_weight = p.row_weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre.scalar_type(), "act_backward_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* g = grad_act.const_data_ptr<scalar_t>();
+    const scalar_t* h = pre.const_data_ptr<scalar_t>();
+    const acc_t* w = row_weight.const_data_ptr<acc_t>();
+    scalar_t* gp = p.grad_pre.mutable_data_ptr<scalar_t>();
+    scalar_t* aw = p.act_w.mutable_data_ptr<scalar_t>();
+    acc_t* gw = p.grad_w.mutable_data_ptr<acc_t>();
+    const Activation act = p.act;
+    at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* gr = g + r * I;
+        const scalar_t* hr = h + r * width;
+        scalar_t* gpr = gp + r * width;
+        acc_t dot = 0;
+        for (int64_t j = 0; j < I; ++j) {
+          const acc_t go = static_cast<acc_t>(gr[j]);
+          const acc_t wg = w[r] * go;
+          acc_t a;
+          if (is_gated(act)) {
+            const int64_t cg = gate_col(act, j, width), cu = up_col(act, j, width);
+            const acc_t gate = static_cast<acc_t>(hr[cg]), up = static_cast<acc_t>(hr[cu]);
+            acc_t d_gate, d_up;
+            glu_grad<acc_t>(act, gate, up, d_gate, d_up);
+            a = glu_value<acc_t>(act, gate, up);
+            gpr[cg] = static_cast<scalar_t>(d_gate * wg);
+            gpr[cu] = static_cast<scalar_t>(d_up * wg);
+          } else {
+            const acc_t v = static_cast<acc_t>(hr[j]);
+            a = act_value<acc_t>(act, v);
+            gpr[j] = static_cast<scalar_t>(act_grad<acc_t>(act, v) * wg);
+          }
+          aw[r * I + j] = static_cast<scalar_t>(w[r] * a);
+          dot += go * a;
+        }
+        gw[r] = dot;
+      }
+    });
+  });
+}
+
+}  // namespace moeyard

@@ -1,0 +1,829 @@
+// The expert-compute primitives on the GPU (declared and specified in grouped_mm.h).
+//
+// One tile core serves both grouped products:
+//   rows_gemm    out[r] = epilogue(a[src(r)] @ b[e])     tiles over (segment, 128 rows, 128 cols)
+//   weight_grad  out[e] = sum_r lhs[.]^T rhs[.]           tiles over (expert, 128 x 128 of M x N)
+// A block of 256 threads (8 warps, 2 x 4, each 64 x 32) computes one 128 x 128 tile at a time,
+// walking K in steps of 32 through a cp.async pipeline (3 stages for 16-bit types, 2 for fp32).
+// bf16/fp16 use tensor cores (mma.sync m16n8k16, fragments from ldmatrix, sm_80 and newer);
+// fp32 uses CUDA-core FMAs from the same shared tiles with the same ownership of output elements,
+// so both share the epilogues (full fp32 precision, no TF32).
+//
+// Persistent scheduling: the grid is as many blocks as fit on the GPU at once; block b takes
+// tiles b, b + grid, ... A tiny kernel first turns the offsets into a prefix of row tiles per
+// segment on the device, so no host sync and no launch per expert; a skewed load just means more
+// tiles of one expert, spread over every SM. Rows are gathered through an index while loading
+// (no permuted copy); cp.async's zero-fill handles rows and columns past the edges.
+//
+// FLOPs 2*R*K*N per product; bytes: the gathered rows of a once per column tile, b once per row
+// tile (from L2 after the first), the output once. Operand rows must be 16-byte aligned for the
+// cp.async path; otherwise the same kernel loads element by element (correct, slower, and said so
+// once by a warning).
+#include <c10/util/Exception.h>
+#include <cub/block/block_scan.cuh>
+#include <torch/library.h>
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <type_traits>
+
+#include "common/cuda_utils.cuh"
+#include "experts/grouped_mm.h"
+
+namespace moeyard {
+namespace {
+
+constexpr int kBM = 128, kBN = 128, kBK = 32;
+constexpr int kThreads = 256;
+constexpr int kPad = 8;  // elements of padding per shared row: conflict-free ldmatrix rows
+
+template <typename T>
+struct Cfg {
+  static constexpr bool kTensorCores = !std::is_same_v<T, float>;
+  static constexpr int kStages = kTensorCores ? 3 : 2;
+  static constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte chunk
+};
+
+// Shared tile [outer][inner + pad]; inner is the dimension contiguous in global memory.
+template <int Outer, int Inner>
+struct Tile {
+  static constexpr int kOuter = Outer, kInner = Inner, kLd = Inner + kPad, kSize = Outer * kLd;
+};
+
+// ------------------------------------------------------------------------- PTX wrappers
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+template <bool Trans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  if constexpr (Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t* b) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// ----------------------------------------------------------------------------- loading
+//
+// A 16-byte chunk of a shared tile comes from kVec consecutive global elements, of which `valid`
+// (0..kVec) exist; the rest are zero. Vec: cp.async with zero-fill; else element loads.
+
+template <typename T, bool Vec>
+__device__ __forceinline__ void load_chunk(T* dst, const T* src, int valid, const T* any_valid) {
+  constexpr int V = Cfg<T>::kVec;
+  if constexpr (Vec) {
+    const int bytes = valid > 0 ? (valid < V ? valid : V) * int(sizeof(T)) : 0;
+    cp_async16(dst, bytes > 0 ? src : any_valid, bytes);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) dst[i] = i < valid ? src[i] : T(0.f);
+  }
+}
+
+// Chunks of a tile owned by one thread.
+template <typename T, typename TileT>
+constexpr int chunks_per_thread() {
+  return TileT::kOuter * TileT::kInner / Cfg<T>::kVec / kThreads;
+}
+
+template <typename T, typename TileT>
+__device__ __forceinline__ void chunk_pos(int c, int& outer, int& inner) {
+  constexpr int per_row = TileT::kInner / Cfg<T>::kVec;
+  const int id = threadIdx.x + c * kThreads;
+  outer = id / per_row;
+  inner = (id % per_row) * Cfg<T>::kVec;
+}
+
+// ------------------------------------------------------------------------------ compute
+//
+// Warp w owns rows (w / 4) * 64 .. +64 and columns (w % 4) * 32 .. +32 of the tile: 4 x 4
+// fragments of 16 x 8. Lane l holds, of fragment (i, j), rows g and g + 8 (g = l / 4) and
+// columns 2 t, 2 t + 1 (t = l % 4): acc[i][j][0..3] = (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1).
+// A operand stored [m][k] (AKM = false) or [k][m]; B stored [n][k] (BKN = false) or [k][n].
+
+template <typename T, bool AKM, bool BKN>
+struct Operands {
+  using TileA = std::conditional_t<AKM, Tile<kBK, kBM>, Tile<kBM, kBK>>;
+  using TileB = std::conditional_t<BKN, Tile<kBK, kBN>, Tile<kBN, kBK>>;
+  static constexpr int kStageSize = TileA::kSize + TileB::kSize;
+  static constexpr size_t kSmemBytes = size_t(Cfg<T>::kStages) * kStageSize * sizeof(T);
+
+  __device__ static T a_at(const T* s, int m, int k) {
+    return AKM ? s[k * TileA::kLd + m] : s[m * TileA::kLd + k];
+  }
+  __device__ static T b_at(const T* s, int k, int n) {
+    return BKN ? s[k * TileB::kLd + n] : s[n * TileB::kLd + k];
+  }
+
+  // acc += A_tile @ B_tile over the kBK columns of one stage.
+  __device__ static void mma_stage(const T* sa, const T* sb, float (&acc)[4][4][4]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
+    if constexpr (Cfg<T>::kTensorCores) {
+#pragma unroll
+      for (int kk = 0; kk < kBK; kk += 16) {
+        uint32_t a[4][4], b[4][2];
+        const int i = lane >> 3, j = lane & 7;
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi) {
+          const int m0 = wm + mi * 16;
+          const T* p = AKM ? sa + (kk + (i >> 1) * 8 + j) * TileA::kLd + m0 + (i & 1) * 8
+                           : sa + (m0 + (lane & 15)) * TileA::kLd + kk + (lane >> 4) * 8;
+          ldmatrix_x4<AKM>(a[mi], p);
+        }
+#pragma unroll
+        for (int nj = 0; nj < 2; ++nj) {
+          const int n0 = wn + nj * 16 + (i >> 1) * 8;
+          const T* p = BKN ? sb + (kk + (i & 1) * 8 + j) * TileB::kLd + n0
+                           : sb + (n0 + j) * TileB::kLd + kk + (i & 1) * 8;
+          uint32_t r[4];
+          ldmatrix_x4<BKN>(r, p);
+          b[2 * nj][0] = r[0];
+          b[2 * nj][1] = r[1];
+          b[2 * nj + 1][0] = r[2];
+          b[2 * nj + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni) mma16816<T>(acc[mi][ni], a[mi], b[ni]);
+      }
+    } else {
+      const int g = lane >> 2, t = lane & 3;
+#pragma unroll 4
+      for (int k = 0; k < kBK; ++k) {
+        float a[4][2], b[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi) {
+          a[mi][0] = static_cast<float>(a_at(sa, wm + mi * 16 + g, k));
+          a[mi][1] = static_cast<float>(a_at(sa, wm + mi * 16 + g + 8, k));
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+          b[ni][0] = static_cast<float>(b_at(sb, k, wn + ni * 8 + 2 * t));
+          b[ni][1] = static_cast<float>(b_at(sb, k, wn + ni * 8 + 2 * t + 1));
+        }
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni) {
+            acc[mi][ni][0] += a[mi][0] * b[ni][0];
+            acc[mi][ni][1] += a[mi][0] * b[ni][1];
+            acc[mi][ni][2] += a[mi][1] * b[ni][0];
+            acc[mi][ni][3] += a[mi][1] * b[ni][1];
+          }
+      }
+    }
+  }
+};
+
+// The main loop shared by both kernels: k-steps 0..ktiles-1 through the multi-stage pipeline.
+// load(stage_ptr_a, stage_ptr_b, kt) issues the loads of step kt.
+template <typename T, typename Ops, typename Load>
+__device__ __forceinline__ void main_loop(T* smem, int ktiles, float (&acc)[4][4][4], Load load) {
+  constexpr int S = Cfg<T>::kStages;
+#pragma unroll
+  for (int st = 0; st < S - 1; ++st) {
+    if (st < ktiles) load(smem + st * Ops::kStageSize, smem + st * Ops::kStageSize + Ops::TileA::kSize, st);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < ktiles; ++kt) {
+    cp_async_wait<S - 2>();
+    __syncthreads();
+    const int next = kt + S - 1;
+    if (next < ktiles) {
+      T* st = smem + (next % S) * Ops::kStageSize;
+      load(st, st + Ops::TileA::kSize, next);
+    }
+    cp_async_commit();
+    const T* st = smem + (kt % S) * Ops::kStageSize;
+    Ops::mma_stage(st, st + Ops::TileA::kSize, acc);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the shared tiles are free for the next tile
+}
+
+__device__ __forceinline__ void zero_acc(float (&acc)[4][4][4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.f;
+}
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// Source row of position p through an optional index (index < 0 or >= limit: no row).
+__device__ __forceinline__ int64_t source_row(const int32_t* index, int div, int64_t p,
+                                              int64_t limit) {
+  if (index == nullptr) return p;
+  const int32_t v = index[p];
+  const int64_t s = v < 0 ? -1 : v / div;
+  return s < limit ? s : -1;
+}
+
+// ---------------------------------------------------------------------------- segments
+
+struct SegParams {
+  const int32_t* offsets;
+  int E;
+  int64_t R;
+  int64_t capacity;  // < 0: dropless
+};
+
+// Segment s: first row, rows covered, rows used. Dropless has a tail segment E (rows past
+// offsets[E], all unused). Clamped so that bad offsets can never address outside [0, R).
+__device__ __forceinline__ void segment_of(const SegParams& p, int s, int64_t& start,
+                                           int64_t& len, int64_t& count) {
+  if (s == p.E) {
+    start = min64(max64(p.offsets[p.E], 0), p.R);
+    len = p.R - start;
+    count = 0;
+    return;
+  }
+  const int64_t n = max64(int64_t(p.offsets[s + 1]) - p.offsets[s], 0);
+  if (p.capacity >= 0) {
+    start = s * p.capacity;
+    len = p.capacity;
+    count = min64(n, p.capacity);
+  } else {
+    start = min64(max64(p.offsets[s], 0), p.R);
+    len = min64(n, p.R - start);
+    count = len;
+  }
+}
+
+inline int num_segments(const Segments& seg) {
+  return static_cast<int>(seg.E + (seg.capacity ? 0 : 1));
+}
+
+// prefix[s] = row tiles of segments 0..s-1 (prefix[S] = all row tiles). One block.
+constexpr int kScanThreads = 1024;
+
+__global__ void __launch_bounds__(kScanThreads) row_tile_prefix_kernel(SegParams p, int S,
+                                                                       int32_t* prefix) {
+  using Scan = cub::BlockScan<int, kScanThreads>;
+  __shared__ typename Scan::TempStorage temp;
+  int carry = 0;
+  if (threadIdx.x == 0) prefix[0] = 0;
+  for (int base = 0; base < S; base += kScanThreads) {
+    const int s = base + threadIdx.x;
+    int tiles = 0;
+    if (s < S) {
+      int64_t start, len, count;
+      segment_of(p, s, start, len, count);
+      tiles = static_cast<int>((len + kBM - 1) / kBM);
+    }
+    int inclusive, total;
+    Scan(temp).InclusiveSum(tiles, inclusive, total);
+    if (s < S) prefix[s + 1] = carry + inclusive;
+    carry += total;
+    __syncthreads();  // temp is reused
+  }
+}
+
+// ---------------------------------------------------------------------------- rows_gemm
+
+template <typename T>
+struct RowsParams {
+  SegParams seg;
+  const T* a;
+  int64_t lda, A;
+  const int32_t* a_index;
+  int a_div;
+  const T* b;
+  int64_t sbe, sbk, sbn;  // strides of b [E, K, N]
+  int K, N;               // N: columns of the product
+  const T* bias;          // [E, N] contiguous rows, or null
+  int64_t ldbias;
+  T* out;
+  int64_t ldo;
+  T* pre;  // [R, N] or null
+  int64_t ldp;
+  Activation act;
+  int n_tiles;
+  const int32_t* prefix;
+};
+
+// Column map of the product tile: local column l of column tile nt -> column of b, and whether
+// it exists. SwiGLU (halves): each 16 local columns are 8 gate columns then the 8 matching up
+// columns, so a thread's fragments j and j+1 hold gate and up of the same output column.
+template <typename T>
+__device__ __forceinline__ int b_column(const RowsParams<T>& p, int nt, int l, int& valid) {
+  if (p.act == Activation::SwiGLU) {
+    const int I = p.N / 2;
+    const int j = nt * (kBN / 2) + (l >> 4) * 8 + (l & 7);
+    valid = I - j;
+    return ((l & 15) >= 8 ? I : 0) + j;
+  }
+  const int n = nt * kBN + l;
+  valid = p.N - n;
+  return n;
+}
+
+template <typename T>
+__device__ __forceinline__ void store(T* base, int64_t ld, int64_t r, int64_t c, float v) {
+  base[r * ld + c] = static_cast<T>(v);
+}
+
+template <typename T, bool Vec, bool BKN>
+__global__ void __launch_bounds__(kThreads, 1) rows_gemm_kernel(const RowsParams<T> p) {
+  using Ops = Operands<T, false, BKN>;
+  constexpr int V = Cfg<T>::kVec;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int S = p.seg.E + (p.seg.capacity >= 0 ? 0 : 1);
+  const int64_t total = int64_t(p.prefix[S]) * p.n_tiles;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32, g = lane >> 2, t = lane & 3;
+
+  for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
+    const int mt = static_cast<int>(tile / p.n_tiles), nt = static_cast<int>(tile % p.n_tiles);
+    int lo = 0, hi = S;  // the segment s with prefix[s] <= mt < prefix[s + 1]
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) >> 1;
+      if (p.prefix[mid] <= mt) lo = mid; else hi = mid;
+    }
+    const int s = lo;
+    int64_t start, len, count;
+    segment_of(p.seg, s, start, len, count);
+    const int64_t m0 = int64_t(mt - p.prefix[s]) * kBM;
+    const int rows = static_cast<int>(min64(kBM, len - m0));
+    const int used = static_cast<int>(max64(0, min64(kBM, count - m0)));
+    const int e = min(s, p.seg.E - 1);
+    const T* b_e = p.b + e * p.sbe;
+
+    // Per-thread chunk sources that stay fixed over k: A rows, B columns.
+    constexpr int CA = chunks_per_thread<T, typename Ops::TileA>();
+    constexpr int CB = chunks_per_thread<T, typename Ops::TileB>();
+    const T* a_row[CA];
+#pragma unroll
+    for (int c = 0; c < CA; ++c) {
+      int o, i;
+      chunk_pos<T, typename Ops::TileA>(c, o, i);
+      const int64_t src = o < used ? source_row(p.a_index, p.a_div, start + m0 + o, p.A) : -1;
+      a_row[c] = src >= 0 ? p.a + src * p.lda : nullptr;
+    }
+    const T* b_fixed[CB];  // BKN: column base (k added per step); else row base of column n
+    int b_valid[CB];
+#pragma unroll
+    for (int c = 0; c < CB; ++c) {
+      int o, i;
+      chunk_pos<T, typename Ops::TileB>(c, o, i);
+      int valid;
+      const int col = b_column(p, nt, BKN ? i : o, valid);
+      b_valid[c] = valid;
+      b_fixed[c] = valid > 0 ? b_e + int64_t(col) * p.sbn : nullptr;
+    }
+
+    float acc[4][4][4];
+    zero_acc(acc);
+    const int ktiles = used > 0 ? (p.K + kBK - 1) / kBK : 0;
+    main_loop<T, Ops>(smem, ktiles, acc, [&](T* sa, T* sb, int kt) {
+      const int k0 = kt * kBK;
+#pragma unroll
+      for (int c = 0; c < CA; ++c) {
+        int o, i;
+        chunk_pos<T, typename Ops::TileA>(c, o, i);
+        const int valid = a_row[c] ? p.K - (k0 + i) : 0;
+        load_chunk<T, Vec>(sa + o * Ops::TileA::kLd + i, a_row[c] ? a_row[c] + k0 + i : p.a,
+                           valid, p.a);
+      }
+#pragma unroll
+      for (int c = 0; c < CB; ++c) {
+        int o, i;
+        chunk_pos<T, typename Ops::TileB>(c, o, i);
+        if constexpr (BKN) {  // o = k, i = n: chunk of V columns at row k0 + o
+          const bool ok = b_fixed[c] != nullptr && k0 + o < p.K;
+          load_chunk<T, Vec>(sb + o * Ops::TileB::kLd + i,
+                             ok ? b_fixed[c] + int64_t(k0 + o) * p.sbk : p.b,
+                             ok ? min(b_valid[c], V) : 0, p.b);
+        } else {  // o = n, i = k: chunk of V k-values of column o
+          const bool ok = b_fixed[c] != nullptr;
+          load_chunk<T, Vec>(sb + o * Ops::TileB::kLd + i, ok ? b_fixed[c] + k0 + i : p.b,
+                             ok ? p.K - (k0 + i) : 0, p.b);
+        }
+      }
+    });
+
+    // Epilogue: bias, activation, zeros for unused rows; pre-activation kept if asked.
+    const T* bias = p.bias ? p.bias + e * p.ldbias : nullptr;
+    const auto bias_at = [&](int col) { return bias ? static_cast<float>(bias[col]) : 0.f; };
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int lr = wm + mi * 16 + g + h * 8;
+        if (lr >= rows) continue;
+        const bool on = lr < used;
+        const int64_t r = start + m0 + lr;
+        if (p.act == Activation::SwiGLU) {
+#pragma unroll
+          for (int ni = 0; ni < 4; ni += 2)
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+              int valid;
+              const int gcol = b_column(p, nt, wn + ni * 8 + 2 * t + q, valid);
+              if (valid <= 0) continue;
+              const int j = gcol, I = p.N / 2;
+              const float vg = acc[mi][ni][2 * h + q] + bias_at(j);
+              const float vu = acc[mi][ni + 1][2 * h + q] + bias_at(I + j);
+              if (p.pre) {
+                store(p.pre, p.ldp, r, j, on ? vg : 0.f);
+                store(p.pre, p.ldp, r, I + j, on ? vu : 0.f);
+              }
+              store(p.out, p.ldo, r, j, on ? glu_value<float>(p.act, vg, vu) : 0.f);
+            }
+        } else if (p.act == Activation::SwiGLUOss) {
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni) {
+            const int col = nt * kBN + wn + ni * 8 + 2 * t;  // even: (gate, up) = (col, col + 1)
+            if (col >= p.N) continue;  // N is even: col + 1 < N
+            const float vg = acc[mi][ni][2 * h] + bias_at(col);
+            const float vu = acc[mi][ni][2 * h + 1] + bias_at(col + 1);
+            if (p.pre) {
+              store(p.pre, p.ldp, r, col, on ? vg : 0.f);
+              store(p.pre, p.ldp, r, col + 1, on ? vu : 0.f);
+            }
+            store(p.out, p.ldo, r, col / 2, on ? glu_value<float>(p.act, vg, vu) : 0.f);
+          }
+        } else {
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+              const int col = nt * kBN + wn + ni * 8 + 2 * t + q;
+              if (col >= p.N) continue;
+              const float v = acc[mi][ni][2 * h + q] + bias_at(col);
+              if (p.pre) store(p.pre, p.ldp, r, col, on ? v : 0.f);
+              store(p.out, p.ldo, r, col, on ? act_value<float>(p.act, v) : 0.f);
+            }
+        }
+      }
+  }
+}
+
+// -------------------------------------------------------------------------- weight_grad
+
+template <typename T>
+struct WgradParams {
+  SegParams seg;
+  const T* lhs;
+  int64_t ldl, L;
+  const int32_t* l_index;
+  int l_div;
+  const T* rhs;
+  int64_t ldr, Rr;
+  const int32_t* r_index;
+  int r_div;
+  int M, N;
+  T* out;
+  int64_t soe, som, son;
+  int m_tiles, n_tiles;
+};
+
+template <typename T, bool Vec>
+__global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WgradParams<T> p) {
+  using Ops = Operands<T, true, true>;
+  constexpr int V = Cfg<T>::kVec;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int64_t per_expert = int64_t(p.m_tiles) * p.n_tiles;
+  const int64_t total = per_expert * p.seg.E;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32, g = lane >> 2, t = lane & 3;
+
+  for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
+    const int e = static_cast<int>(tile / per_expert);
+    const int rem = static_cast<int>(tile % per_expert);
+    const int m0 = (rem / p.n_tiles) * kBM, n0 = (rem % p.n_tiles) * kBN;
+    int64_t start, len, count;
+    segment_of(p.seg, e, start, len, count);
+
+    float acc[4][4][4];
+    zero_acc(acc);
+    const int ktiles = static_cast<int>((count + kBK - 1) / kBK);
+    constexpr int CA = chunks_per_thread<T, typename Ops::TileA>();
+    constexpr int CB = chunks_per_thread<T, typename Ops::TileB>();
+    main_loop<T, Ops>(smem, ktiles, acc, [&](T* sa, T* sb, int kt) {
+      const int64_t k0 = int64_t(kt) * kBK;
+#pragma unroll
+      for (int c = 0; c < CA; ++c) {  // o = row of the segment, i = m
+        int o, i;
+        chunk_pos<T, typename Ops::TileA>(c, o, i);
+        const int64_t src = k0 + o < count ? source_row(p.l_index, p.l_div, start + k0 + o, p.L) : -1;
+        load_chunk<T, Vec>(sa + o * Ops::TileA::kLd + i, src >= 0 ? p.lhs + src * p.ldl + m0 + i : p.lhs,
+                           src >= 0 ? min(p.M - (m0 + i), V) : 0, p.lhs);
+      }
+#pragma unroll
+      for (int c = 0; c < CB; ++c) {  // o = row of the segment, i = n
+        int o, i;
+        chunk_pos<T, typename Ops::TileB>(c, o, i);
+        const int64_t src = k0 + o < count ? source_row(p.r_index, p.r_div, start + k0 + o, p.Rr) : -1;
+        load_chunk<T, Vec>(sb + o * Ops::TileB::kLd + i, src >= 0 ? p.rhs + src * p.ldr + n0 + i : p.rhs,
+                           src >= 0 ? min(p.N - (n0 + i), V) : 0, p.rhs);
+      }
+    });
+
+    T* out = p.out + e * p.soe;
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = m0 + wm + mi * 16 + g + h * 8;
+        if (m >= p.M) continue;
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            const int n = n0 + wn + ni * 8 + 2 * t + q;
+            if (n < p.N) out[m * p.som + n * p.son] = static_cast<T>(acc[mi][ni][2 * h + q]);
+          }
+      }
+  }
+}
+
+// --------------------------------------------------------------- segment_sum, act_backward
+
+// out[s, n] = sum_{p in [begin[s], end[s])} scale[p] * src[src(p), n], fp32, position order.
+template <typename T>
+__global__ void segment_sum_kernel(const T* __restrict__ src, int64_t lds, int64_t rows,
+                                   const int32_t* __restrict__ index, int div,
+                                   const float* __restrict__ scale,
+                                   const int64_t* __restrict__ begin,
+                                   const int64_t* __restrict__ end, T* __restrict__ out,
+                                   int64_t ldo, int64_t N) {
+  const int64_t s = blockIdx.x;
+  const int64_t n = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  float acc = 0.f;
+  for (int64_t q = begin[s]; q < end[s]; ++q) {
+    const int64_t r = source_row(index, div, q, rows);
+    if (r < 0) continue;
+    const float v = static_cast<float>(src[r * lds + n]);
+    acc += scale ? scale[q] * v : v;
+  }
+  out[s * ldo + n] = static_cast<T>(acc);
+}
+
+constexpr int kActThreads = 128;
+
+// One block per row: grad_pre, act_w and grad_w (see ActBackward).
+template <typename T>
+__global__ void __launch_bounds__(kActThreads) act_backward_kernel(
+    const T* __restrict__ grad_act, const T* __restrict__ pre, const float* __restrict__ row_weight,
+    Activation act, int64_t I, int64_t width, T* __restrict__ grad_pre, T* __restrict__ act_w,
+    float* __restrict__ grad_w) {
+  const int64_t r = blockIdx.x;
+  const float w = row_weight[r];
+  const T* g = grad_act + r * I;
+  const T* h = pre + r * width;
+  T* gp = grad_pre + r * width;
+  float dot = 0.f;
+  for (int64_t j = threadIdx.x; j < I; j += kActThreads) {
+    const float go = static_cast<float>(g[j]);
+    float a;
+    if (is_gated(act)) {
+      const int64_t cg = gate_col(act, j, width), cu = up_col(act, j, width);
+      const float gate = static_cast<float>(h[cg]), up = static_cast<float>(h[cu]);
+      float d_gate, d_up;
+      glu_grad<float>(act, gate, up, d_gate, d_up);
+      a = glu_value<float>(act, gate, up);
+      gp[cg] = static_cast<T>(d_gate * w * go);
+      gp[cu] = static_cast<T>(d_up * w * go);
+    } else {
+      const float v = static_cast<float>(h[j]);
+      a = act_value<float>(act, v);
+      gp[j] = static_cast<T>(act_grad<float>(act, v) * w * go);
+    }
+    act_w[r * I + j] = static_cast<T>(w * a);
+    dot += go * a;
+  }
+  __shared__ float partial[kActThreads / 32];
+  dot = warp_sum(dot);
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = dot;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+    for (int i = 0; i < kActThreads / 32; ++i) total += partial[i];
+    grad_w[r] = total;
+  }
+}
+
+// ------------------------------------------------------------------------------ launches
+
+inline void check_cuda_dtype(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() != at::kDouble,
+              "moeyard: float64 expert compute runs on the CPU only; use float32, float16 or "
+              "bfloat16 on the GPU");
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+inline void warn_unaligned(const char* what) {
+  TORCH_WARN_ONCE("moeyard: ", what, " has rows that are not 16-byte aligned (a row size or "
+                  "stride that is not a multiple of 8 half-precision / 4 fp32 elements, or an "
+                  "offset view); the grouped product loads it element by element, several times "
+                  "slower. Pad the hidden sizes or pass contiguous tensors.");
+}
+
+// Launch Kernel with as many blocks as fit on the current GPU at once (its shared-memory opt-in
+// and occupancy are looked up once per kernel and device).
+template <auto Kernel, typename Params>
+void launch_persistent(const Params& params, size_t smem) {
+  static std::array<std::atomic<int>, 64> blocks_per_sm{};  // 0: not known yet
+  const int device = at::cuda::current_device();
+  TORCH_CHECK(device < 64, "moeyard: at most 64 GPUs per process");
+  int n = blocks_per_sm[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kThreads, smem));
+    n = n > 0 ? n : 1;
+    blocks_per_sm[device].store(n, std::memory_order_relaxed);
+  }
+  const int grid = n * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  Kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+SegParams seg_params(const at::Tensor& offsets, const Segments& seg) {
+  return SegParams{offsets.const_data_ptr<int32_t>(), static_cast<int>(seg.E), seg.R,
+                   seg.capacity ? *seg.capacity : -1};
+}
+
+const int32_t* index_ptr(const RowIndex& rows) {
+  return rows.index ? rows.index->const_data_ptr<int32_t>() : nullptr;
+}
+
+template <typename T>
+void launch_rows_gemm(const RowsGemm& p) {
+  const int S = num_segments(p.seg);
+  auto prefix = at::empty({S + 1}, p.offsets.options());
+  RowsParams<T> k{};
+  k.seg = seg_params(p.offsets, p.seg);
+  row_tile_prefix_kernel<<<1, kScanThreads, 0, at::cuda::getCurrentCUDAStream()>>>(k.seg, S, prefix.mutable_data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  k.a = p.a.const_data_ptr<T>();
+  k.lda = p.a.stride(0);
+  k.A = p.a.size(0);
+  k.a_index = index_ptr(p.a_rows);
+  k.a_div = static_cast<int>(p.a_rows.div);
+  k.b = p.b.const_data_ptr<T>();
+  k.sbe = p.b.stride(0);
+  k.sbk = p.b.stride(1);
+  k.sbn = p.b.stride(2);
+  k.K = static_cast<int>(p.b.size(1));
+  k.N = static_cast<int>(p.b.size(2));
+  const at::Tensor bias = p.bias ? p.bias->contiguous() : at::Tensor();
+  k.bias = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+  k.ldbias = bias.defined() ? bias.stride(0) : 0;
+  k.out = p.out.mutable_data_ptr<T>();
+  k.ldo = p.out.stride(0);
+  k.pre = p.pre.defined() ? p.pre.mutable_data_ptr<T>() : nullptr;
+  k.ldp = p.pre.defined() ? p.pre.stride(0) : 0;
+  k.act = p.act;
+  k.n_tiles = static_cast<int>(p.act == Activation::SwiGLU ? ceil_div(k.N / 2, kBN / 2)
+                                                           : ceil_div(k.N, kBN));
+  k.prefix = prefix.const_data_ptr<int32_t>();
+  const bool bkn = p.b.stride(2) == 1;
+  constexpr int V = Cfg<T>::kVec;
+  const int64_t b_outer = bkn ? k.sbk : k.sbn;
+  const bool vec = aligned16(k.a) && aligned16(k.b) && k.lda % V == 0 && b_outer % V == 0 &&
+                   k.sbe % V == 0 && (!bkn || p.act != Activation::SwiGLU || (k.N / 2) % V == 0);
+  if (!vec) warn_unaligned("an operand of a grouped product");
+  constexpr size_t smem_kn = Operands<T, false, true>::kSmemBytes;
+  constexpr size_t smem_nk = Operands<T, false, false>::kSmemBytes;
+  if (bkn && vec) launch_persistent<rows_gemm_kernel<T, true, true>>(k, smem_kn);
+  if (bkn && !vec) launch_persistent<rows_gemm_kernel<T, false, true>>(k, smem_kn);
+  if (!bkn && vec) launch_persistent<rows_gemm_kernel<T, true, false>>(k, smem_nk);
+  if (!bkn && !vec) launch_persistent<rows_gemm_kernel<T, false, false>>(k, smem_nk);
+}
+
+template <typename T>
+void launch_weight_grad(const WeightGrad& p) {
+  WgradParams<T> k{};
+  k.seg = seg_params(p.offsets, p.seg);
+  k.lhs = p.lhs.const_data_ptr<T>();
+  k.ldl = p.lhs.stride(0);
+  k.L = p.lhs.size(0);
+  k.l_index = index_ptr(p.lhs_rows);
+  k.l_div = static_cast<int>(p.lhs_rows.div);
+  k.rhs = p.rhs.const_data_ptr<T>();
+  k.ldr = p.rhs.stride(0);
+  k.Rr = p.rhs.size(0);
+  k.r_index = index_ptr(p.rhs_rows);
+  k.r_div = static_cast<int>(p.rhs_rows.div);
+  k.M = static_cast<int>(p.out.size(1));
+  k.N = static_cast<int>(p.out.size(2));
+  k.out = p.out.mutable_data_ptr<T>();
+  k.soe = p.out.stride(0);
+  k.som = p.out.stride(1);
+  k.son = p.out.stride(2);
+  k.m_tiles = static_cast<int>(ceil_div(k.M, kBM));
+  k.n_tiles = static_cast<int>(ceil_div(k.N, kBN));
+  constexpr int V = Cfg<T>::kVec;
+  const bool vec = aligned16(k.lhs) && aligned16(k.rhs) && k.ldl % V == 0 && k.ldr % V == 0;
+  if (!vec) warn_unaligned("an operand of a weight gradient");
+  constexpr size_t smem = Operands<T, true, true>::kSmemBytes;
+  if (vec)
+    launch_persistent<weight_grad_kernel<T, true>>(k, smem);
+  else
+    launch_persistent<weight_grad_kernel<T, false>>(k, smem);
+}
+
+template <typename Fn>
+void dispatch_16_32(at::ScalarType t, Fn fn) {
+  switch (t) {
+    case at::kFloat: fn(float{}); break;
+    case at::kHalf: fn(c10::Half{}); break;
+    case at::kBFloat16: fn(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "moeyard: unsupported dtype ", t, " for expert compute on CUDA");
+  }
+}
+
+}  // namespace
+
+void rows_gemm_cuda(const RowsGemm& p) {
+  check_cuda_dtype(p.a);
+  TORCH_CHECK(p.b.size(1) < (int64_t(1) << 31) && p.b.size(2) < (int64_t(1) << 31),
+              "moeyard: K and N must be below 2^31");
+  dispatch_16_32(p.a.scalar_type(), [&](auto v) { launch_rows_gemm<decltype(v)>(p); });
+}
+
+void weight_grad_cuda(const WeightGrad& p) {
+  check_cuda_dtype(p.lhs);
+  dispatch_16_32(p.lhs.scalar_type(), [&](auto v) { launch_weight_grad<decltype(v)>(p); });
+}
+
+void segment_sum_cuda(const SegmentSum& p) {
+  check_cuda_dtype(p.src);
+  const int64_t S = p.out.size(0), N = p.out.size(1);
+  if (S == 0 || N == 0) return;
+  const auto begin = p.begin.to(at::kLong).contiguous(), end = p.end.to(at::kLong).contiguous();
+  const auto scale = p.scale ? p.scale->to(at::kFloat).contiguous() : at::Tensor();
+  const auto src = p.src.contiguous();
+  constexpr int threads = 256;
+  TORCH_CHECK(ceil_div(N, threads) < 65536, "moeyard: segment_sum width too large");
+  const dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(ceil_div(N, threads)));
+  dispatch_16_32(src.scalar_type(), [&](auto v) {
+    using T = decltype(v);
+    segment_sum_kernel<T><<<grid, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        src.const_data_ptr<T>(), src.stride(0), src.size(0), index_ptr(p.rows),
+        static_cast<int>(p.rows.div), scale.defined() ? scale.const_data_ptr<float>() : nullptr,
+        begin.const_data_ptr<int64_t>(), end.const_data_ptr<int64_t>(), p.out.mutable_data_ptr<T>(),
+        p.out.stride(0), N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void act_backward_cuda(const ActBackward& p) {
+  check_cuda_dtype(p.pre);
+  const int64_t R = p.pre.size(0);
+  if (R == 0) return;
+  const auto grad_act = p.grad_act.contiguous(), pre = p.pre.contiguous();
+  const auto row_weight = p.row_weight.to(at::kFloat).contiguous();
+  dispatch_16_32(pre.scalar_type(), [&](auto v) {
+    using T = decltype(v);
+    act_backward_kernel<T><<<static_cast<unsigned>(R), kActThreads, 0,
+                             at::cuda::getCurrentCUDAStream()>>>(
+        grad_act.const_data_ptr<T>(), pre.const_data_ptr<T>(), row_weight.const_data_ptr<float>(),
+        p.act, grad_act.size(1), pre.size(1), p.grad_pre.mutable_data_ptr<T>(),
+        p.act_w.mutable_data_ptr<T>(), p.grad_w.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace moeyard
