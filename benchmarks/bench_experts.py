@@ -2,7 +2,8 @@
 one run (issue 3). bf16 throughout; fp32 router math.
 
 Shapes (d_model, d_ff per expert, experts, top_k, tokens), as in the anchor run:
-  mixtral (4096, 14336, 8, 2, 8192), qwen3moe (2048, 768, 128, 8, 16384), olmoe (2048, 1024, 64, 8, 16384)
+  mixtral (4096, 14336, 8, 2, 8192), qwen3moe (2048, 768, 128, 8, 16384),
+  olmoe (2048, 1024, 64, 8, 16384)
 Routing: softmax -> top-k -> renormalize of the router logits ``x @ router.T`` (x ~ N(0,1), router
 weight ~ N(0, 0.02)), either "uniform" (those logits as they are) or "zipf" (plus a log-Zipf bias
 per expert, ``-s * log(rank)``, ranks a fixed random permutation, s = --zipf-s, default 1.2; the
@@ -89,7 +90,7 @@ def sync():
 
 
 def bench(fn, warmup, reps):
-    """Median ms of ``reps`` single calls after ``warmup`` calls (CUDA events; wall clock on CPU)."""
+    """Median ms of ``reps`` single calls after ``warmup`` calls (CUDA events; CPU: wall clock)."""
     for _ in range(warmup):
         fn()
     sync()
@@ -359,7 +360,8 @@ def run_shape(name, d, f, E, k, T, args, reps):
 
         def gemms_moeyard_checked():
             import moeyard
-            err = rel_err(moeyard.grouped_mm(a1, w1, offs_m), torch._grouped_mm(a1, w1, offs=offs_t))
+            err = rel_err(moeyard.grouped_mm(a1, w1, offs_m),
+                          torch._grouped_mm(a1, w1, offs=offs_t))
             print(f"check {name} grouped_mm vs torch._grouped_mm rel. err {err:.2e}", flush=True)
             record(name, "balanced", GMM, "fwd", bench(gemms_moeyard, wg, rg), fl,
                    note=f"2 GEMMs, {per} rows/expert; rel. err {err:.1e}")
@@ -476,7 +478,8 @@ def run_scattermoe(name, d, f, E, k, T, reps):
     w, r = reps["layer"]
     record(name, "uniform", "scattermoe GLUMLP", "fwd", bench(fwd, w, r), fl)
     ms = bench(step, w, r)
-    record(name, "uniform", "scattermoe GLUMLP", "fwd+bwd", ms, 3 * fl, peak_extra_mib(step, params))
+    peak = peak_extra_mib(step, params)
+    record(name, "uniform", "scattermoe GLUMLP", "fwd+bwd", ms, 3 * fl, peak)
 
 
 # ----------------------------------------------------------------------------- report
@@ -504,7 +507,8 @@ def targets(rows):
     q_f = find(rows, "qwen3moe", LAYER, "fwd", "uniform")
     add("qwen3moe layer fwd <= 3.5 ms", q_f and q_f["ms"] <= 3.5,
         f"{q_f['ms']:.2f} ms" if q_f else "not measured")
-    m, s = find(rows, "mixtral", LAYER, "fwd+bwd", "uniform"), find(rows, "mixtral", STOCK, "fwd+bwd", "uniform")
+    m = find(rows, "mixtral", LAYER, "fwd+bwd", "uniform")
+    s = find(rows, "mixtral", STOCK, "fwd+bwd", "uniform")
     add("mixtral layer fwd+bwd <= stock pipeline", m and s and m["ms"] <= s["ms"],
         f"{m['ms']:.2f} ms vs stock {s['ms']:.2f} ms" if m and s else "not measured")
     for shape in dict.fromkeys(r["shape"] for r in rows):
@@ -547,7 +551,8 @@ def print_report(rows):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES),
                     help=f"comma-separated subset of {','.join(SHAPES)} (default: all)")
     ap.add_argument("--routings", default="uniform,zipf", help="uniform, zipf or both (default)")

@@ -28,13 +28,15 @@ def routing_rows(doc):
     print("|---|---|---|---|---|---|")
     for shape in dict.fromkeys(r["shape"] for r in doc.get("rows", [])):
         for ours, stock in (("moeyard route + plan", "stock route + plan"),
-                            ("moeyard unpermute (bf16, fp32 acc)", "stock combine index_add_ (bf16)")):
+                            ("moeyard unpermute (bf16, fp32 acc)",
+                             "stock combine index_add_ (bf16)")):
             m, s = by.get((shape, ours)), by.get((shape, stock))
             if not m:
                 continue
             st = f"{s['ms'] * 1e3:.1f} / {s['graph_ms'] * 1e3:.1f}" if s else ""
             sp = f"{s['ms'] / m['ms']:.1f}x / {s['graph_ms'] / m['graph_ms']:.1f}x" if s else ""
-            print(f"| {ours} | {shape} | {m['ms'] * 1e3:.1f} | {m['graph_ms'] * 1e3:.1f} | {st} | {sp} |")
+            print(f"| {ours} | {shape} | {m['ms'] * 1e3:.1f} | {m['graph_ms'] * 1e3:.1f} | {st} "
+                  f"| {sp} |")
 
 
 def expert_rows(doc):
