@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU machine's whole run, in one call: build moeyard for the visible GPU only (all cores),
-# run the GPU tests, compute-sanitizer (memcheck, racecheck) on a small op suite, the benchmarks;
-# the short table comes last. Logs go to $OUT (default ./out).
+# run the GPU tests, compute-sanitizer (memcheck, racecheck) on a small op suite, the benchmarks
+# (routing, then expert compute); the short summary table (benchmarks/summary.py) comes last.
+# Logs and JSON go to $OUT (default ./out). BENCH_EXPERTS_ARGS passes options to bench_experts.py
+# (e.g. "--quick --skip-hf"); BENCH_EXPERTS_TIMEOUT bounds it (seconds, default 480).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out}"; mkdir -p "$OUT"
@@ -34,4 +36,12 @@ done
 
 step "benchmarks"
 OUT="$OUT" python3 benchmarks/bench_routing.py 2>&1 | tee "$OUT/bench_routing.log" | tail -30
+rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "bench_routing rc=$rc"; status=1; }
+# word splitting of BENCH_EXPERTS_ARGS is intended (several options)
+# shellcheck disable=SC2086
+OUT="$OUT" timeout "${BENCH_EXPERTS_TIMEOUT:-480}" python3 benchmarks/bench_experts.py ${BENCH_EXPERTS_ARGS:-} \
+  2>&1 | tee "$OUT/bench_experts.log" | tail -65
+rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "bench_experts rc=$rc"; status=1; }
+
+python3 benchmarks/summary.py "$OUT"
 exit $status

@@ -1,0 +1,82 @@
+"""The short table that ends benchmarks/gpu_run.sh: the key rows of bench_routing.json and
+bench_experts.json in $OUT (or the folder given), and the expert targets. A missing or partial file
+prints what it has.
+
+    python benchmarks/summary.py [OUT]
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_experts as bx  # noqa: E402  (labels and the targets rule live there)
+
+
+def load(out, name):
+    path = os.path.join(out, name)
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as ex:
+        print(f"{name}: not available ({type(ex).__name__})")
+        return None
+
+
+def routing_rows(doc):
+    by = {(r["shape"], r["case"]): r for r in doc.get("rows", [])}
+    print("\n| routing | shape | eager us | graph us | stock eager / graph us | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for shape in dict.fromkeys(r["shape"] for r in doc.get("rows", [])):
+        for ours, stock in (("moeyard route + plan", "stock route + plan"),
+                            ("moeyard unpermute (bf16, fp32 acc)",
+                             "stock combine index_add_ (bf16)")):
+            m, s = by.get((shape, ours)), by.get((shape, stock))
+            if not m:
+                continue
+            st = f"{s['ms'] * 1e3:.1f} / {s['graph_ms'] * 1e3:.1f}" if s else ""
+            sp = f"{s['ms'] / m['ms']:.1f}x / {s['graph_ms'] / m['graph_ms']:.1f}x" if s else ""
+            print(f"| {ours} | {shape} | {m['ms'] * 1e3:.1f} | {m['graph_ms'] * 1e3:.1f} | {st} "
+                  f"| {sp} |")
+
+
+def expert_rows(doc):
+    rows = doc.get("rows", [])
+    print("\n| experts | shape | routing | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | peak MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for impl, routing in ((bx.LAYER, "uniform"), (bx.LAYER, "zipf"), (bx.STOCK, "uniform"),
+                              (bx.HF_GROUPED, None), (bx.GMM, None), (bx.TGMM, None),
+                              (bx.DENSE, None)):
+            f = bx.find(rows, shape, impl, "fwd", routing)
+            b = bx.find(rows, shape, impl, "fwd+bwd", routing)
+            if not (f or b):
+                continue
+            fwd = f"{f['ms']:.3f}" if f else ""
+            bwd = f"{b['ms']:.3f} | {bx.fmt(b['tflops'], '.0f')} | {bx.fmt(b['peak_mib'], '.0f')}" \
+                if b else " | | "
+            print(f"| {impl} | {shape} | {(f or b)['routing']} | {fwd} | {bwd} |")
+    warned = [c for c in doc.get("checks", []) if c.get("warning")]
+    if warned:
+        print("correctness WARNINGS: " + ", ".join(f"{c['shape']} {c['routing']}" for c in warned))
+    print("\nexpert targets" + ("" if doc.get("complete") else " (run incomplete)"))
+    for t in bx.targets(rows):
+        met = {True: "met", False: "NOT MET", None: "not measured"}[t["met"]]
+        print(f"  {met:12s} {t['target']}: {t['detail']}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    out = argv[0] if argv else os.environ.get("OUT", "out")
+    print("== summary")
+    r = load(out, "bench_routing.json")
+    if r:
+        routing_rows(r)
+    e = load(out, "bench_experts.json")
+    if e:
+        print(f"\n(experts: {e.get('device', '?')}, torch {e.get('torch', '?')}, "
+              f"transformers {e.get('transformers', 'not used')})")
+        expert_rows(e)
+
+
+if __name__ == "__main__":
+    main()
