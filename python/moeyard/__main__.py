@@ -1,5 +1,6 @@
 """Command line: ``python -m moeyard info`` (versions, kernels, GPU) and
-``python -m moeyard example`` (route a small random batch and print its dispatch plan)."""
+``python -m moeyard example`` (route a small random batch, print its dispatch plan, run the
+experts forward and backward)."""
 import argparse
 import sys
 
@@ -37,6 +38,18 @@ def example(device: str) -> None:
     stats = moeyard.load_stats(p)
     print(f"MaxVio {stats['max_violation'].item():.3f}, "
           f"dropped {100 * stats['dropped_fraction'].item():.1f}% of assignments")
+    # The experts: SwiGLU MLPs in Hugging Face v5's layout, one op for the MLP and the combine.
+    d, I = 16, 32
+    x = torch.randn(T, d, device=device, requires_grad=True)
+    gate_up = (torch.randn(E, 2 * I, d, device=device) / d**0.5).requires_grad_()
+    down = (torch.randn(E, d, I, device=device) / I**0.5).requires_grad_()
+    out = moeyard.expert_ffn(x, p, weights, gate_up, down)
+    out.pow(2).mean().backward()
+    dropped = (p.token_row < 0).all(1)
+    print(f"expert_ffn: out {tuple(out.shape)}, |out| {out.norm().item():.3f}; tokens with every "
+          f"slot dropped get 0: {bool((out[dropped] == 0).all())}; grad norms x "
+          f"{x.grad.norm().item():.3f}, gate_up {gate_up.grad.norm().item():.3f}, "
+          f"down {down.grad.norm().item():.3f}")
 
 
 def main(argv=None) -> int:
