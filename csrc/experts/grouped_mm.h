@@ -140,6 +140,26 @@ MOEYARD_HD int64_t up_col(Activation a, int64_t j, int64_t n1) {
   return a == Activation::SwiGLU ? n1 / 2 + j : 2 * j + 1;
 }
 
+// Backward of the activation at output column j of one row, given wg = d loss / d act(pre)[j]:
+// writes the gradient of the one (ungated) or two (gated) pre-activation columns feeding j and
+// returns act(pre)[j]. Shared by the CPU loop and the CUDA kernel.
+template <typename acc_t, typename T>
+MOEYARD_HD acc_t act_backward_at(Activation act, const T* pre_row, T* grad_pre_row, int64_t width,
+                                 int64_t j, acc_t wg) {
+  if (is_gated(act)) {
+    const int64_t cg = gate_col(act, j, width), cu = up_col(act, j, width);
+    const acc_t gate = static_cast<acc_t>(pre_row[cg]), up = static_cast<acc_t>(pre_row[cu]);
+    acc_t d_gate, d_up;
+    glu_grad<acc_t>(act, gate, up, d_gate, d_up);
+    grad_pre_row[cg] = static_cast<T>(d_gate * wg);
+    grad_pre_row[cu] = static_cast<T>(d_up * wg);
+    return glu_value<acc_t>(act, gate, up);
+  }
+  const acc_t v = static_cast<acc_t>(pre_row[j]);
+  grad_pre_row[j] = static_cast<T>(act_grad<acc_t>(act, v) * wg);
+  return act_value<acc_t>(act, v);
+}
+
 // ---------------------------------------------------------------------------------- shapes
 
 // The rows of a grouped product and how they split among experts.

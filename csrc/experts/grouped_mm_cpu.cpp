@@ -124,21 +124,7 @@ void act_backward_cpu(const ActBackward& p) {
         acc_t dot = 0;
         for (int64_t j = 0; j < I; ++j) {
           const acc_t go = static_cast<acc_t>(gr[j]);
-          const acc_t wg = w[r] * go;
-          acc_t a;
-          if (is_gated(act)) {
-            const int64_t cg = gate_col(act, j, width), cu = up_col(act, j, width);
-            const acc_t gate = static_cast<acc_t>(hr[cg]), up = static_cast<acc_t>(hr[cu]);
-            acc_t d_gate, d_up;
-            glu_grad<acc_t>(act, gate, up, d_gate, d_up);
-            a = glu_value<acc_t>(act, gate, up);
-            gpr[cg] = static_cast<scalar_t>(d_gate * wg);
-            gpr[cu] = static_cast<scalar_t>(d_up * wg);
-          } else {
-            const acc_t v = static_cast<acc_t>(hr[j]);
-            a = act_value<acc_t>(act, v);
-            gpr[j] = static_cast<scalar_t>(act_grad<acc_t>(act, v) * wg);
-          }
+          const acc_t a = act_backward_at<acc_t>(act, hr, gpr, width, j, w[r] * go);
           aw[r * I + j] = static_cast<scalar_t>(w[r] * a);
           dot += go * a;
         }

@@ -614,20 +614,7 @@ __global__ void __launch_bounds__(kActThreads) act_backward_kernel(
   float dot = 0.f;
   for (int64_t j = threadIdx.x; j < I; j += kActThreads) {
     const float go = static_cast<float>(g[j]);
-    float a;
-    if (is_gated(act)) {
-      const int64_t cg = gate_col(act, j, width), cu = up_col(act, j, width);
-      const float gate = static_cast<float>(h[cg]), up = static_cast<float>(h[cu]);
-      float d_gate, d_up;
-      glu_grad<float>(act, gate, up, d_gate, d_up);
-      a = glu_value<float>(act, gate, up);
-      gp[cg] = static_cast<T>(d_gate * w * go);
-      gp[cu] = static_cast<T>(d_up * w * go);
-    } else {
-      const float v = static_cast<float>(h[j]);
-      a = act_value<float>(act, v);
-      gp[j] = static_cast<T>(act_grad<float>(act, v) * w * go);
-    }
+    const float a = act_backward_at<float>(act, h, gp, width, j, w * go);
     act_w[r * I + j] = static_cast<T>(w * a);
     dot += go * a;
   }
