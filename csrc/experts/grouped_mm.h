@@ -50,8 +50,8 @@ constexpr bool is_gated(Activation a) {
   return a == Activation::SwiGLU || a == Activation::SwiGLUOss;
 }
 
-constexpr float kOssAlpha = 1.702f;  // GPT-OSS swiglu_alpha
-constexpr float kOssLimit = 7.0f;    // GPT-OSS swiglu_limit
+constexpr double kOssAlpha = 1.702;  // GPT-OSS swiglu_alpha
+constexpr double kOssLimit = 7.0;    // GPT-OSS swiglu_limit
 
 MOEYARD_HD float m_exp(float v) { return expf(v); }
 MOEYARD_HD double m_exp(double v) { return exp(v); }
