@@ -584,7 +584,7 @@ __global__ void segment_sum_kernel(const T* __restrict__ src, int64_t lds, int64
                                    const float* __restrict__ scale,
                                    const int64_t* __restrict__ begin,
                                    const int64_t* __restrict__ end, T* __restrict__ out,
-                                   int64_t ldo, int64_t N) {
+                                   int64_t ldo, int64_t son, int64_t N) {
   const int64_t s = blockIdx.x;
   const int64_t n = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
   if (n >= N) return;
@@ -595,7 +595,7 @@ __global__ void segment_sum_kernel(const T* __restrict__ src, int64_t lds, int64
     const float v = static_cast<float>(src[r * lds + n]);
     acc += scale ? scale[q] * v : v;
   }
-  out[s * ldo + n] = static_cast<T>(acc);
+  out[s * ldo + n * son] = static_cast<T>(acc);
 }
 
 constexpr int kActThreads = 128;
@@ -791,7 +791,7 @@ void segment_sum_cuda(const SegmentSum& p) {
         src.const_data_ptr<T>(), src.stride(0), src.size(0), index_ptr(p.rows),
         static_cast<int>(p.rows.div), scale.defined() ? scale.const_data_ptr<float>() : nullptr,
         begin.const_data_ptr<int64_t>(), end.const_data_ptr<int64_t>(), p.out.mutable_data_ptr<T>(),
-        p.out.stride(0), N);
+        p.out.stride(0), p.out.stride(1), N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
