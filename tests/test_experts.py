@@ -1,0 +1,632 @@
+"""grouped_mm and expert_ffn: kernels vs reference.py in every dtype and layout, gradients,
+gradcheck, opcheck, torch.compile, CUDA graphs (forward and backward) and bad input."""
+import math
+
+import pytest
+import torch
+
+import moeyard
+from moeyard import reference as ref
+from conftest import DEVICES, random_experts, zipf_experts
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1.6e-2, torch.float16: 1e-3}
+GRAD_TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+# Every (device, dtype) pair the kernels serve: fp64 on CPU only.
+DEVICE_DTYPES = [
+    pytest.param(d.values[0], dt, id=f"{d.id}-{str(dt).removeprefix('torch.')}", marks=d.marks)
+    for d in DEVICES
+    for dt in (torch.float32, torch.bfloat16, torch.float16)
+    + ((torch.float64,) if d.values[0] == "cpu" else ())
+]
+# Gradient tests in fp32 and bf16 (fp64 is gradcheck's).
+GRAD_DEVICE_DTYPES = [p for p in DEVICE_DTYPES if p.values[1] in (torch.float32, torch.bfloat16)]
+
+I32 = torch.int32
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def assert_close(got, want, tol, scaled=False):
+    """|got - want| <= tol * |want| + atol, atol = tol (data are O(1)) or, ``scaled``, tol times the
+    largest |want| (for gradients and low-precision sums, whose error follows their magnitude)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    atol = tol * max(want.abs().max().item(), 1e-30) if scaled and want.numel() else tol
+    torch.testing.assert_close(got, want, rtol=tol, atol=atol)
+
+
+def grads(out, inputs, grad):
+    """torch.autograd.grad, with zeros for inputs the output does not reach (the reference builds no
+    graph at all when no row is used, e.g. R = 0)."""
+    if not out.requires_grad:
+        return tuple(torch.zeros_like(t) for t in inputs)
+    return torch.autograd.grad(out, inputs, grad, allow_unused=True, materialize_grads=True)
+
+
+def offsets_of(counts, device="cpu"):
+    """[E+1] int32 exclusive cumsum of per-expert row counts, first 0."""
+    z = torch.zeros(1, dtype=torch.long)
+    return torch.cat([z, counts.long().cumsum(0)]).to(I32).to(device)
+
+
+def random_counts(R, E, load):
+    """Rows per expert summing to R: "random" (sorted random cuts, some experts may be empty),
+    "one" (a single expert holds every row) or "zipf" (skewed, most experts nearly empty)."""
+    if load == "one":
+        counts = torch.zeros(E, dtype=torch.long)
+        counts[torch.randint(E, ())] = R
+        return counts
+    if load == "zipf":
+        p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.5
+        return torch.bincount(torch.multinomial(p, R, replacement=True), minlength=E) if R else \
+            torch.zeros(E, dtype=torch.long)
+    cuts = torch.randint(0, R + 1, (E - 1,)).sort().values
+    return torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([R])]))
+
+
+def weights_3d(E, K, N, order, dtype, device):
+    """Logical [E, K, N] b scaled so a @ b is O(1): row-major ("kn") or the transpose of an
+    nn.Linear-style contiguous [E, N, K] ("nk")."""
+    scale = 1 / math.sqrt(max(K, 1))
+    if order == "kn":
+        return (scale * torch.randn(E, K, N, device=device)).to(dtype)
+    return (scale * torch.randn(E, N, K, device=device)).to(dtype).transpose(1, 2)
+
+
+def gmm_inputs(R, E, K, N, load, mode, order, dtype, device):
+    """(a, b, offsets, a_index, capacity) for grouped_mm with about R rows.
+
+    modes: "plain" (a [R,K], no a_index), "gathered" (a_index with repeats and -1 into a smaller
+    a), "capacity" (R = E*C rows at fixed stride, a read directly), "plan" / "plan_capacity"
+    (offsets and a_index from moeyard.plan of a routing with -1 slots, as expert_ffn uses them)."""
+    b = weights_3d(E, K, N, order, dtype, device)
+    if mode in ("plain", "gathered"):
+        offsets = offsets_of(random_counts(R, E, load), device)
+        if mode == "plain":
+            return torch.randn(R, K, device=device).to(dtype), b, offsets, None, None
+        A = R // 2 + 3
+        a_index = torch.randint(0, A, (R,), device=device, dtype=I32)
+        a_index[torch.rand(R, device=device) < 0.1] = -1
+        return torch.randn(A, K, device=device).to(dtype), b, offsets, a_index, None
+    if mode == "capacity":
+        C = math.ceil(R / E)
+        counts = random_counts(R, E, load).clamp(max=C)
+        return (torch.randn(E * C, K, device=device).to(dtype), b, offsets_of(counts, device),
+                None, C)
+    k = min(2, E)
+    T = math.ceil(R / k)
+    if load == "one":
+        experts = torch.full((T, k), -1, dtype=I32, device=device)
+        experts[:, 0] = torch.randint(E, ()).item()
+    elif load == "zipf":
+        experts = zipf_experts(T, k, E, device)
+    else:
+        experts = random_experts(T, k, E, device, p_none=0.2)
+    C = moeyard.expert_capacity(T, E, k, 0.9, 1) if mode == "plan_capacity" else None
+    p = moeyard.plan(experts, E, C)
+    a_index = torch.where(p.row_source >= 0, p.row_source // k, -1).to(I32)
+    return torch.randn(T, K, device=device).to(dtype), b, p.offsets, a_index, C
+
+
+def unused_rows(offsets, capacity, R):
+    """Bool [R]: rows no expert owns (their output must be exactly zero)."""
+    return ~ref.expert_rows(offsets, capacity, R)[1]
+
+
+GMM_SHAPES = [  # R, E, K, N, load
+    pytest.param(0, 3, 16, 8, "random", id="R0"),
+    pytest.param(1, 1, 1, 1, "random", id="1x1x1"),
+    pytest.param(37, 1, 40, 24, "random", id="E1-K40-N24"),
+    pytest.param(45, 4, 13, 7, "random", id="odd-K13-N7"),
+    pytest.param(64, 6, 40, 24, "one", id="one-expert-holds-all"),
+    pytest.param(150, 16, 64, 130, "zipf", id="zipf-empty-experts"),
+    pytest.param(200, 8, 136, 72, "random", id="K136-N72"),
+]
+GMM_MODES = ["plain", "gathered", "capacity", "plan", "plan_capacity"]
+
+
+def ffn_setup(T, k, E, H, I, activation, dtype, device, *, capacity=None, p_none=0.0,
+              zipf=False, bias=False, layout="linear"):
+    """Routing, plan and expert parameters for expert_ffn: (x, plan, weights, params) with
+    params = (gate_up, down, gate_up_bias, down_bias) as the wrapper takes them in ``layout``
+    (contiguous; :func:`logical` gives the reference's views)."""
+    N1 = 2 * I if activation in ("swiglu", "swiglu_oss") else I
+    experts = zipf_experts(T, k, E, device) if zipf else random_experts(T, k, E, device, p_none)
+    p = moeyard.plan(experts, E, capacity)
+    x = torch.randn(T, H, device=device).to(dtype)
+    weights = torch.rand(T, k, device=device)
+    if layout == "linear":  # nn.Linear order: gate_up [E, N1, H], down [E, H, I]
+        gate_up = torch.randn(E, N1, H, device=device) / math.sqrt(H)
+        down = torch.randn(E, H, I, device=device) / math.sqrt(I)
+    else:  # GPT-OSS order: gate_up [E, H, N1], down [E, I, H]
+        gate_up = torch.randn(E, H, N1, device=device) / math.sqrt(H)
+        down = torch.randn(E, I, H, device=device) / math.sqrt(I)
+    gate_up, down = gate_up.to(dtype), down.to(dtype)
+    b1 = (0.5 * torch.randn(E, N1, device=device)).to(dtype) if bias else None
+    b2 = (0.5 * torch.randn(E, H, device=device)).to(dtype) if bias else None
+    return x, p, weights, (gate_up, down, b1, b2)
+
+
+def logical(gate_up, down, layout):
+    """The logical w1 [E,H,N1], w2 [E,I,H] that reference.expert_ffn takes."""
+    return (gate_up.transpose(1, 2), down.transpose(1, 2)) if layout == "linear" else (gate_up, down)
+
+
+def ffn_ref(x, p, weights, gate_up, down, b1, b2, activation, layout):
+    w1, w2 = logical(gate_up, down, layout)
+    return ref.expert_ffn(x, p.row_source, p.token_row, p.offsets, p.capacity, weights, w1, w2,
+                          b1, b2, activation)
+
+
+def ffn(x, p, weights, gate_up, down, b1, b2, activation, layout):
+    return moeyard.expert_ffn(x, p, weights, gate_up, down, b1, b2, activation, layout)
+
+
+# Plans for expert_ffn: (T, k, E, H, I, capacity, p_none, zipf).
+FFN_PLANS = [
+    pytest.param(33, 2, 8, 40, 24, None, 0.0, False, id="dropless"),
+    pytest.param(41, 3, 6, 24, 20, None, 0.3, False, id="none-slots"),
+    pytest.param(50, 2, 4, 32, 16, 18, 0.1, False, id="capacity-drops"),
+    pytest.param(64, 2, 16, 16, 8, None, 0.0, True, id="zipf"),
+    pytest.param(29, 1, 5, 13, 7, None, 0.0, False, id="k1-odd"),
+    pytest.param(0, 2, 4, 8, 8, None, 0.0, False, id="T0"),
+]
+LAYOUT_BIAS = [pytest.param(l, b, id=f"{l}-{'bias' if b else 'nobias'}")
+               for l in ("linear", "matmul") for b in (False, True)]
+
+
+# ------------------------------------------------------------------------- grouped_mm forward
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("R,E,K,N,load", GMM_SHAPES)
+@pytest.mark.parametrize("mode", GMM_MODES)
+@pytest.mark.parametrize("order", ["kn", "nk"])
+def test_grouped_mm_matches_reference(device, dtype, R, E, K, N, load, mode, order):
+    """Every layout and load matches the reference; rows no expert owns are exactly zero."""
+    a, b, offsets, a_index, C = gmm_inputs(R, E, K, N, load, mode, order, dtype, device)
+    out = moeyard.grouped_mm(a, b, offsets, a_index, C)
+    want = ref.grouped_mm(a, b, offsets, a_index, C)
+    assert out.shape == want.shape and out.device == a.device
+    assert_close(out, want, TOL[dtype])
+    unused = unused_rows(offsets, C, out.shape[0]).to(device)
+    assert (out[unused] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["capacity", "plan", "plan_capacity"])
+def test_grouped_mm_unused_rows_ignore_nan(device, mode):
+    """Rows no expert owns are zero even when the a rows they would read hold NaN, and a NaN in an
+    unread row of a never reaches the output."""
+    a, b, offsets, a_index, C = gmm_inputs(90, 6, 24, 16, "random", mode, "kn", torch.float32,
+                                           device)
+    R = a.shape[0] if a_index is None else a_index.shape[0]
+    unused = unused_rows(offsets, C, R).to(device)
+    if a_index is None:
+        a[unused] = float("nan")
+    else:
+        read = torch.zeros(a.shape[0], dtype=torch.bool, device=device)
+        used_idx = a_index[~unused]
+        read[used_idx[used_idx >= 0].long()] = True
+        a[~read] = float("nan")
+    assert unused.any()
+    out = moeyard.grouped_mm(a, b, offsets, a_index, C)
+    assert (out[unused] == 0).all()
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref.grouped_mm(a.nan_to_num(), b, offsets, a_index, C))
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_grouped_mm_strided_views(device, dtype):
+    """a as a column slice (row stride > K) and b as a slice of a wider weight are still read
+    correctly (copied or not)."""
+    R, E, K, N = 60, 5, 24, 40
+    offsets = offsets_of(random_counts(R, E, "random"), device)
+    a = torch.randn(R, K + 8, device=device).to(dtype)[:, 4:4 + K]
+    for b in ((torch.randn(E, K, N + 16, device=device) / 5).to(dtype)[:, :, :N],
+              (torch.randn(E, N + 16, K, device=device) / 5).to(dtype)[:, 8:8 + N].transpose(1, 2)):
+        assert not b.is_contiguous() and not b.transpose(1, 2).is_contiguous()
+        assert_close(moeyard.grouped_mm(a, b, offsets), ref.grouped_mm(a, b, offsets), TOL[dtype])
+
+
+# ----------------------------------------------------------------------- grouped_mm gradients
+
+
+@pytest.mark.parametrize("device,dtype", GRAD_DEVICE_DTYPES)
+@pytest.mark.parametrize("R,E,K,N,load", [GMM_SHAPES[i] for i in (0, 3, 4, 5)])
+@pytest.mark.parametrize("mode", GMM_MODES)
+@pytest.mark.parametrize("order", ["kn", "nk"])
+def test_grouped_mm_grads_match_reference(device, dtype, R, E, K, N, load, mode, order):
+    """grad_a and grad_b match the reference's autograd; grad_b has b's strides."""
+    a, b, offsets, a_index, C = gmm_inputs(R, E, K, N, load, mode, order, dtype, device)
+    a.requires_grad_()
+    b.requires_grad_()
+    R_out = a.shape[0] if a_index is None else a_index.shape[0]
+    g = torch.randn(R_out, N, device=device).to(dtype)
+    got = torch.autograd.grad(moeyard.grouped_mm(a, b, offsets, a_index, C), (a, b), g)
+    want = grads(ref.grouped_mm(a, b, offsets, a_index, C), (a, b), g)
+    assert got[1].stride() == b.stride()
+    for x, y in zip(got, want):
+        assert_close(x, y, GRAD_TOL[dtype], scaled=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("need_a,need_b", [(True, False), (False, True)])
+def test_grouped_mm_one_sided_grads(device, need_a, need_b):
+    """Asking for only grad_a or only grad_b gives the same values as asking for both."""
+    a, b, offsets, a_index, C = gmm_inputs(70, 5, 24, 16, "random", "gathered", "nk",
+                                           torch.float32, device)
+    a.requires_grad_(need_a)
+    b.requires_grad_(need_b)
+    g = torch.randn(a_index.shape[0], 16, device=device)
+    inp = a if need_a else b
+    got = torch.autograd.grad(moeyard.grouped_mm(a, b, offsets, a_index, C), inp, g)[0]
+    want = grads(ref.grouped_mm(a, b, offsets, a_index, C), (inp,), g)[0]
+    assert_close(got, want, GRAD_TOL[torch.float32], scaled=True)
+
+
+@pytest.mark.parametrize("mode", GMM_MODES)
+@pytest.mark.parametrize("order", ["kn", "nk"])
+def test_grouped_mm_gradcheck(mode, order):
+    a, b, offsets, a_index, C = gmm_inputs(14, 3, 5, 4, "random", mode, order, torch.float64,
+                                           "cpu")
+    a.requires_grad_()
+    b.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: moeyard.grouped_mm(a, b, offsets, a_index, C),
+                                    (a, b))
+
+
+# ------------------------------------------------------------------------- expert_ffn forward
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("T,k,E,H,I,capacity,p_none,zipf", FFN_PLANS)
+@pytest.mark.parametrize("activation", ref.ACTIVATIONS)
+@pytest.mark.parametrize("layout,bias", LAYOUT_BIAS)
+def test_expert_ffn_matches_reference(device, dtype, T, k, E, H, I, capacity, p_none, zipf,
+                                      activation, layout, bias):
+    """Every activation, layout, bias and plan kind matches reference.expert_ffn."""
+    x, p, weights, params = ffn_setup(T, k, E, H, I, activation, dtype, device, capacity=capacity,
+                                      p_none=p_none, zipf=zipf, bias=bias, layout=layout)
+    out = ffn(x, p, weights, *params, activation, layout)
+    want = ffn_ref(x, p, weights, *params, activation, layout)
+    assert out.shape == (T, H) and out.device == x.device
+    assert_close(out, want, TOL[dtype], scaled=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ref.ACTIVATIONS)
+def test_expert_ffn_dropped_tokens_are_zero_and_never_nan(device, activation):
+    """A token with no kept slot (dropped by the capacity or routed nowhere) gets an exactly zero
+    row even with biases, and NaN in its x row reaches neither the output nor any gradient."""
+    T, k, E, H, I = 40, 2, 4, 16, 8
+    x, p, weights, params = ffn_setup(T, k, E, H, I, activation, torch.float32, device,
+                                      capacity=6, p_none=0.2, bias=True)
+    dead = (p.token_row < 0).all(1)
+    assert dead.any() and not dead.all()
+    x[dead] = float("nan")
+    leaves = [x, weights, *params]
+    for t in leaves:
+        t.requires_grad_()
+    out = ffn(x, p, weights, *params, activation, "linear")
+    assert (out[dead] == 0).all()
+    assert not out.isnan().any()
+    want = ffn_ref(x.detach().nan_to_num(), p, weights, *params, activation, "linear")
+    assert_close(out, want, TOL[torch.float32], scaled=True)
+    grads = torch.autograd.grad(out, leaves, torch.randn_like(out))
+    for g in grads:
+        assert not g.isnan().any()
+    assert (grads[0][dead] == 0).all() and (grads[1][dead] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_expert_ffn_equals_grouped_mm_pipeline(device):
+    """expert_ffn == grouped_mm (gathering x) -> activation -> grouped_mm -> unpermute, built
+    from moeyard's own ops (fp32, dropless with -1 slots)."""
+    T, k, E, H, I = 48, 2, 6, 32, 16
+    x, p, weights, (gate_up, down, _, _) = ffn_setup(T, k, E, H, I, "gelu", torch.float32,
+                                                     device, p_none=0.2)
+    w1, w2 = logical(gate_up, down, "linear")
+    src = torch.where(p.row_source >= 0, p.row_source // k, -1).to(I32)
+    h = moeyard.grouped_mm(x, w1, p.offsets, src)
+    y = moeyard.grouped_mm(ref.activation(h, "gelu"), w2, p.offsets)
+    want = moeyard.unpermute(y, p, weights)
+    assert_close(ffn(x, p, weights, gate_up, down, None, None, "gelu", "linear"), want, 1e-5,
+                 scaled=True)
+
+
+# ----------------------------------------------------------------------- expert_ffn gradients
+
+
+@pytest.mark.parametrize("device,dtype", GRAD_DEVICE_DTYPES)
+@pytest.mark.parametrize("T,k,E,H,I,capacity,p_none,zipf", [FFN_PLANS[i] for i in (1, 2, 5)])
+@pytest.mark.parametrize("activation", ref.ACTIVATIONS)
+@pytest.mark.parametrize("layout,bias", LAYOUT_BIAS)
+def test_expert_ffn_grads_match_reference(device, dtype, T, k, E, H, I, capacity, p_none, zipf,
+                                          activation, layout, bias):
+    """Gradients w.r.t. x, weights, gate_up, down and the biases match the reference's autograd;
+    weight gradients keep the parameters' strides."""
+    x, p, weights, params = ffn_setup(T, k, E, H, I, activation, dtype, device, capacity=capacity,
+                                      p_none=p_none, zipf=zipf, bias=bias, layout=layout)
+    leaves = [t for t in (x, weights, *params) if t is not None]
+    for t in leaves:
+        t.requires_grad_()
+    g = torch.randn(T, H, device=device).to(dtype)
+    got = torch.autograd.grad(ffn(x, p, weights, *params, activation, layout), leaves, g)
+    want = grads(ffn_ref(x, p, weights, *params, activation, layout), leaves, g)
+    for leaf, a, b in zip(leaves, got, want):
+        assert a.stride() == leaf.stride() or leaf.numel() == 0
+        assert_close(a, b, GRAD_TOL[dtype], scaled=True)
+
+
+@pytest.mark.parametrize("activation", ref.ACTIVATIONS)
+@pytest.mark.parametrize("capacity,p_none", [(None, 0.3), (3, 0.0)], ids=["dropless", "capacity"])
+@pytest.mark.parametrize("layout", ["linear", "matmul"])
+def test_expert_ffn_gradcheck(activation, capacity, p_none, layout):
+    """fp64 gradcheck of every input. Pre-activations stay far below swiglu_oss's clamp at 7 and
+    away from relu's kink with probability ~1."""
+    x, p, weights, params = ffn_setup(7, 2, 3, 5, 3, activation, torch.float64, "cpu",
+                                      capacity=capacity, p_none=p_none, bias=True, layout=layout)
+    weights = weights.double()
+    inputs = tuple(t.requires_grad_() for t in (x, weights, *params))
+    assert torch.autograd.gradcheck(
+        lambda x, w, gu, dn, b1, b2: ffn(x, p, w, gu, dn, b1, b2, activation, layout), inputs)
+
+
+# ------------------------------------------------------------------------------ determinism
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bitwise_deterministic(device):
+    """Two runs give bitwise equal outputs and gradients (grad_a sums repeats in row order; the
+    combine gathers)."""
+    a, b, offsets, a_index, _ = gmm_inputs(300, 8, 64, 48, "zipf", "gathered", "nk",
+                                           torch.bfloat16, device)
+    a.requires_grad_()
+    b.requires_grad_()
+    x, p, weights, params = ffn_setup(200, 4, 8, 64, 32, "swiglu", torch.bfloat16, device,
+                                      p_none=0.1, bias=True)
+    leaves = [x, weights, *params]
+    for t in leaves:
+        t.requires_grad_()
+
+    def run():
+        out = moeyard.grouped_mm(a, b, offsets, a_index)
+        y = ffn(x, p, weights, *params, "swiglu", "linear")
+        grads = torch.autograd.grad((out.float().sum(), y.float().square().sum()), (a, b, *leaves))
+        return (out, y, *grads)
+
+    for u, v in zip(run(), run()):
+        assert torch.equal(u, v)
+
+
+# ---------------------------------------------------------------------------------- opcheck
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_grouped_mm(device):
+    ops = torch.ops.moeyard
+    for mode, order in (("plain", "kn"), ("gathered", "nk"), ("capacity", "nk"),
+                        ("plan_capacity", "kn")):
+        a, b, offsets, a_index, C = gmm_inputs(30, 4, 12, 8, "random", mode, order, torch.float32,
+                                               device)
+        for rg in (False, True):
+            ar, br = a.clone().requires_grad_(rg), b.clone().requires_grad_(rg)
+            torch.library.opcheck(ops.grouped_mm.default, (ar, br, offsets, a_index, C))
+        g = torch.randn(a.shape[0] if a_index is None else a_index.shape[0], 8, device=device)
+        for need_a, need_b in ((True, True), (True, False), (False, True)):
+            torch.library.opcheck(ops.grouped_mm_backward.default,
+                                  (g, a, b, offsets, a_index, C, need_a, need_b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("capacity", [None, 9])
+def test_opcheck_expert_ffn(device, activation, capacity):
+    ops = torch.ops.moeyard
+    x, p, weights, (gu, dn, b1, b2) = ffn_setup(20, 2, 4, 8, 6, activation, torch.float32, device,
+                                                capacity=capacity, p_none=0.1, bias=True)
+    w1, w2 = logical(gu, dn, "linear")
+    plan_args = (p.row_source, p.token_row, p.offsets, capacity)
+    for rg in (False, True):
+        xr, wr, w1r, w2r, b1r, b2r = (t.clone().requires_grad_(rg)
+                                      for t in (x, weights, w1, w2, b1, b2))
+        torch.library.opcheck(ops.expert_ffn.default,
+                              (xr, *plan_args, wr, w1r, w2r, b1r, b2r, activation))
+        torch.library.opcheck(ops.expert_ffn.default,
+                              (xr, *plan_args, wr, w1r, w2r, None, None, activation))
+    fwd_args = (x, *plan_args, weights, w1, w2, b1, b2, activation)
+    torch.library.opcheck(ops._expert_ffn_forward.default, fwd_args)
+    torch.library.opcheck(ops._expert_ffn_forward.default,
+                          (x, *plan_args, weights, w1, w2, None, None, activation))
+    _, h = ops._expert_ffn_forward(*fwd_args)
+    grad = torch.randn_like(x)
+    for mask in ([True] * 6, [True, False, False, True, False, True],
+                 [False, True, True, False, True, False]):
+        torch.library.opcheck(ops._expert_ffn_backward.default, (grad, *fwd_args, h, mask))
+
+
+# ---------------------------------------------------------------------------- torch.compile
+
+
+def moe_layer(x, router_w, gate_up, down, b1, b2, k, capacity):
+    """Router -> route -> plan -> expert_ffn (GPT-OSS-like: biases, swiglu_oss, matmul layout)."""
+    logits = x.float() @ router_w.t()
+    weights, experts = moeyard.route(logits, k, topk_before_score=True)
+    p = moeyard.plan(experts, router_w.shape[0], capacity)
+    return moeyard.expert_ffn(x, p, weights, gate_up, down, b1, b2, "swiglu_oss", "matmul")
+
+
+def _layer_params(T, H, I, E, device, dtype=torch.float32):
+    return (torch.randn(T, H, device=device).to(dtype), torch.randn(E, H, device=device),
+            (torch.randn(E, H, 2 * I, device=device) / H**0.5).to(dtype),
+            (torch.randn(E, I, H, device=device) / I**0.5).to(dtype),
+            (0.1 * torch.randn(E, 2 * I, device=device)).to(dtype),
+            (0.1 * torch.randn(E, H, device=device)).to(dtype))
+
+
+def _fwd_bwd(fn, inputs, k, capacity):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs, k, capacity)
+    out.float().square().sum().backward()
+    return (out, *(t.grad for t in inputs))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("capacity", [None, 12])
+def test_compile_fullgraph_matches_eager(device, capacity):
+    torch._dynamo.reset()
+    inputs = _layer_params(48, 16, 8, 6, device)
+    eager = _fwd_bwd(moe_layer, inputs, 2, capacity)
+    compiled = torch.compile(moe_layer, fullgraph=True, backend="aot_eager")
+    got = _fwd_bwd(compiled, inputs, 2, capacity)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _fwd_bwd(compiled, [torch.randn_like(inputs[0]), *inputs[1:]], 2, capacity)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------- CUDA graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("capacity", [None, 80])
+def test_cuda_graph_layer_forward_backward(dtype, capacity):
+    """A whole layer (router, route, plan, expert_ffn) forward and backward, captured once and
+    replayed on new inputs, equals eager."""
+    T, H, I, E, k = 256, 64, 32, 8, 2
+    static = [t.requires_grad_() for t in _layer_params(T, H, I, E, "cuda", dtype)]
+
+    def step():
+        for t in static:
+            t.grad = None
+        out = moe_layer(*static, k, capacity)
+        out.float().square().sum().backward()
+        return out
+
+    side = torch.cuda.Stream()  # warm up (allocations, autograd's streams) outside the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in static:
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    static_grads = [t.grad for t in static]
+    for _ in range(3):
+        with torch.no_grad():
+            for t in static:
+                t.copy_(torch.randn_like(t) / (t.shape[-2] ** 0.5 if t.dim() == 3 else 1))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = _fwd_bwd(moe_layer, static, k, capacity)
+        for a, b in zip((static_out, *static_grads), want):
+            torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------------- bad input
+
+
+def _gmm_ok():
+    """A valid small grouped_mm call's arguments (E=2, K=3, N=5, R=4)."""
+    return (torch.randn(4, 3), torch.randn(2, 3, 5), torch.tensor([0, 1, 4], dtype=I32))
+
+
+def _gmm(**kw):
+    a, b, offsets = _gmm_ok()
+    args = dict(a=a, b=b, offsets=offsets, a_index=None, capacity=None)
+    args.update(kw)
+    return lambda: torch.ops.moeyard.grouped_mm(*args.values())
+
+
+def _idx(*v):
+    return torch.tensor(v, dtype=I32)
+
+
+@pytest.mark.parametrize("fn,msg", [
+    pytest.param(_gmm(b=torch.randn(2, 4, 5)), "K", id="K-mismatch"),
+    pytest.param(_gmm(b=torch.randn(2, 3, 5, dtype=torch.float64)), "dtype|must be", id="b-dtype"),
+    pytest.param(_gmm(a=torch.randint(0, 3, (4, 3)), b=torch.randint(0, 3, (2, 3, 5))), "float",
+                 id="int-data"),
+    pytest.param(_gmm(a=torch.randn(4, 3, 1)), "dimensions", id="a-rank"),
+    pytest.param(_gmm(b=torch.randn(3, 5)), "dimensions", id="b-rank"),
+    pytest.param(_gmm(offsets=torch.tensor([0, 1, 4])), "offsets", id="offsets-int64"),
+    pytest.param(_gmm(offsets=_idx(0, 4)), "offsets", id="offsets-short"),
+    pytest.param(_gmm(offsets=_idx(0, 1, 2, 4)), "offsets", id="offsets-long"),
+    pytest.param(_gmm(offsets=_idx(1, 2, 4)), "offsets", id="offsets-start"),
+    pytest.param(_gmm(offsets=_idx(0, 3, 2)), "offsets", id="offsets-decreasing"),
+    pytest.param(_gmm(offsets=_idx(0, 1, 5)), "offsets", id="offsets-past-R"),
+    pytest.param(_gmm(a_index=_idx(0, 1, 4, 2)), "a_index", id="a_index-past-A"),
+    pytest.param(_gmm(a_index=_idx(0, -2, 1, 2)), "a_index", id="a_index-below-minus-1"),
+    pytest.param(_gmm(a_index=torch.tensor([0, 1, 2, 3])), "a_index", id="a_index-int64"),
+    pytest.param(_gmm(a_index=_idx(0, 1, 2)), "a_index|offsets", id="a_index-shorter-than-offsets"),
+    pytest.param(_gmm(capacity=3), "capacity", id="capacity-R-not-E*C"),
+    pytest.param(_gmm(capacity=2, offsets=_idx(0, 1, 4)), "capacity", id="capacity-count-over-C"),
+    pytest.param(_gmm(capacity=-1), "capacity", id="capacity-negative"),
+])
+def test_grouped_mm_bad_input(fn, msg):
+    with pytest.raises(RuntimeError, match=msg):
+        fn()
+
+
+def _ffn(activation="swiglu", **kw):
+    """A valid expert_ffn call (T=6, k=2, E=3, H=4, I=2, N1=4), overridden by kw."""
+    p = moeyard.plan(_idx(0, 1, 1, 2, 2, 0, 0, -1, 1, 2, 0, 1).view(6, 2), 3)
+    args = dict(x=torch.randn(6, 4), row_source=p.row_source, token_row=p.token_row,
+                offsets=p.offsets, capacity=None, weights=torch.rand(6, 2),
+                w1=torch.randn(3, 4, 4), w2=torch.randn(3, 2, 4), b1=None, b2=None,
+                activation=activation)
+    args.update(kw)
+    return lambda: torch.ops.moeyard.expert_ffn(*args.values())
+
+
+@pytest.mark.parametrize("fn,msg", [
+    pytest.param(_ffn(w1=torch.randn(3, 5, 4)), "w1|H", id="w1-H"),
+    pytest.param(_ffn(w2=torch.randn(3, 3, 4)), "w2|I", id="w2-I"),
+    pytest.param(_ffn(w2=torch.randn(3, 2, 5)), "w2|H", id="w2-H"),
+    pytest.param(_ffn(w2=torch.randn(2, 2, 4)), "w2|E|expert", id="w2-E"),
+    pytest.param(_ffn(w1=torch.randn(4, 4, 4), w2=torch.randn(4, 2, 4)), "offsets|E|expert",
+                 id="E-vs-offsets"),
+    pytest.param(_ffn(activation="silu"), "activation", id="unknown-activation"),
+    pytest.param(_ffn(w1=torch.randn(3, 4, 5), w2=torch.randn(3, 2, 4)), "even|N1|swiglu",
+                 id="swiglu-odd-N1"),
+    pytest.param(_ffn("swiglu_oss", w1=torch.randn(3, 4, 5), w2=torch.randn(3, 2, 4)),
+                 "even|N1|swiglu", id="swiglu_oss-odd-N1"),
+    pytest.param(_ffn(weights=torch.rand(6, 3)), "weights", id="weights-shape"),
+    pytest.param(_ffn(weights=torch.rand(5, 2)), "weights", id="weights-T"),
+    pytest.param(_ffn(x=torch.randn(5, 4)), "x|token", id="x-T"),
+    pytest.param(_ffn(x=torch.randn(6, 4, dtype=torch.float64)), "dtype|must be", id="x-dtype"),
+    pytest.param(_ffn(b1=torch.randn(3, 3)), "b1", id="b1-shape"),
+    pytest.param(_ffn(b2=torch.randn(3, 5)), "b2", id="b2-shape"),
+    pytest.param(_ffn(capacity=3), "capacity", id="capacity-R-not-E*C"),
+])
+def test_expert_ffn_bad_input(fn, msg):
+    with pytest.raises(RuntimeError, match=msg):
+        fn()
+
+
+def test_expert_ffn_bad_layout():
+    x, p, weights, params = ffn_setup(4, 1, 2, 4, 2, "relu", torch.float32, "cpu")
+    with pytest.raises(ValueError, match="layout"):
+        moeyard.expert_ffn(x, p, weights, *params, "relu", "nn.Linear")
+
+
+@pytest.mark.gpu
+def test_bad_devices():
+    """Tensors on different devices, and fp64 on CUDA, raise instead of crashing."""
+    a, b, offsets = _gmm_ok()
+    cases = [
+        (lambda: moeyard.grouped_mm(a.cuda(), b.cuda(), offsets), "device"),
+        (lambda: moeyard.grouped_mm(a.cuda(), b, offsets.cuda()), "device"),
+        (lambda: moeyard.grouped_mm(a.cuda(), b.cuda(), offsets.cuda(), _idx(0, 1, 2, 3)), "device"),
+        (lambda: moeyard.grouped_mm(a.cuda().double(), b.cuda().double(), offsets.cuda()),
+         "float64|Double|dtype"),
+        (_ffn(x=torch.randn(6, 4, device="cuda")), "device"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            fn()
