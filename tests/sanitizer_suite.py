@@ -25,5 +25,28 @@ ew, ee, ep = moeyard.expert_choice(torch.softmax(logits, -1), 9)
 moeyard.update_expert_bias(bias, ep.counts, 1e-3)
 moeyard.router_losses(logits, ep.counts, k)
 moeyard.sequence_balance_loss(torch.sigmoid(logits), e, 3)
+
+# expert compute: grouped_mm (plain, gathered through a plan, capacity; both weight orders) and
+# expert_ffn (dropless and capacity, with biases), forward and backward, odd sizes, bf16.
+I = 24
+xb = torch.randn(T, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+for cap in (None, 7):
+    p = moeyard.plan(e, E, cap)
+    src = torch.where(p.row_source >= 0, p.row_source // k, -1).to(torch.int32)
+    for b in (torch.randn(E, d, 2 * I + 3, device=dev, dtype=torch.bfloat16),
+              torch.randn(E, 2 * I + 3, d, device=dev, dtype=torch.bfloat16).transpose(1, 2)):
+        b.requires_grad_()
+        y = moeyard.grouped_mm(xb, b, p.offsets, src, cap)
+        y = y + moeyard.grouped_mm(moeyard.permute(xb, p), b, p.offsets, None, cap)
+        y.float().sum().backward()
+    for act, layout in (("swiglu", "linear"), ("gelu", "matmul")):
+        n1 = 2 * I if act == "swiglu" else I
+        gu = torch.randn(E, n1, d) if layout == "linear" else torch.randn(E, d, n1)
+        dn = torch.randn(E, d, I) if layout == "linear" else torch.randn(E, I, d)
+        params = [t.to(dev, torch.bfloat16).requires_grad_() for t in
+                  (gu / d**0.5, dn / I**0.5, torch.randn(E, n1), torch.randn(E, d))]
+        wt = w.clone().requires_grad_()
+        out = moeyard.expert_ffn(xb, p, wt, *params, act, layout)
+        out.float().square().sum().backward()
 torch.cuda.synchronize()
 print("sanitizer suite: all ops ran")
