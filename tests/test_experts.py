@@ -19,8 +19,6 @@ DEVICE_DTYPES = [
     for dt in (torch.float32, torch.bfloat16, torch.float16)
     + ((torch.float64,) if d.values[0] == "cpu" else ())
 ]
-# Gradient tests in fp32 and bf16 (fp64 is gradcheck's).
-GRAD_DEVICE_DTYPES = [p for p in DEVICE_DTYPES if p.values[1] in (torch.float32, torch.bfloat16)]
 
 I32 = torch.int32
 
@@ -150,7 +148,9 @@ def ffn_setup(T, k, E, H, I, activation, dtype, device, *, capacity=None, p_none
 
 def logical(gate_up, down, layout):
     """The logical w1 [E,H,N1], w2 [E,I,H] that reference.expert_ffn takes."""
-    return (gate_up.transpose(1, 2), down.transpose(1, 2)) if layout == "linear" else (gate_up, down)
+    if layout == "matmul":
+        return gate_up, down
+    return gate_up.transpose(1, 2), down.transpose(1, 2)
 
 
 def ffn_ref(x, p, weights, gate_up, down, b1, b2, activation, layout):
@@ -233,7 +233,7 @@ def test_grouped_mm_strided_views(device, dtype):
 # ----------------------------------------------------------------------- grouped_mm gradients
 
 
-@pytest.mark.parametrize("device,dtype", GRAD_DEVICE_DTYPES)
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("R,E,K,N,load", [GMM_SHAPES[i] for i in (0, 3, 4, 5)])
 @pytest.mark.parametrize("mode", GMM_MODES)
 @pytest.mark.parametrize("order", ["kn", "nk"])
@@ -339,7 +339,7 @@ def test_expert_ffn_equals_grouped_mm_pipeline(device):
 # ----------------------------------------------------------------------- expert_ffn gradients
 
 
-@pytest.mark.parametrize("device,dtype", GRAD_DEVICE_DTYPES)
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("T,k,E,H,I,capacity,p_none,zipf", [FFN_PLANS[i] for i in (1, 2, 5)])
 @pytest.mark.parametrize("activation", ref.ACTIVATIONS)
 @pytest.mark.parametrize("layout,bias", LAYOUT_BIAS)
@@ -547,27 +547,36 @@ def _idx(*v):
     return torch.tensor(v, dtype=I32)
 
 
-@pytest.mark.parametrize("fn,msg", [
-    pytest.param(_gmm(b=torch.randn(2, 4, 5)), "K", id="K-mismatch"),
-    pytest.param(_gmm(b=torch.randn(2, 3, 5, dtype=torch.float64)), "dtype|must be", id="b-dtype"),
-    pytest.param(_gmm(a=torch.randint(0, 3, (4, 3)), b=torch.randint(0, 3, (2, 3, 5))), "float",
-                 id="int-data"),
-    pytest.param(_gmm(a=torch.randn(4, 3, 1)), "dimensions", id="a-rank"),
-    pytest.param(_gmm(b=torch.randn(3, 5)), "dimensions", id="b-rank"),
-    pytest.param(_gmm(offsets=torch.tensor([0, 1, 4])), "offsets", id="offsets-int64"),
-    pytest.param(_gmm(offsets=_idx(0, 4)), "offsets", id="offsets-short"),
-    pytest.param(_gmm(offsets=_idx(0, 1, 2, 4)), "offsets", id="offsets-long"),
-    pytest.param(_gmm(offsets=_idx(1, 2, 4)), "offsets", id="offsets-start"),
-    pytest.param(_gmm(offsets=_idx(0, 3, 2)), "offsets", id="offsets-decreasing"),
-    pytest.param(_gmm(offsets=_idx(0, 1, 5)), "offsets", id="offsets-past-R"),
-    pytest.param(_gmm(a_index=_idx(0, 1, 4, 2)), "a_index", id="a_index-past-A"),
-    pytest.param(_gmm(a_index=_idx(0, -2, 1, 2)), "a_index", id="a_index-below-minus-1"),
-    pytest.param(_gmm(a_index=torch.tensor([0, 1, 2, 3])), "a_index", id="a_index-int64"),
-    pytest.param(_gmm(a_index=_idx(0, 1, 2)), "a_index|offsets", id="a_index-shorter-than-offsets"),
-    pytest.param(_gmm(capacity=3), "capacity", id="capacity-R-not-E*C"),
-    pytest.param(_gmm(capacity=2, offsets=_idx(0, 1, 4)), "capacity", id="capacity-count-over-C"),
-    pytest.param(_gmm(capacity=-1), "capacity", id="capacity-negative"),
-])
+def _bad(cases):
+    """pytest params from {id: (call, regex the message must match)}."""
+    return [pytest.param(fn, msg, id=i) for i, (fn, msg) in cases.items()]
+
+
+GMM_BAD = {
+    "K-mismatch": (_gmm(b=torch.randn(2, 4, 5)), r"a has K = 3 columns .* K = 4"),
+    "b-dtype": (_gmm(b=torch.randn(2, 3, 5).double()), "b must have a's dtype"),
+    "int-data": (_gmm(a=torch.ones(4, 3, dtype=torch.long), b=torch.ones(2, 3, 5).long()),
+                 "floating-point"),
+    "a-rank": (_gmm(a=torch.randn(4, 3, 1)), "a must have 2 dimensions"),
+    "b-rank": (_gmm(b=torch.randn(3, 5)), "b must have 3 dimensions"),
+    "offsets-int64": (_gmm(offsets=torch.tensor([0, 1, 4])), "offsets must be Int"),
+    "offsets-short": (_gmm(offsets=_idx(0, 4)), r"offsets must have E\+1 = 3"),
+    "offsets-long": (_gmm(offsets=_idx(0, 1, 2, 4)), r"offsets must have E\+1 = 3"),
+    "offsets-start": (_gmm(offsets=_idx(1, 2, 4)), "offsets must start at 0"),
+    "offsets-decreasing": (_gmm(offsets=_idx(0, 3, 2)), "offsets must not decrease"),
+    "offsets-past-R": (_gmm(offsets=_idx(0, 1, 5)), "offsets must end at most at R = 4"),
+    "a_index-past-A": (_gmm(a_index=_idx(0, 1, 4, 2)), r"a_index\[2\] = 4 is out of range"),
+    "a_index-below-minus-1": (_gmm(a_index=_idx(0, -2, 1, 2)),
+                              r"a_index\[1\] = -2 is out of range"),
+    "a_index-int64": (_gmm(a_index=torch.tensor([0, 1, 2, 3])), "a_index must be Int"),
+    "a_index-shorter-than-offsets": (_gmm(a_index=_idx(0, 1, 2)), "at most at R = 3"),
+    "capacity-R-not-E*C": (_gmm(capacity=3), r"E\*C = 6 rows, got 4"),
+    "capacity-count-over-C": (_gmm(capacity=2), "expert 1 keeps 3 rows, more than the capacity"),
+    "capacity-negative": (_gmm(capacity=-1), "capacity must be >= 0"),
+}
+
+
+@pytest.mark.parametrize("fn,msg", _bad(GMM_BAD))
 def test_grouped_mm_bad_input(fn, msg):
     with pytest.raises(RuntimeError, match=msg):
         fn()
@@ -584,26 +593,29 @@ def _ffn(activation="swiglu", **kw):
     return lambda: torch.ops.moeyard.expert_ffn(*args.values())
 
 
-@pytest.mark.parametrize("fn,msg", [
-    pytest.param(_ffn(w1=torch.randn(3, 5, 4)), "w1|H", id="w1-H"),
-    pytest.param(_ffn(w2=torch.randn(3, 3, 4)), "w2|I", id="w2-I"),
-    pytest.param(_ffn(w2=torch.randn(3, 2, 5)), "w2|H", id="w2-H"),
-    pytest.param(_ffn(w2=torch.randn(2, 2, 4)), "w2|E|expert", id="w2-E"),
-    pytest.param(_ffn(w1=torch.randn(4, 4, 4), w2=torch.randn(4, 2, 4)), "offsets|E|expert",
-                 id="E-vs-offsets"),
-    pytest.param(_ffn(activation="silu"), "activation", id="unknown-activation"),
-    pytest.param(_ffn(w1=torch.randn(3, 4, 5), w2=torch.randn(3, 2, 4)), "even|N1|swiglu",
-                 id="swiglu-odd-N1"),
-    pytest.param(_ffn("swiglu_oss", w1=torch.randn(3, 4, 5), w2=torch.randn(3, 2, 4)),
-                 "even|N1|swiglu", id="swiglu_oss-odd-N1"),
-    pytest.param(_ffn(weights=torch.rand(6, 3)), "weights", id="weights-shape"),
-    pytest.param(_ffn(weights=torch.rand(5, 2)), "weights", id="weights-T"),
-    pytest.param(_ffn(x=torch.randn(5, 4)), "x|token", id="x-T"),
-    pytest.param(_ffn(x=torch.randn(6, 4, dtype=torch.float64)), "dtype|must be", id="x-dtype"),
-    pytest.param(_ffn(b1=torch.randn(3, 3)), "b1", id="b1-shape"),
-    pytest.param(_ffn(b2=torch.randn(3, 5)), "b2", id="b2-shape"),
-    pytest.param(_ffn(capacity=3), "capacity", id="capacity-R-not-E*C"),
-])
+W1_ODD, W2_FOR_ODD = torch.randn(3, 4, 5), torch.randn(3, 2, 4)
+FFN_BAD = {
+    "w1-H": (_ffn(w1=torch.randn(3, 5, 4)), "gate_up must map H = 4"),
+    "w2-I": (_ffn(w2=torch.randn(3, 3, 4)), r"down must be logical .* got \[3, 3, 4\]"),
+    "w2-H": (_ffn(w2=torch.randn(3, 2, 5)), r"down must be logical .* got \[3, 2, 5\]"),
+    "w2-E": (_ffn(w2=torch.randn(2, 2, 4)), r"down must be logical .* got \[2, 2, 4\]"),
+    "E-vs-offsets": (_ffn(w1=torch.randn(4, 4, 4), w2=torch.randn(4, 2, 4)),
+                     r"offsets must have E\+1 = 5"),
+    "unknown-activation": (_ffn("silu"), "activation must be one of"),
+    "swiglu-odd-N1": (_ffn(w1=W1_ODD, w2=W2_FOR_ODD), "'swiglu' needs an even gate_up width"),
+    "swiglu_oss-odd-N1": (_ffn("swiglu_oss", w1=W1_ODD, w2=W2_FOR_ODD),
+                          "'swiglu_oss' needs an even gate_up width"),
+    "weights-k": (_ffn(weights=torch.rand(6, 3)), "weights must have the shape"),
+    "weights-T": (_ffn(weights=torch.rand(5, 2)), "weights must have the shape"),
+    "x-T": (_ffn(x=torch.randn(5, 4)), "x has 5 tokens"),
+    "x-dtype": (_ffn(x=torch.randn(6, 4).double()), "must have x's dtype"),
+    "b1-shape": (_ffn(b1=torch.randn(3, 3)), r"bias must be \[E, 4\] = \[3, 4\], got \[3, 3\]"),
+    "b2-shape": (_ffn(b2=torch.randn(3, 5)), r"bias must be \[E, 4\] = \[3, 4\], got \[3, 5\]"),
+    "capacity-R-not-E*C": (_ffn(capacity=3), r"E\*C = 9 rows, got 12"),
+}
+
+
+@pytest.mark.parametrize("fn,msg", _bad(FFN_BAD))
 def test_expert_ffn_bad_input(fn, msg):
     with pytest.raises(RuntimeError, match=msg):
         fn()
@@ -619,13 +631,14 @@ def test_expert_ffn_bad_layout():
 def test_bad_devices():
     """Tensors on different devices, and fp64 on CUDA, raise instead of crashing."""
     a, b, offsets = _gmm_ok()
+    ac, bc, oc = a.cuda(), b.cuda(), offsets.cuda()
     cases = [
-        (lambda: moeyard.grouped_mm(a.cuda(), b.cuda(), offsets), "device"),
-        (lambda: moeyard.grouped_mm(a.cuda(), b, offsets.cuda()), "device"),
-        (lambda: moeyard.grouped_mm(a.cuda(), b.cuda(), offsets.cuda(), _idx(0, 1, 2, 3)), "device"),
-        (lambda: moeyard.grouped_mm(a.cuda().double(), b.cuda().double(), offsets.cuda()),
-         "float64|Double|dtype"),
-        (_ffn(x=torch.randn(6, 4, device="cuda")), "device"),
+        (lambda: moeyard.grouped_mm(ac, bc, offsets), "offsets .* must be on the same device"),
+        (lambda: moeyard.grouped_mm(ac, b, oc), "b .* must be on the same device"),
+        (lambda: moeyard.grouped_mm(ac, bc, oc, _idx(0, 1, 2, 3)),
+         "a_index .* must be on the same device"),
+        (lambda: moeyard.grouped_mm(ac.double(), bc.double(), oc), "float64 .* CPU only"),
+        (_ffn(x=torch.randn(6, 4, device="cuda")), "must be on the same device"),
     ]
     for fn, msg in cases:
         with pytest.raises(RuntimeError, match=msg):
