@@ -170,8 +170,12 @@ FFN_PLANS = [
     pytest.param(50, 2, 4, 32, 16, 18, 0.1, False, id="capacity-drops"),
     pytest.param(64, 2, 16, 16, 8, None, 0.0, True, id="zipf"),
     pytest.param(29, 1, 5, 13, 7, None, 0.0, False, id="k1-odd"),
+    pytest.param(12, 4, 4, 16, 8, None, 0.0, False, id="k=E"),
+    pytest.param(10, 1, 1, 8, 12, 6, 0.0, False, id="E1-capacity"),
     pytest.param(0, 2, 4, 8, 8, None, 0.0, False, id="T0"),
+    pytest.param(0, 2, 4, 8, 8, 3, 0.0, False, id="T0-capacity"),
 ]
+GRAD_PLANS = ("none-slots", "capacity-drops", "E1-capacity", "T0", "T0-capacity")
 LAYOUT_BIAS = [pytest.param(l, b, id=f"{l}-{'bias' if b else 'nobias'}")
                for l in ("linear", "matmul") for b in (False, True)]
 
@@ -228,6 +232,18 @@ def test_grouped_mm_strided_views(device, dtype):
               (torch.randn(E, N + 16, K, device=device) / 5).to(dtype)[:, 8:8 + N].transpose(1, 2)):
         assert not b.is_contiguous() and not b.transpose(1, 2).is_contiguous()
         assert_close(moeyard.grouped_mm(a, b, offsets), ref.grouped_mm(a, b, offsets), TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_mm_index_all_minus_one(device):
+    """An a_index of only -1 reads zero rows, also from an empty a (A = 0), forward and backward."""
+    a = torch.randn(0, 8, device=device, requires_grad=True)
+    b = torch.randn(3, 8, 5, device=device, requires_grad=True)
+    offsets = offsets_of(torch.tensor([2, 0, 3]), device)
+    out = moeyard.grouped_mm(a, b, offsets, torch.full((6,), -1, dtype=I32, device=device))
+    assert out.shape == (6, 5) and (out == 0).all()
+    ga, gb = torch.autograd.grad(out, (a, b), torch.randn_like(out))
+    assert ga.shape == a.shape and (gb == 0).all()
 
 
 # ----------------------------------------------------------------------- grouped_mm gradients
@@ -336,11 +352,31 @@ def test_expert_ffn_equals_grouped_mm_pipeline(device):
                  scaled=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_expert_ffn_strided_inputs(device):
+    """x as a column slice and weights [T,k] as a transposed view give the same result as their
+    contiguous copies, forward and backward."""
+    T, k, E, H, I = 30, 2, 4, 16, 8
+    x, p, weights, params = ffn_setup(T, k, E, H, I, "swiglu", torch.float32, device, p_none=0.1,
+                                      bias=True)
+    xs = torch.randn(T, H + 6, device=device)[:, 3:3 + H].copy_(x)
+    ws = torch.empty(k, T, device=device).t().copy_(weights)
+    assert not xs.is_contiguous() and not ws.is_contiguous()
+    outs = []
+    for xi, wi in ((x, weights), (xs, ws)):
+        xi, wi = xi.detach().requires_grad_(), wi.detach().requires_grad_()
+        out = ffn(xi, p, wi, *params, "swiglu", "linear")
+        outs.append((out, *torch.autograd.grad(out, (xi, wi), torch.ones_like(out))))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------- expert_ffn gradients
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
-@pytest.mark.parametrize("T,k,E,H,I,capacity,p_none,zipf", [FFN_PLANS[i] for i in (1, 2, 5)])
+@pytest.mark.parametrize("T,k,E,H,I,capacity,p_none,zipf",
+                         [p for p in FFN_PLANS if p.id in GRAD_PLANS])
 @pytest.mark.parametrize("activation", ref.ACTIVATIONS)
 @pytest.mark.parametrize("layout,bias", LAYOUT_BIAS)
 def test_expert_ffn_grads_match_reference(device, dtype, T, k, E, H, I, capacity, p_none, zipf,
