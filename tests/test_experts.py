@@ -553,7 +553,8 @@ def test_cuda_graph_layer_forward_backward(dtype, capacity):
     side = torch.cuda.Stream()  # warm up (allocations, autograd's streams) outside the capture
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        step()
+        for _ in range(3):
+            step()
     torch.cuda.current_stream().wait_stream(side)
     for t in static:
         t.grad = None
