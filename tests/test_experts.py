@@ -360,21 +360,28 @@ def test_expert_ffn_equals_grouped_mm_pipeline(device):
                  scaled=True)
 
 
+def transposed_copy(t):
+    """t's values in a 2-D tensor whose memory order is transposed (a non-contiguous view)."""
+    return torch.empty(t.shape[::-1], dtype=t.dtype, device=t.device).t().copy_(t)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_expert_ffn_strided_inputs(device):
-    """x as a column slice and weights [T,k] as a transposed view give the same result as their
-    contiguous copies, forward and backward."""
+    """x as a column slice, weights [T,k] and both biases as transposed views give the same
+    outputs and gradients (with the views' strides) as contiguous copies."""
     T, k, E, H, I = 30, 2, 4, 16, 8
-    x, p, weights, params = ffn_setup(T, k, E, H, I, "swiglu", torch.float32, device, p_none=0.1,
-                                      bias=True)
+    x, p, weights, (gu, dn, b1, b2) = ffn_setup(T, k, E, H, I, "swiglu", torch.float32, device,
+                                                p_none=0.1, bias=True)
     xs = torch.randn(T, H + 6, device=device)[:, 3:3 + H].copy_(x)
-    ws = torch.empty(k, T, device=device).t().copy_(weights)
-    assert not xs.is_contiguous() and not ws.is_contiguous()
+    strided = (xs, transposed_copy(weights), transposed_copy(b1), transposed_copy(b2))
+    assert not any(t.is_contiguous() for t in strided)
     outs = []
-    for xi, wi in ((x, weights), (xs, ws)):
-        xi, wi = xi.detach().requires_grad_(), wi.detach().requires_grad_()
-        out = ffn(xi, p, wi, *params, "swiglu", "linear")
-        outs.append((out, *torch.autograd.grad(out, (xi, wi), torch.ones_like(out))))
+    for xi, wi, b1i, b2i in ((x, weights, b1, b2), strided):
+        leaves = [t.detach().requires_grad_() for t in (xi, wi, b1i, b2i)]
+        out = ffn(leaves[0], p, leaves[1], gu, dn, *leaves[2:], "swiglu", "linear")
+        got = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        assert all(g.stride() == t.stride() for g, t in zip(got[2:], leaves[2:]))
+        outs.append((out, *got))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
