@@ -142,15 +142,20 @@ FfnShape check_expert_ffn_args(const at::Tensor& x, const at::Tensor& row_source
                 x.scalar_type(), ", got ", t->scalar_type());
   check_weight_layout(w1, "gate_up");
   check_weight_layout(w2, "down");
-  const std::pair<const std::optional<at::Tensor>*, int64_t> biases[] = {{&b1, s.N1}, {&b2, s.H}};
-  for (const auto& [bias, width] : biases) {
-    if (!*bias) continue;
-    TORCH_CHECK((*bias)->dim() == 2 && (*bias)->size(0) == E && (*bias)->size(1) == width,
-                "moeyard: an expert bias must be [E, ", width, "] = [", E, ", ", width, "], got ",
-                (*bias)->sizes());
-    TORCH_CHECK((*bias)->scalar_type() == x.scalar_type(), "moeyard: expert biases must have x's "
-                "dtype ", x.scalar_type(), ", got ", (*bias)->scalar_type());
-    check_same_device(x, **bias, "x", "an expert bias");
+  struct Bias {
+    const std::optional<at::Tensor>* t;
+    int64_t width;
+    const char* name;
+  };
+  for (const Bias& b : {Bias{&b1, s.N1, "gate_up_bias"}, Bias{&b2, s.H, "down_bias"}}) {
+    if (!*b.t) continue;
+    const at::Tensor& bias = **b.t;
+    TORCH_CHECK(bias.dim() == 2 && bias.size(0) == E && bias.size(1) == b.width, "moeyard: ",
+                b.name, " must be [E, ", b.width, "] = [", E, ", ", b.width, "], got ",
+                bias.sizes());
+    TORCH_CHECK(bias.scalar_type() == x.scalar_type(), "moeyard: ", b.name,
+                " must have x's dtype ", x.scalar_type(), ", got ", bias.scalar_type());
+    check_same_device(x, bias, "x", b.name);
   }
   for (const auto* t : {&row_source, &offsets, &weights, &w1, &w2})
     check_same_device(x, *t, "x", "the plan, weights and expert weights");
@@ -333,9 +338,11 @@ expert_ffn_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
   const auto none = [&] { return x.new_empty({0}); };
   const RowIndex token_of_row{&row_source, s.k};
   const auto used = row_source.ge(0);
+  // Routing weight of each row (0 for unused rows; every row is unused in an empty batch).
   const auto row_weight =
-      at::where(used, weights.reshape(-1).to(acc).index_select(0, row_source.clamp_min(0).to(at::kLong)),
-                0);
+      s.T == 0 ? at::zeros({R}, x.options().dtype(acc))
+               : at::where(used, weights.reshape(-1).to(acc).index_select(
+                                     0, row_source.clamp_min(0).to(at::kLong)), 0);
 
   // g = grad[t] @ w2[e]^T, then the activation's backward.
   auto g = at::empty({R, s.I}, x.options());
@@ -352,7 +359,7 @@ expert_ffn_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
   at::Tensor grad_x = none(), grad_weights = none(), grad_w1 = none(), grad_w2 = none(),
              grad_b1 = none(), grad_b2 = none();
   if (mask[1]) {
-    if (b2 && R > 0) {  // + grad[t] . b2[e]: a [T,E] product, then one entry per row
+    if (b2 && R > 0 && s.T > 0) {  // + grad[t] . b2[e]: a [T,E] product, then one per row
       const auto off = offsets.to(at::kLong);
       const auto rows = at::arange(R, off.options());
       const auto expert = seg.capacity ? at::floor_divide(rows, std::max<int64_t>(*seg.capacity, 1))

@@ -22,6 +22,7 @@ inline std::pair<int64_t, int64_t> segment(const int32_t* off, const Segments& s
 at::Tensor gather_rows(const at::Tensor& src, const RowIndex& rows, int64_t start, int64_t n,
                        at::ScalarType acc) {
   if (rows.index == nullptr) return src.narrow(0, start, n).to(acc).contiguous();
+  if (src.size(0) == 0) return at::zeros({n, src.size(1)}, src.options().dtype(acc));  // all -1
   const auto idx = rows.index->narrow(0, start, n).to(at::kLong);
   const auto valid = idx.ge(0);
   const auto picked = src.index_select(0, at::where(valid, at::floor_divide(idx, rows.div), 0));

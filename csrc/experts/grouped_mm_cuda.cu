@@ -27,6 +27,7 @@
 #include <atomic>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "common/cuda_utils.cuh"
 #include "experts/grouped_mm.h"
@@ -332,6 +333,7 @@ struct RowsParams {
   int64_t ldo;
   T* pre;  // [R, N] or null
   int64_t ldp;
+  bool pair_out, pair_pre;  // rows aligned for two-element stores
   Activation act;
   int n_tiles;
   const int32_t* prefix;
@@ -354,8 +356,22 @@ __device__ __forceinline__ int b_column(const RowsParams<T>& p, int nt, int l, i
 }
 
 template <typename T>
-__device__ __forceinline__ void store(T* base, int64_t ld, int64_t r, int64_t c, float v) {
-  base[r * ld + c] = static_cast<T>(v);
+struct alignas(2 * sizeof(T)) Pair {
+  T x, y;
+};
+
+// Writes v0 (and v1 when `both`) at columns c (and c + 1) of row r; one paired store when the
+// launcher found the rows aligned for it (c is always even).
+template <typename T>
+__device__ __forceinline__ void store2(T* base, int64_t ld, bool paired, int64_t r, int64_t c,
+                                       float v0, float v1, bool both) {
+  T* q = base + r * ld + c;
+  if (paired && both) {
+    *reinterpret_cast<Pair<T>*>(q) = Pair<T>{static_cast<T>(v0), static_cast<T>(v1)};
+    return;
+  }
+  q[0] = static_cast<T>(v0);
+  if (both) q[1] = static_cast<T>(v1);
 }
 
 template <typename T, bool Vec, bool BKN>
@@ -451,45 +467,39 @@ __global__ void __launch_bounds__(kThreads, 1) rows_gemm_kernel(const RowsParams
         const int64_t r = start + m0 + lr;
         if (p.act == Activation::SwiGLU) {
 #pragma unroll
-          for (int ni = 0; ni < 4; ni += 2)
-#pragma unroll
-            for (int q = 0; q < 2; ++q) {
-              int valid;
-              const int gcol = b_column(p, nt, wn + ni * 8 + 2 * t + q, valid);
-              if (valid <= 0) continue;
-              const int j = gcol, I = p.N / 2;
-              const float vg = acc[mi][ni][2 * h + q] + bias_at(j);
-              const float vu = acc[mi][ni + 1][2 * h + q] + bias_at(I + j);
-              if (p.pre) {
-                store(p.pre, p.ldp, r, j, on ? vg : 0.f);
-                store(p.pre, p.ldp, r, I + j, on ? vu : 0.f);
-              }
-              store(p.out, p.ldo, r, j, on ? glu_value<float>(p.act, vg, vu) : 0.f);
-            }
-        } else if (p.act == Activation::SwiGLUOss) {
-#pragma unroll
-          for (int ni = 0; ni < 4; ++ni) {
-            const int col = nt * kBN + wn + ni * 8 + 2 * t;  // even: (gate, up) = (col, col + 1)
-            if (col >= p.N) continue;  // N is even: col + 1 < N
-            const float vg = acc[mi][ni][2 * h] + bias_at(col);
-            const float vu = acc[mi][ni][2 * h + 1] + bias_at(col + 1);
+          for (int ni = 0; ni < 4; ni += 2) {  // fragments ni: gate, ni + 1: up
+            int valid;
+            const int j = b_column(p, nt, wn + ni * 8 + 2 * t, valid);
+            if (valid <= 0) continue;
+            const bool both = valid > 1;
+            const int I = p.N / 2;
+            const float g0 = acc[mi][ni][2 * h] + bias_at(j);
+            const float g1 = both ? acc[mi][ni][2 * h + 1] + bias_at(j + 1) : 0.f;
+            const float u0 = acc[mi][ni + 1][2 * h] + bias_at(I + j);
+            const float u1 = both ? acc[mi][ni + 1][2 * h + 1] + bias_at(I + j + 1) : 0.f;
             if (p.pre) {
-              store(p.pre, p.ldp, r, col, on ? vg : 0.f);
-              store(p.pre, p.ldp, r, col + 1, on ? vu : 0.f);
+              store2(p.pre, p.ldp, p.pair_pre, r, j, on ? g0 : 0.f, on ? g1 : 0.f, both);
+              store2(p.pre, p.ldp, p.pair_pre, r, I + j, on ? u0 : 0.f, on ? u1 : 0.f, both);
             }
-            store(p.out, p.ldo, r, col / 2, on ? glu_value<float>(p.act, vg, vu) : 0.f);
+            store2(p.out, p.ldo, p.pair_out, r, j, on ? glu_value<float>(p.act, g0, u0) : 0.f,
+                   on ? glu_value<float>(p.act, g1, u1) : 0.f, both);
           }
         } else {
 #pragma unroll
-          for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int q = 0; q < 2; ++q) {
-              const int col = nt * kBN + wn + ni * 8 + 2 * t + q;
-              if (col >= p.N) continue;
-              const float v = acc[mi][ni][2 * h + q] + bias_at(col);
-              if (p.pre) store(p.pre, p.ldp, r, col, on ? v : 0.f);
-              store(p.out, p.ldo, r, col, on ? act_value<float>(p.act, v) : 0.f);
-            }
+          for (int ni = 0; ni < 4; ++ni) {
+            const int col = nt * kBN + wn + ni * 8 + 2 * t;
+            if (col >= p.N) continue;
+            const bool both = col + 1 < p.N;  // always for GPT-OSS (N even)
+            const float v0 = acc[mi][ni][2 * h] + bias_at(col);
+            const float v1 = both ? acc[mi][ni][2 * h + 1] + bias_at(col + 1) : 0.f;
+            if (p.pre) store2(p.pre, p.ldp, p.pair_pre, r, col, on ? v0 : 0.f, on ? v1 : 0.f, both);
+            if (p.act == Activation::SwiGLUOss)  // (gate, up) = (col, col + 1) -> column col / 2
+              p.out[r * p.ldo + col / 2] =
+                  static_cast<T>(on ? glu_value<float>(p.act, v0, v1) : 0.f);
+            else
+              store2(p.out, p.ldo, p.pair_out, r, col, on ? act_value<float>(p.act, v0) : 0.f,
+                     on ? act_value<float>(p.act, v1) : 0.f, both);
+          }
         }
       }
   }
@@ -702,6 +712,11 @@ void launch_rows_gemm(const RowsGemm& p) {
   k.pre = p.pre.defined() ? p.pre.mutable_data_ptr<T>() : nullptr;
   k.ldp = p.pre.defined() ? p.pre.stride(0) : 0;
   k.act = p.act;
+  const auto pairs_ok = [](const void* base, int64_t ld) {
+    return reinterpret_cast<uintptr_t>(base) % (2 * sizeof(T)) == 0 && ld % 2 == 0;
+  };
+  k.pair_out = pairs_ok(k.out, k.ldo);
+  k.pair_pre = k.pre && pairs_ok(k.pre, k.ldp) && (p.act != Activation::SwiGLU || (k.N / 2) % 2 == 0);
   k.n_tiles = static_cast<int>(p.act == Activation::SwiGLU ? ceil_div(k.N / 2, kBN / 2)
                                                            : ceil_div(k.N, kBN));
   k.prefix = prefix.const_data_ptr<int32_t>();
@@ -739,6 +754,17 @@ void launch_weight_grad(const WeightGrad& p) {
   k.soe = p.out.stride(0);
   k.som = p.out.stride(1);
   k.son = p.out.stride(2);
+  if (k.som == 1 && k.son != 1) {
+    // out[e] is m-contiguous (the gradient of a transposed, nn.Linear-style weight): compute
+    // out[e]^T = sum rhs^T lhs instead, so that the epilogue's stores run along memory.
+    std::swap(k.lhs, k.rhs);
+    std::swap(k.ldl, k.ldr);
+    std::swap(k.L, k.Rr);
+    std::swap(k.l_index, k.r_index);
+    std::swap(k.l_div, k.r_div);
+    std::swap(k.M, k.N);
+    std::swap(k.som, k.son);
+  }
   k.m_tiles = static_cast<int>(ceil_div(k.M, kBM));
   k.n_tiles = static_cast<int>(ceil_div(k.N, kBN));
   constexpr int V = Cfg<T>::kVec;
