@@ -355,6 +355,9 @@ expert_ffn_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
                          Activation::None, g, at::Tensor()});
     act_backward(ActBackward{g, pre, row_weight, s.act, grad_pre, act_w, grad_w_rows});
   }
+  // Temporaries go as soon as they are consumed: the peak is pre + grad_pre + the weight
+  // gradients + one [R, H] buffer.
+  g.reset();
 
   at::Tensor grad_x = none(), grad_weights = none(), grad_w1 = none(), grad_w2 = none(),
              grad_b1 = none(), grad_b2 = none();
@@ -374,17 +377,24 @@ expert_ffn_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
                        .reshape(token_row.sizes())
                        .to(weights.scalar_type());
   }
-  const bool any_rows = R > 0;
   const auto [begin, end] = expert_ranges(offsets, seg);
   if (mask[3]) {
     grad_w2 = at::empty_like(w2);
     if (grad_w2.numel() > 0)
       weight_grad(WeightGrad{act_w, {}, grad, token_of_row, offsets, seg, grad_w2});
   }
+  act_w.reset();
   if (mask[5] && b2) {
     grad_b2 = at::empty_like(*b2);
     if (grad_b2.numel() > 0)
       segment_sum(SegmentSum{grad, token_of_row, row_weight, begin, end, grad_b2});
+  }
+  if (mask[0]) {
+    auto rows_dx = at::empty({R, s.H}, x.options());
+    if (R > 0 && s.H > 0)
+      rows_gemm(RowsGemm{grad_pre, {}, w1.transpose(1, 2), offsets, seg, std::nullopt,
+                         Activation::None, rows_dx, at::Tensor()});
+    grad_x = unpermute(rows_dx, row_source, token_row, std::nullopt);
   }
   if (mask[2]) {
     grad_w1 = at::empty_like(w1);
@@ -394,13 +404,6 @@ expert_ffn_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
   if (mask[4] && b1) {
     grad_b1 = at::empty_like(*b1);
     if (grad_b1.numel() > 0) segment_sum(SegmentSum{grad_pre, {}, std::nullopt, begin, end, grad_b1});
-  }
-  if (mask[0]) {
-    auto rows_dx = at::empty({R, s.H}, x.options());
-    if (any_rows && s.H > 0)
-      rows_gemm(RowsGemm{grad_pre, {}, w1.transpose(1, 2), offsets, seg, std::nullopt,
-                         Activation::None, rows_dx, at::Tensor()});
-    grad_x = unpermute(rows_dx, row_source, token_row, std::nullopt);
   }
   return {grad_x, grad_weights, grad_w1, grad_w2, grad_b1, grad_b2};
 }
