@@ -400,3 +400,31 @@ def test_hidden_size_mismatch_raises():
     layer = make("mixtral")
     with pytest.raises(ValueError, match="hidden_size=16"):
         layer(torch.randn(B, S, D + 1))
+
+
+@pytest.mark.parametrize("name", ["switch", "deepseek"])
+def test_empty_batch(name):
+    layer = make(name)
+    x = torch.randn(0, S, D, requires_grad=True)
+    out = layer(x)
+    assert out.shape == x.shape
+    (out.sum() + moeyard.collect_aux_losses(layer)).backward()
+    assert layer.last_stats["tokens_per_expert"].sum() == 0
+
+
+def test_bias_balancer_all_reduces_over_the_group(tmp_path):
+    """With torch.distributed initialized the loads are summed over the group (here one gloo
+    process: a sum of one) before the update."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        layer = make("deepseek")
+        layer(torch.randn(32, D))
+        load = layer.router.load_since_update.double()
+        bias = layer.router.e_score_correction_bias.clone()
+        moeyard.BiasBalancer(layer, rate=0.5).step()
+        torch.testing.assert_close(layer.router.e_score_correction_bias,
+                                   bias + 0.5 * torch.sign(load.mean() - load).float())
+    finally:
+        dist.destroy_process_group()
