@@ -1,7 +1,9 @@
 """moeyard: Mixture-of-Experts kernels for PyTorch.
 
 Importing moeyard loads its compiled library, which registers the ``torch.ops.moeyard`` ops; the
-typed Python wrappers, fake kernels and autograd formulas are in :mod:`moeyard.ops`.
+typed Python wrappers, fake kernels and autograd formulas are in :mod:`moeyard.ops`; the
+``nn.Module`` layers built on them in :mod:`moeyard.layers` (with :mod:`moeyard.routers`,
+:mod:`moeyard.experts`) and the training-time helpers in :mod:`moeyard.balance`.
 """
 import json
 from pathlib import Path
@@ -25,6 +27,10 @@ _load_library()
 
 from . import ops  # noqa: E402  (registers fake kernels and autograd after the library loads)
 from .ops import *  # noqa: E402,F401,F403
+from .experts import *  # noqa: E402,F401,F403
+from .routers import *  # noqa: E402,F401,F403
+from .layers import *  # noqa: E402,F401,F403
+from .balance import *  # noqa: E402,F401,F403
 
 __version__ = "0.1.0"
 

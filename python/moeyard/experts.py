@@ -1,0 +1,101 @@
+"""Expert modules: the routed experts (stacked weights, computed by :func:`moeyard.expert_ffn`) and
+the dense SwiGLU MLP used as a shared expert.
+
+Weights are stored in Hugging Face v5's layout so checkpoints map one to one:
+``gate_up_proj [E, N1, d]`` (nn.Linear order; N1 = 2I, gate rows then up rows, for SwiGLU, N1 = I
+for ungated activations), ``down_proj [E, d, I]``, optional ``gate_up_proj_bias [E, N1]`` and
+``down_proj_bias [E, d]``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import RoutingPlan, expert_ffn
+from .reference import ACTIVATIONS
+
+__all__ = ["Experts", "SwiGLUMLP"]
+
+_GATED = ("swiglu", "swiglu_oss")
+
+
+class Experts(nn.Module):
+    """E expert MLPs ``y_e(x) = act(x W1_e^T + b1_e) W2_e^T + b2_e`` with stacked weights.
+
+    ``forward(x [T, d], plan, weights [T, k]) -> [T, d]`` returns
+    ``sum_j weights[t, j] * y_{e(t, j)}(x[t])`` over the slots of token t that have a row in
+    ``plan``; dropped or unrouted slots add 0. All of it is one :func:`moeyard.expert_ffn` call.
+
+    Args:
+        num_experts: E.
+        hidden_size: d (the model width).
+        intermediate_size: I (each expert's hidden width).
+        activation: one of ``moeyard.ACTIVATIONS``; default ``"swiglu"`` (Mixtral, Qwen, DeepSeek).
+        bias: add ``gate_up_proj_bias`` and ``down_proj_bias`` (initialized to zero). Default False.
+        initializer_range: std of the normal init of the weights, as Hugging Face's
+            ``_init_weights`` (``config.initializer_range``, default 0.02).
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 activation: str = "swiglu", bias: bool = False, initializer_range: float = 0.02,
+                 device=None, dtype=None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        for name, v in (("num_experts", num_experts), ("hidden_size", hidden_size),
+                        ("intermediate_size", intermediate_size)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        self.num_experts, self.hidden_size = num_experts, hidden_size
+        self.intermediate_size, self.activation = intermediate_size, activation
+        self.initializer_range = initializer_range
+        n1 = 2 * intermediate_size if activation in _GATED else intermediate_size
+        kw = dict(device=device, dtype=dtype)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, n1, hidden_size, **kw))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size,
+                                                  **kw))
+        if bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, n1, **kw))
+            self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size, **kw))
+        else:
+            self.register_parameter("gate_up_proj_bias", None)
+            self.register_parameter("down_proj_bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Weights ~ N(0, initializer_range^2), biases 0 (Hugging Face's initialization)."""
+        nn.init.normal_(self.gate_up_proj, std=self.initializer_range)
+        nn.init.normal_(self.down_proj, std=self.initializer_range)
+        if self.gate_up_proj_bias is not None:
+            nn.init.zeros_(self.gate_up_proj_bias)
+            nn.init.zeros_(self.down_proj_bias)
+
+    def forward(self, x: Tensor, plan: RoutingPlan, weights: Tensor) -> Tensor:
+        return expert_ffn(x, plan, weights, self.gate_up_proj, self.down_proj,
+                          self.gate_up_proj_bias, self.down_proj_bias, self.activation)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+                f"intermediate_size={self.intermediate_size}, activation={self.activation!r}, "
+                f"bias={self.gate_up_proj_bias is not None}")
+
+
+class SwiGLUMLP(nn.Module):
+    """Dense SwiGLU MLP ``down_proj(silu(gate_proj(x)) * up_proj(x))``, nn.Linear without bias:
+    the shared expert of Qwen2-MoE and DeepSeek-V3 (same parameter names as Hugging Face's).
+    Every token goes through it, so it is plain dense matmuls, not routed expert compute.
+    Weights ~ N(0, initializer_range^2), default 0.02."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, initializer_range: float = 0.02,
+                 device=None, dtype=None):
+        super().__init__()
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
+        for lin in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(lin.weight, std=initializer_range)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,123 @@
+"""Router module: the router linear (fp32 math) followed by :func:`moeyard.route`.
+
+One router serves Switch (softmax, k = 1, input jitter), Mixtral / Qwen (softmax top-k, optional
+renormalization) and DeepSeek-V3 (sigmoid, selection bias, group-limited, renormalized, scaled).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import route
+
+__all__ = ["TopKRouter"]
+
+SCORES = ("softmax", "sigmoid")
+
+
+class TopKRouter(nn.Module):
+    """Router linear ``logits = x W^T`` (``weight [E, d]``, no bias, as Hugging Face v5's routers)
+    computed in fp32, then top-k gating by :func:`moeyard.route`.
+
+    ``forward(x [T, d]) -> (logits [T, E] fp32, weights [T, k] fp32, experts [T, k] int32)``.
+
+    Args:
+        hidden_size, num_experts: d and E.
+        k: experts per token, ``1 <= k <= E``. Default 1.
+        score: ``"softmax"`` (default) or ``"sigmoid"`` (DeepSeek-V3).
+        topk_before_score: softmax over the k best logits (GPT-OSS); default False.
+        renormalize: weights divided by their sum (Mixtral, ``norm_topk_prob``); default False.
+        scale: weights multiplied by it (DeepSeek-V3's ``routed_scaling_factor``); default 1.
+        n_group, topk_group: group-limited routing (DeepSeek-V3); default 1, 1 (off).
+        bias_balancing: keep a selection bias ``e_score_correction_bias`` (fp32 buffer ``[E]``,
+            zeros, saved in the state dict, Hugging Face's name) for auxiliary-loss-free
+            balancing, and the load ``load_since_update`` (int64 ``[E]``, not saved) that training
+            forwards accumulate through :meth:`record_load` and :class:`moeyard.BiasBalancer`
+            consumes. Default False.
+        jitter_eps: in training, the router input is multiplied by ``Uniform(1 - eps, 1 + eps)``
+            noise (Switch's input jitter; a router-only copy, the experts see x unchanged).
+            Default 0 (off).
+        initializer_range: std of the normal init of ``weight``; default 0.02 (Hugging Face).
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, k: int = 1, score: str = "softmax", *,
+                 topk_before_score: bool = False, renormalize: bool = False, scale: float = 1.0,
+                 n_group: int = 1, topk_group: int = 1, bias_balancing: bool = False,
+                 jitter_eps: float = 0.0, initializer_range: float = 0.02, device=None,
+                 dtype=None):
+        super().__init__()
+        _check_routing(hidden_size, num_experts, k, score, n_group, topk_group, jitter_eps)
+        self.hidden_size, self.num_experts, self.k, self.score = hidden_size, num_experts, k, score
+        self.topk_before_score, self.renormalize, self.scale = topk_before_score, renormalize, scale
+        self.n_group, self.topk_group, self.jitter_eps = n_group, topk_group, jitter_eps
+        self.initializer_range = initializer_range
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device,
+                                               dtype=dtype))
+        if bias_balancing:
+            self.register_buffer("e_score_correction_bias",
+                                 torch.zeros(num_experts, device=device, dtype=torch.float32))
+            self.register_buffer("load_since_update",
+                                 torch.zeros(num_experts, device=device, dtype=torch.int64),
+                                 persistent=False)
+        else:
+            self.e_score_correction_bias = self.load_since_update = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``weight ~ N(0, initializer_range^2)``; the selection bias is left as it is."""
+        nn.init.normal_(self.weight, std=self.initializer_range)
+
+    def _apply(self, fn, recurse=True):
+        # The selection bias stays fp32 under model.to(bf16) / .half() (updates of 1e-3 would
+        # vanish in bf16), as Hugging Face keeps it with _keep_in_fp32_modules.
+        super()._apply(fn, recurse)
+        bias = self.e_score_correction_bias
+        if bias is not None and bias.dtype != torch.float32:
+            self.e_score_correction_bias = bias.float()
+        return self
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        xr = x.float()
+        if self.training and self.jitter_eps > 0:
+            xr = xr * torch.empty_like(xr).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
+        logits = F.linear(xr, self.weight.float())
+        weights, experts = route(logits, self.k, self.score,
+                                 topk_before_score=self.topk_before_score,
+                                 bias=self.e_score_correction_bias, n_group=self.n_group,
+                                 topk_group=self.topk_group, renormalize=self.renormalize,
+                                 scale=self.scale)
+        return logits, weights, experts
+
+    def record_load(self, counts: Tensor) -> None:
+        """Add a plan's ``counts`` to ``load_since_update`` if this router balances by bias and
+        this is a training forward with grad enabled (an activation-recompute pass under
+        ``no_grad`` or an eval pass does not count)."""
+        if self.load_since_update is not None and self.training and torch.is_grad_enabled():
+            self.load_since_update.add_(counts)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, k={self.k}, "
+                f"score={self.score!r}, renormalize={self.renormalize}, scale={self.scale}, "
+                f"n_group={self.n_group}, topk_group={self.topk_group}, "
+                f"bias_balancing={self.e_score_correction_bias is not None}, "
+                f"jitter_eps={self.jitter_eps}")
+
+
+def _check_routing(hidden_size, num_experts, k, score, n_group, topk_group, jitter_eps):
+    """Raise ValueError naming the first bad routing setting."""
+    if hidden_size < 1 or num_experts < 1:
+        raise ValueError(f"hidden_size={hidden_size} and num_experts={num_experts} must be >= 1")
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if n_group < 1 or num_experts % n_group:
+        raise ValueError(f"n_group={n_group} must be >= 1 and divide num_experts={num_experts}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group={topk_group} must be in [1, n_group={n_group}]")
+    if k > topk_group * (num_experts // n_group):
+        raise ValueError(f"k={k} exceeds the {topk_group * (num_experts // n_group)} experts in "
+                         f"topk_group={topk_group} groups of {num_experts // n_group}")
+    if not 0 <= jitter_eps < 1:
+        raise ValueError(f"jitter_eps={jitter_eps} must be in [0, 1)")
