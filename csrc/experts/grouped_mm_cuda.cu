@@ -255,6 +255,28 @@ __device__ __forceinline__ int64_t source_row(const int32_t* index, int div, int
   return s < limit ? s : -1;
 }
 
+// Rows of a 2-D operand read through an optional index (see RowIndex in grouped_mm.h).
+template <typename T>
+struct Gathered {
+  const T* data;
+  int64_t ld, rows;
+  const int32_t* index;  // null: position p reads row p
+  int div;
+
+  // Row pointer of position p, or null (no row).
+  __device__ __forceinline__ const T* row(int64_t p) const {
+    const int64_t r = source_row(index, div, p, rows);
+    return r >= 0 ? data + r * ld : nullptr;
+  }
+};
+
+template <typename T>
+Gathered<T> gathered(const at::Tensor& t, const RowIndex& rows) {
+  return Gathered<T>{t.const_data_ptr<T>(), t.stride(0), t.size(0),
+                     rows.index ? rows.index->const_data_ptr<int32_t>() : nullptr,
+                     static_cast<int>(rows.div)};
+}
+
 // ---------------------------------------------------------------------------- segments
 
 struct SegParams {
@@ -320,10 +342,7 @@ __global__ void __launch_bounds__(kScanThreads) row_tile_prefix_kernel(SegParams
 template <typename T>
 struct RowsParams {
   SegParams seg;
-  const T* a;
-  int64_t lda, A;
-  const int32_t* a_index;
-  int a_div;
+  Gathered<T> a;
   const T* b;
   int64_t sbe, sbk, sbn;  // strides of b [E, K, N]
   int K, N;               // N: columns of the product
@@ -409,8 +428,7 @@ __global__ void __launch_bounds__(kThreads, 1) rows_gemm_kernel(const RowsParams
     for (int c = 0; c < CA; ++c) {
       int o, i;
       chunk_pos<T, typename Ops::TileA>(c, o, i);
-      const int64_t src = o < used ? source_row(p.a_index, p.a_div, start + m0 + o, p.A) : -1;
-      a_row[c] = src >= 0 ? p.a + src * p.lda : nullptr;
+      a_row[c] = o < used ? p.a.row(start + m0 + o) : nullptr;
     }
     const T* b_fixed[CB];  // BKN: column base (k added per step); else row base of column n
     int b_valid[CB];
@@ -434,8 +452,8 @@ __global__ void __launch_bounds__(kThreads, 1) rows_gemm_kernel(const RowsParams
         int o, i;
         chunk_pos<T, typename Ops::TileA>(c, o, i);
         const int valid = a_row[c] ? p.K - (k0 + i) : 0;
-        load_chunk<T, Vec>(sa + o * Ops::TileA::kLd + i, a_row[c] ? a_row[c] + k0 + i : p.a,
-                           valid, p.a);
+        load_chunk<T, Vec>(sa + o * Ops::TileA::kLd + i, a_row[c] ? a_row[c] + k0 + i : p.a.data,
+                           valid, p.a.data);
       }
 #pragma unroll
       for (int c = 0; c < CB; ++c) {
@@ -510,14 +528,7 @@ __global__ void __launch_bounds__(kThreads, 1) rows_gemm_kernel(const RowsParams
 template <typename T>
 struct WgradParams {
   SegParams seg;
-  const T* lhs;
-  int64_t ldl, L;
-  const int32_t* l_index;
-  int l_div;
-  const T* rhs;
-  int64_t ldr, Rr;
-  const int32_t* r_index;
-  int r_div;
+  Gathered<T> lhs, rhs;
   int M, N;
   T* out;
   int64_t soe, som, son;
@@ -553,17 +564,17 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WgradPar
       for (int c = 0; c < CA; ++c) {  // o = row of the segment, i = m
         int o, i;
         chunk_pos<T, typename Ops::TileA>(c, o, i);
-        const int64_t src = k0 + o < count ? source_row(p.l_index, p.l_div, start + k0 + o, p.L) : -1;
-        load_chunk<T, Vec>(sa + o * Ops::TileA::kLd + i, src >= 0 ? p.lhs + src * p.ldl + m0 + i : p.lhs,
-                           src >= 0 ? min(p.M - (m0 + i), V) : 0, p.lhs);
+        const T* row = k0 + o < count ? p.lhs.row(start + k0 + o) : nullptr;
+        load_chunk<T, Vec>(sa + o * Ops::TileA::kLd + i, row ? row + m0 + i : p.lhs.data,
+                           row ? min(p.M - (m0 + i), V) : 0, p.lhs.data);
       }
 #pragma unroll
       for (int c = 0; c < CB; ++c) {  // o = row of the segment, i = n
         int o, i;
         chunk_pos<T, typename Ops::TileB>(c, o, i);
-        const int64_t src = k0 + o < count ? source_row(p.r_index, p.r_div, start + k0 + o, p.Rr) : -1;
-        load_chunk<T, Vec>(sb + o * Ops::TileB::kLd + i, src >= 0 ? p.rhs + src * p.ldr + n0 + i : p.rhs,
-                           src >= 0 ? min(p.N - (n0 + i), V) : 0, p.rhs);
+        const T* row = k0 + o < count ? p.rhs.row(start + k0 + o) : nullptr;
+        load_chunk<T, Vec>(sb + o * Ops::TileB::kLd + i, row ? row + n0 + i : p.rhs.data,
+                           row ? min(p.N - (n0 + i), V) : 0, p.rhs.data);
       }
     });
 
@@ -693,11 +704,7 @@ void launch_rows_gemm(const RowsGemm& p) {
   k.seg = seg_params(p.offsets, p.seg);
   row_tile_prefix_kernel<<<1, kScanThreads, 0, at::cuda::getCurrentCUDAStream()>>>(k.seg, S, prefix.mutable_data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  k.a = p.a.const_data_ptr<T>();
-  k.lda = p.a.stride(0);
-  k.A = p.a.size(0);
-  k.a_index = index_ptr(p.a_rows);
-  k.a_div = static_cast<int>(p.a_rows.div);
+  k.a = gathered<T>(p.a, p.a_rows);
   k.b = p.b.const_data_ptr<T>();
   k.sbe = p.b.stride(0);
   k.sbk = p.b.stride(1);
@@ -723,7 +730,7 @@ void launch_rows_gemm(const RowsGemm& p) {
   const bool bkn = p.b.stride(2) == 1;
   constexpr int V = Cfg<T>::kVec;
   const int64_t b_outer = bkn ? k.sbk : k.sbn;
-  const bool vec = aligned16(k.a) && aligned16(k.b) && k.lda % V == 0 && b_outer % V == 0 &&
+  const bool vec = aligned16(k.a.data) && aligned16(k.b) && k.a.ld % V == 0 && b_outer % V == 0 &&
                    k.sbe % V == 0 && (!bkn || p.act != Activation::SwiGLU || (k.N / 2) % V == 0);
   if (!vec) warn_unaligned("an operand of a grouped product");
   constexpr size_t smem_kn = Operands<T, false, true>::kSmemBytes;
@@ -738,16 +745,8 @@ template <typename T>
 void launch_weight_grad(const WeightGrad& p) {
   WgradParams<T> k{};
   k.seg = seg_params(p.offsets, p.seg);
-  k.lhs = p.lhs.const_data_ptr<T>();
-  k.ldl = p.lhs.stride(0);
-  k.L = p.lhs.size(0);
-  k.l_index = index_ptr(p.lhs_rows);
-  k.l_div = static_cast<int>(p.lhs_rows.div);
-  k.rhs = p.rhs.const_data_ptr<T>();
-  k.ldr = p.rhs.stride(0);
-  k.Rr = p.rhs.size(0);
-  k.r_index = index_ptr(p.rhs_rows);
-  k.r_div = static_cast<int>(p.rhs_rows.div);
+  k.lhs = gathered<T>(p.lhs, p.lhs_rows);
+  k.rhs = gathered<T>(p.rhs, p.rhs_rows);
   k.M = static_cast<int>(p.out.size(1));
   k.N = static_cast<int>(p.out.size(2));
   k.out = p.out.mutable_data_ptr<T>();
@@ -758,17 +757,14 @@ void launch_weight_grad(const WeightGrad& p) {
     // out[e] is m-contiguous (the gradient of a transposed, nn.Linear-style weight): compute
     // out[e]^T = sum rhs^T lhs instead, so that the epilogue's stores run along memory.
     std::swap(k.lhs, k.rhs);
-    std::swap(k.ldl, k.ldr);
-    std::swap(k.L, k.Rr);
-    std::swap(k.l_index, k.r_index);
-    std::swap(k.l_div, k.r_div);
     std::swap(k.M, k.N);
     std::swap(k.som, k.son);
   }
   k.m_tiles = static_cast<int>(ceil_div(k.M, kBM));
   k.n_tiles = static_cast<int>(ceil_div(k.N, kBN));
   constexpr int V = Cfg<T>::kVec;
-  const bool vec = aligned16(k.lhs) && aligned16(k.rhs) && k.ldl % V == 0 && k.ldr % V == 0;
+  const bool vec = aligned16(k.lhs.data) && aligned16(k.rhs.data) && k.lhs.ld % V == 0 &&
+                   k.rhs.ld % V == 0;
   if (!vec) warn_unaligned("an operand of a weight gradient");
   constexpr size_t smem = Operands<T, true, true>::kSmemBytes;
   if (vec)
