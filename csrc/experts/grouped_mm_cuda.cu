@@ -535,10 +535,25 @@ struct WgradParams {
   int m_tiles, n_tiles;
 };
 
+// A [k][col] tile of the weight gradient: rows first .. first + kBK of a gathered operand (those
+// below `rows_left` exist), columns col0 .. col0 + inner (those below `cols` exist).
+template <typename T, bool Vec, typename TileT>
+__device__ __forceinline__ void load_row_tile(T* s, const Gathered<T>& op, int64_t first,
+                                              int64_t rows_left, int col0, int cols) {
+  constexpr int V = Cfg<T>::kVec;
+#pragma unroll
+  for (int c = 0; c < chunks_per_thread<T, TileT>(); ++c) {
+    int o, i;
+    chunk_pos<T, TileT>(c, o, i);
+    const T* row = o < rows_left ? op.row(first + o) : nullptr;
+    load_chunk<T, Vec>(s + o * TileT::kLd + i, row ? row + col0 + i : op.data,
+                       row ? min(cols - (col0 + i), V) : 0, op.data);
+  }
+}
+
 template <typename T, bool Vec>
 __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WgradParams<T> p) {
   using Ops = Operands<T, true, true>;
-  constexpr int V = Cfg<T>::kVec;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int64_t per_expert = int64_t(p.m_tiles) * p.n_tiles;
@@ -556,26 +571,10 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WgradPar
     float acc[4][4][4];
     zero_acc(acc);
     const int ktiles = static_cast<int>((count + kBK - 1) / kBK);
-    constexpr int CA = chunks_per_thread<T, typename Ops::TileA>();
-    constexpr int CB = chunks_per_thread<T, typename Ops::TileB>();
     main_loop<T, Ops>(smem, ktiles, acc, [&](T* sa, T* sb, int kt) {
       const int64_t k0 = int64_t(kt) * kBK;
-#pragma unroll
-      for (int c = 0; c < CA; ++c) {  // o = row of the segment, i = m
-        int o, i;
-        chunk_pos<T, typename Ops::TileA>(c, o, i);
-        const T* row = k0 + o < count ? p.lhs.row(start + k0 + o) : nullptr;
-        load_chunk<T, Vec>(sa + o * Ops::TileA::kLd + i, row ? row + m0 + i : p.lhs.data,
-                           row ? min(p.M - (m0 + i), V) : 0, p.lhs.data);
-      }
-#pragma unroll
-      for (int c = 0; c < CB; ++c) {  // o = row of the segment, i = n
-        int o, i;
-        chunk_pos<T, typename Ops::TileB>(c, o, i);
-        const T* row = k0 + o < count ? p.rhs.row(start + k0 + o) : nullptr;
-        load_chunk<T, Vec>(sb + o * Ops::TileB::kLd + i, row ? row + n0 + i : p.rhs.data,
-                           row ? min(p.N - (n0 + i), V) : 0, p.rhs.data);
-      }
+      load_row_tile<T, Vec, typename Ops::TileA>(sa, p.lhs, start + k0, count - k0, m0, p.M);
+      load_row_tile<T, Vec, typename Ops::TileB>(sb, p.rhs, start + k0, count - k0, n0, p.N);
     });
 
     T* out = p.out + e * p.soe;
