@@ -3,7 +3,9 @@
 ``forward(x [..., d]) -> [..., d]`` (``[B, S, d]`` or ``[T, d]``): router (fp32) ->
 :func:`moeyard.route` -> :func:`moeyard.plan` -> :class:`Experts` (:func:`moeyard.expert_ffn`),
 plus an optional dense shared expert. Tokens that a capacity drops get 0 from the layer (the
-block's residual carries them).
+block's residual carries them). :class:`ReMoE` routes by :func:`moeyard.relu_route` (variable
+experts per token), :class:`ExpertChoiceMoE` by :func:`moeyard.expert_choice`; both use the same
+:class:`Experts`.
 
 After every forward the layer holds
   ``aux_losses``  dict of scalar tensors, already multiplied by their coefficients (``"balance"``:
@@ -18,13 +20,22 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import Experts, SwiGLUMLP
-from .ops import expert_capacity, load_stats, plan, router_losses
-from .routers import TopKRouter
+from .ops import expert_capacity, expert_choice, load_stats, plan, router_losses
+from .routers import ReLURouter, RouterLinear, TopKRouter
 
-__all__ = ["TopKMoE", "SwitchMoE"]
+__all__ = ["TopKMoE", "SwitchMoE", "ReMoE", "ExpertChoiceMoE"]
+
+
+def _tokens(layer: nn.Module, x: Tensor) -> Tensor:
+    """``x [..., d]`` as ``[T, d]``; ValueError if its last dim is not the layer's hidden size."""
+    if x.dim() < 1 or x.shape[-1] != layer.hidden_size:
+        raise ValueError(f"{type(layer).__name__} expects [..., hidden_size={layer.hidden_size}] "
+                         f"input, got shape {tuple(x.shape)}")
+    return x.reshape(-1, layer.hidden_size)
 
 
 class TopKMoE(nn.Module):
@@ -151,10 +162,7 @@ class TopKMoE(nn.Module):
         return expert_capacity(num_tokens, self.num_experts, self.k, cf, self.min_capacity)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() < 1 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"{type(self).__name__} expects [..., hidden_size={self.hidden_size}]"
-                             f" input, got shape {tuple(x.shape)}")
-        h = x.reshape(-1, self.hidden_size)
+        h = _tokens(self, x)
         logits, weights, experts = self.router(h)
         p = plan(experts, self.num_experts, self.capacity(h.shape[0]))
         out = self.experts(h, p, weights)
@@ -206,3 +214,153 @@ class SwitchMoE(TopKMoE):
                          eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
                          jitter_eps=jitter_eps, aux_loss_coef=aux_loss_coef,
                          z_loss_coef=z_loss_coef, activation=activation, **kwargs)
+
+
+class ReMoE(nn.Module):
+    """ReMoE layer (Wang, Zhu, Chen, ICLR 2025): ReLU routing with an adaptive L1 penalty.
+
+    Gates ``relu(x W^T)`` (fp32, :class:`ReLURouter`) are the combine weights (not normalized);
+    every expert with a positive gate computes the token (dropless, variable experts per token, a
+    token may get none and then 0 from the layer). ``k`` is the *target* experts per token: the
+    controller drives the sparsity (fraction of zero gates) toward ``1 - k/E``.
+
+    In training forwards with grad enabled the layer adds ``aux_losses["l1"] =
+    lambda * sum_e f_e * mean_t gates[t, e]`` with ``f_e = E * count_e / (k * T)`` (detached
+    counts of active gates; Megatron's ``switch_load_balancing_loss_func`` on the ReLU gates, as
+    thu-ml/ReMoE) and ``lambda`` the buffer ``l1_reg_coeff`` (fp32 scalar, saved in the state dict,
+    kept fp32 under ``.to(bf16)``), and accumulates its sparsity into ``sparsity_since_update`` /
+    ``forwards_since_update`` (not saved) for :class:`moeyard.ReMoEController`, which updates
+    lambda after each optimizer step. Eval / no-grad forwards add no loss and count nothing.
+    ``last_stats``: :func:`moeyard.load_stats` of the plan plus ``"sparsity"``.
+
+    Args:
+        hidden_size, intermediate_size, num_experts: d, I, E.
+        k: target active experts per token (default 1, ReMoE's scripts: E=8, k=1).
+        k_max: bound on the experts per token (the smallest gates beyond it are dropped); None
+            (default) = E, exactly ReMoE.
+        l1_coef_init: lambda_0 (default 1e-8, ReMoE's ``moe_relu_l1_reg_coeff_init``).
+        jitter_eps: multiplicative router input jitter in training (default 0).
+        activation, expert_bias, initializer_range: the experts, as :class:`TopKMoE`.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, k: int = 1, *,
+                 k_max: Optional[int] = None, l1_coef_init: float = 1e-8,
+                 jitter_eps: float = 0.0, activation: str = "swiglu", expert_bias: bool = False,
+                 initializer_range: float = 0.02, device=None, dtype=None):
+        super().__init__()
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
+        if not l1_coef_init > 0:
+            raise ValueError(f"l1_coef_init={l1_coef_init} must be > 0")
+        kw = dict(device=device, dtype=dtype)
+        self.hidden_size, self.num_experts, self.k = hidden_size, num_experts, k
+        self.router = ReLURouter(hidden_size, num_experts, k_max, jitter_eps=jitter_eps,
+                                 initializer_range=initializer_range, **kw)
+        self.experts = Experts(num_experts, hidden_size, intermediate_size, activation,
+                               expert_bias, initializer_range, **kw)
+        self.register_buffer("l1_reg_coeff",
+                             torch.tensor(float(l1_coef_init), device=device, dtype=torch.float32))
+        self.register_buffer("sparsity_since_update",
+                             torch.zeros((), device=device, dtype=torch.float32), persistent=False)
+        self.register_buffer("forwards_since_update",
+                             torch.zeros((), device=device, dtype=torch.int64), persistent=False)
+        self.aux_losses: dict[str, Tensor] = {}
+        self.last_stats: dict[str, Tensor] = {}
+
+    @property
+    def target_sparsity(self) -> float:
+        """``1 - k / E``."""
+        return 1.0 - self.k / self.num_experts
+
+    def _apply(self, fn, recurse=True):
+        # lambda and the sparsity sum stay fp32 under model.to(bf16) (x1.2 updates would lose
+        # precision in bf16), as ReMoE keeps its coefficient out of the half casts.
+        super()._apply(fn, recurse)
+        for name in ("l1_reg_coeff", "sparsity_since_update"):
+            buf = getattr(self, name)
+            if buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = _tokens(self, x)
+        logits, weights, experts = self.router(h)
+        p = plan(experts, self.num_experts)
+        out = self.experts(h, p, weights)
+        T, E = h.shape[0], self.num_experts
+        sparsity = 1.0 - p.counts.sum().float() / max(T * E, 1)
+        self.aux_losses = {}
+        if self.training and torch.is_grad_enabled():
+            self.sparsity_since_update.add_(sparsity)
+            self.forwards_since_update.add_(1)
+            self.aux_losses = {"l1": self.l1_reg_coeff * self.l1_loss(logits, p.counts)}
+        self.last_stats = {**load_stats(p), "sparsity": sparsity}
+        return out.view(x.shape)
+
+    def l1_loss(self, logits: Tensor, counts: Tensor) -> Tensor:
+        """The load-balanced L1 term without lambda: ``sum_e f_e * mean_t relu(logits)[t, e]``,
+        ``f_e = E * counts_e / (k * T)`` (counts detached)."""
+        T = max(logits.shape[0], 1)
+        f = counts.detach().float() * (self.num_experts / (self.k * T))
+        return (f * F.relu(logits).sum(0)).sum() / T
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, target_sparsity={self.target_sparsity:.4g}"
+
+
+class ExpertChoiceMoE(nn.Module):
+    """Expert-choice layer (Zhou et al. 2022): each expert takes its top-C tokens.
+
+    Scores ``softmax(x W^T)`` over experts per token (fp32, :class:`RouterLinear`); expert e takes
+    the C tokens it scores highest (:func:`moeyard.expert_choice`), each weighted by its score;
+    a token taken by no expert gets 0 from the layer. ``C = round(capacity_factor * T / E)``
+    (flaxformer's ``ExpertsChooseMaskedRouter``; Python's round), clamped to ``[1, T]``.
+    Loads are balanced by construction: no auxiliary loss (``aux_losses`` is empty).
+    ``last_stats``: :func:`moeyard.load_stats` of the plan plus ``"unrouted_fraction"`` (tokens
+    that no expert took).
+
+    **Not causal**: which experts a token gets depends on the other tokens of the batch (later
+    ones included), so it is for encoders and vision models, not for autoregressive decoding.
+    The whole input (all ``B * S`` tokens) is one routing group; training and eval route alike.
+
+    Args:
+        hidden_size, intermediate_size, num_experts: d, I, E.
+        capacity_factor: c, the average experts per token (default 2, as the paper).
+        activation, expert_bias, initializer_range: the experts, as :class:`TopKMoE`.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
+                 capacity_factor: float = 2.0, *, activation: str = "swiglu",
+                 expert_bias: bool = False, initializer_range: float = 0.02, device=None,
+                 dtype=None):
+        super().__init__()
+        if not capacity_factor > 0:
+            raise ValueError(f"capacity_factor={capacity_factor} must be > 0")
+        kw = dict(device=device, dtype=dtype)
+        self.hidden_size, self.num_experts = hidden_size, num_experts
+        self.capacity_factor = capacity_factor
+        self.router = RouterLinear(hidden_size, num_experts,
+                                   initializer_range=initializer_range, **kw)
+        self.experts = Experts(num_experts, hidden_size, intermediate_size, activation,
+                               expert_bias, initializer_range, **kw)
+        self.aux_losses: dict[str, Tensor] = {}
+        self.last_stats: dict[str, Tensor] = {}
+
+    def capacity(self, num_tokens: int) -> int:
+        """Tokens per expert for ``num_tokens`` tokens: ``round(cf * T / E)`` in ``[1, T]``."""
+        if num_tokens == 0:
+            return 0
+        return min(num_tokens, max(1, round(self.capacity_factor * num_tokens / self.num_experts)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = _tokens(self, x)
+        scores = torch.softmax(self.router(h), dim=-1)
+        weights, experts, p = expert_choice(scores, self.capacity(h.shape[0]))
+        out = self.experts(h, p, weights)
+        self.aux_losses = {}
+        unrouted = (experts < 0).all(dim=-1).sum().float() / max(h.shape[0], 1)
+        self.last_stats = {**load_stats(p), "unrouted_fraction": unrouted}
+        return out.view(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"capacity_factor={self.capacity_factor}"

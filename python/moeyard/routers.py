@@ -1,22 +1,66 @@
-"""Router module: the router linear (fp32 math) followed by :func:`moeyard.route`.
+"""Router modules: the router linear (fp32 math) followed by a routing op.
 
-One router serves Switch (softmax, k = 1, input jitter), Mixtral / Qwen (softmax top-k, optional
-renormalization) and DeepSeek-V3 (sigmoid, selection bias, group-limited, renormalized, scaled).
+:class:`TopKRouter` (:func:`moeyard.route`) serves Switch (softmax, k = 1, input jitter), Mixtral /
+Qwen (softmax top-k, optional renormalization) and DeepSeek-V3 (sigmoid, selection bias,
+group-limited, renormalized, scaled); :class:`ReLURouter` (:func:`moeyard.relu_route`) serves ReMoE.
+Both share :class:`RouterLinear` (weight, init, jitter, fp32 logits), which expert-choice uses
+directly.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import route
+from .ops import relu_route, route
 
-__all__ = ["TopKRouter"]
+__all__ = ["RouterLinear", "TopKRouter", "ReLURouter"]
 
 SCORES = ("softmax", "sigmoid")
 
 
-class TopKRouter(nn.Module):
+class RouterLinear(nn.Module):
+    """Router linear ``logits = x W^T`` (``weight [E, d]``, no bias, as Hugging Face v5's routers)
+    computed in fp32, with optional multiplicative input jitter in training.
+
+    ``forward(x [T, d]) -> logits [T, E]`` fp32. ``weight ~ N(0, initializer_range^2)``.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, *, jitter_eps: float = 0.0,
+                 initializer_range: float = 0.02, device=None, dtype=None):
+        super().__init__()
+        if hidden_size < 1 or num_experts < 1:
+            raise ValueError(f"hidden_size={hidden_size} and num_experts={num_experts} must be "
+                             ">= 1")
+        if not 0 <= jitter_eps < 1:
+            raise ValueError(f"jitter_eps={jitter_eps} must be in [0, 1)")
+        self.hidden_size, self.num_experts = hidden_size, num_experts
+        self.jitter_eps, self.initializer_range = jitter_eps, initializer_range
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device,
+                                               dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``weight ~ N(0, initializer_range^2)``."""
+        nn.init.normal_(self.weight, std=self.initializer_range)
+
+    def router_logits(self, x: Tensor) -> Tensor:
+        xr = x.float()
+        if self.training and self.jitter_eps > 0:
+            xr = xr * torch.empty_like(xr).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
+        return F.linear(xr, self.weight.float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.router_logits(x)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, "
+                f"jitter_eps={self.jitter_eps}")
+
+
+class TopKRouter(RouterLinear):
     """Router linear ``logits = x W^T`` (``weight [E, d]``, no bias, as Hugging Face v5's routers)
     computed in fp32, then top-k gating by :func:`moeyard.route`.
 
@@ -46,14 +90,12 @@ class TopKRouter(nn.Module):
                  n_group: int = 1, topk_group: int = 1, bias_balancing: bool = False,
                  jitter_eps: float = 0.0, initializer_range: float = 0.02, device=None,
                  dtype=None):
-        super().__init__()
         _check_routing(hidden_size, num_experts, k, score, n_group, topk_group, jitter_eps)
-        self.hidden_size, self.num_experts, self.k, self.score = hidden_size, num_experts, k, score
+        super().__init__(hidden_size, num_experts, jitter_eps=jitter_eps,
+                         initializer_range=initializer_range, device=device, dtype=dtype)
+        self.k, self.score = k, score
         self.topk_before_score, self.renormalize, self.scale = topk_before_score, renormalize, scale
-        self.n_group, self.topk_group, self.jitter_eps = n_group, topk_group, jitter_eps
-        self.initializer_range = initializer_range
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device,
-                                               dtype=dtype))
+        self.n_group, self.topk_group = n_group, topk_group
         if bias_balancing:
             self.register_buffer("e_score_correction_bias",
                                  torch.zeros(num_experts, device=device, dtype=torch.float32))
@@ -62,11 +104,6 @@ class TopKRouter(nn.Module):
                                  persistent=False)
         else:
             self.e_score_correction_bias = self.load_since_update = None
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """``weight ~ N(0, initializer_range^2)``; the selection bias is left as it is."""
-        nn.init.normal_(self.weight, std=self.initializer_range)
 
     def _apply(self, fn, recurse=True):
         # The selection bias stays fp32 under model.to(bf16) / .half() (updates of 1e-3 would
@@ -78,10 +115,7 @@ class TopKRouter(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        xr = x.float()
-        if self.training and self.jitter_eps > 0:
-            xr = xr * torch.empty_like(xr).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
-        logits = F.linear(xr, self.weight.float())
+        logits = self.router_logits(x)
         weights, experts = route(logits, self.k, self.score,
                                  topk_before_score=self.topk_before_score,
                                  bias=self.e_score_correction_bias, n_group=self.n_group,
@@ -102,6 +136,34 @@ class TopKRouter(nn.Module):
                 f"n_group={self.n_group}, topk_group={self.topk_group}, "
                 f"bias_balancing={self.e_score_correction_bias is not None}, "
                 f"jitter_eps={self.jitter_eps}")
+
+
+class ReLURouter(RouterLinear):
+    """ReMoE router: ``gates = relu(x W^T)`` (fp32), every expert with a positive gate active.
+
+    ``forward(x [T, d]) -> (logits [T, E] fp32, weights [T, k_max] fp32, experts [T, k_max]
+    int32)`` by :func:`moeyard.relu_route`: per token its active experts, largest gate first, -1
+    (weight 0) in the remaining slots. ``k_max=None`` (default) means E, exactly ReMoE; a smaller
+    ``k_max`` bounds the experts per token (the smallest gates beyond it are dropped).
+    ``jitter_eps`` and ``initializer_range`` as :class:`RouterLinear`.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, k_max: Optional[int] = None, *,
+                 jitter_eps: float = 0.0, initializer_range: float = 0.02, device=None,
+                 dtype=None):
+        super().__init__(hidden_size, num_experts, jitter_eps=jitter_eps,
+                         initializer_range=initializer_range, device=device, dtype=dtype)
+        if k_max is not None and not 1 <= k_max <= num_experts:
+            raise ValueError(f"k_max={k_max} must be in [1, num_experts={num_experts}] or None")
+        self.k_max = num_experts if k_max is None else k_max
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        logits = self.router_logits(x)
+        weights, experts = relu_route(logits, self.k_max)
+        return logits, weights, experts
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", k_max={self.k_max}"
 
 
 def _check_routing(hidden_size, num_experts, k, score, n_group, topk_group, jitter_eps):
