@@ -38,3 +38,44 @@ def random_experts(T, k, E, device="cpu", p_none=0.0):
     if p_none > 0:
         ex = ex.masked_fill(torch.rand(T, k) < p_none, -1)
     return ex.to(device)
+
+
+def fwd_bwd(fn, layer, x, grad_out):
+    """Output, aux losses and gradients of (x, every parameter) for loss = <out, g> + aux, where
+    ``fn(x) -> (out, aux_losses dict)`` runs a layer (or a naive reference of it)."""
+    x = x.detach().clone().requires_grad_()
+    out, losses = fn(x)
+    total = (out.float() * grad_out).sum() + sum(losses.values(), torch.zeros((), device=x.device))
+    params = [x] + list(layer.parameters())
+    grads = torch.autograd.grad(total, params, allow_unused=True, materialize_grads=True)
+    return out.detach(), {n: v.detach() for n, v in losses.items()}, grads
+
+
+def close(got, want, tol, scaled=False):
+    """assert_close with rtol = tol and atol = tol, or tol times the largest |want| (scaled)."""
+    atol = tol * max(want.abs().max().item(), 1e-30) if scaled else tol
+    torch.testing.assert_close(got, want, rtol=tol, atol=atol)
+
+
+def run_layer(layer):
+    """``fn(x) -> (layer(x), layer.aux_losses)`` for :func:`fwd_bwd`."""
+    return lambda x: (layer(x), layer.aux_losses)
+
+
+def check_layer_against(layer, naive, x, grad_out, tol, grad_tol):
+    """A layer agrees with ``naive(x) -> (out, aux_losses, stats)`` on the output (tol; scaled
+    below fp32), the aux losses (1e-5), the gradients of x and every parameter (grad_tol, scaled)
+    and ``last_stats`` (1e-6)."""
+    out, losses, grads = fwd_bwd(run_layer(layer), layer, x, grad_out)
+    want_out, want_losses, want_grads = fwd_bwd(lambda v: naive(v)[:2], layer, x, grad_out)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    close(out.float(), want_out.float(), tol, scaled=x.dtype != torch.float32)
+    assert losses.keys() == want_losses.keys()
+    for n in losses:
+        close(losses[n], want_losses[n], 1e-5)
+    for got, want in zip(grads, want_grads):
+        close(got.float(), want.float(), grad_tol, scaled=True)
+    want_stats = naive(x)[2]
+    assert layer.last_stats.keys() == want_stats.keys()
+    for n, v in layer.last_stats.items():
+        close(v.float().cpu(), want_stats[n].float().cpu(), 1e-6)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import moeyard
 from moeyard import reference as ref
-from conftest import DEVICES
+from conftest import DEVICES, check_layer_against, close, fwd_bwd, run_layer
 
 D, I, E, B, S = 16, 8, 8, 2, 12  # tokens T = B * S = 24
 
@@ -95,32 +95,6 @@ def naive_layer(layer, x):
     return (naive_remoe if isinstance(layer, moeyard.ReMoE) else naive_ec)(layer, x)
 
 
-# ------------------------------------------------------------------------------- helpers
-
-
-def fwd_bwd(fn, layer, x, grad_out):
-    """Output, aux losses and gradients of (x, every parameter) for loss = <out, g> + aux."""
-    x = x.detach().clone().requires_grad_()
-    out, losses = fn(x)
-    total = (out.float() * grad_out).sum() + sum(losses.values(), torch.zeros((), device=x.device))
-    params = [x] + list(layer.parameters())
-    grads = torch.autograd.grad(total, params, allow_unused=True, materialize_grads=True)
-    return out.detach(), {n: v.detach() for n, v in losses.items()}, grads
-
-
-def close(got, want, tol, scaled=False):
-    atol = tol * max(want.abs().max().item(), 1e-30) if scaled else tol
-    torch.testing.assert_close(got, want, rtol=tol, atol=atol)
-
-
-def run_layer(layer):
-    return lambda x: (layer(x), layer.aux_losses)
-
-
-def run_naive(layer):
-    return lambda x: naive_layer(layer, x)[:2]
-
-
 # ------------------------------------------------------------------------------ forward/backward
 
 
@@ -132,19 +106,7 @@ def test_layer_matches_naive(name, training, dtype, device):
     layer = make(name, device, dtype).train(training)
     x = torch.randn(B, S, D, device=device).to(dtype)
     g = torch.randn(B, S, D, device=device)
-    out, losses, grads = fwd_bwd(run_layer(layer), layer, x, g)
-    want_out, want_losses, want_grads = fwd_bwd(run_naive(layer), layer, x, g)
-    assert out.shape == x.shape and out.dtype == dtype
-    close(out.float(), want_out.float(), TOL[dtype], scaled=dtype != torch.float32)
-    assert losses.keys() == want_losses.keys()
-    for n in losses:
-        close(losses[n], want_losses[n], 1e-5)
-    for got, want in zip(grads, want_grads):
-        close(got.float(), want.float(), GRAD_TOL[dtype], scaled=True)
-    _, _, want_stats = naive_layer(layer, x)
-    assert layer.last_stats.keys() == want_stats.keys()
-    for n, v in layer.last_stats.items():
-        close(v.float().cpu(), want_stats[n].float().cpu(), 1e-6)
+    check_layer_against(layer, lambda v: naive_layer(layer, v), x, g, TOL[dtype], GRAD_TOL[dtype])
 
 
 def test_remoe_tokens_get_variable_experts_and_some_none():
