@@ -377,7 +377,9 @@ expert_ffn_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
                        .reshape(token_row.sizes())
                        .to(weights.scalar_type());
   }
-  const auto [begin, end] = expert_ranges(offsets, seg);
+  // Row ranges of the experts, for the bias gradients only.
+  at::Tensor begin, end;
+  if ((mask[4] && b1) || (mask[5] && b2)) std::tie(begin, end) = expert_ranges(offsets, seg);
   if (mask[3]) {
     grad_w2 = at::empty_like(w2);
     if (grad_w2.numel() > 0)
@@ -408,24 +410,21 @@ expert_ffn_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
   return {grad_x, grad_weights, grad_w1, grad_w2, grad_b1, grad_b2};
 }
 
+// The same kernels serve both devices: the primitives dispatch on the tensors' device.
+void register_kernels(torch::Library& m) {
+  m.impl("grouped_mm", &grouped_mm);
+  m.impl("grouped_mm_backward", &grouped_mm_backward);
+  m.impl("expert_ffn", &expert_ffn);
+  m.impl("_expert_ffn_forward", &expert_ffn_forward);
+  m.impl("_expert_ffn_backward", &expert_ffn_backward);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moeyard, CPU, m) {
-  m.impl("grouped_mm", &grouped_mm);
-  m.impl("grouped_mm_backward", &grouped_mm_backward);
-  m.impl("expert_ffn", &expert_ffn);
-  m.impl("_expert_ffn_forward", &expert_ffn_forward);
-  m.impl("_expert_ffn_backward", &expert_ffn_backward);
-}
+TORCH_LIBRARY_IMPL(moeyard, CPU, m) { register_kernels(m); }
 
 #ifdef MOEYARD_WITH_CUDA
-TORCH_LIBRARY_IMPL(moeyard, CUDA, m) {
-  m.impl("grouped_mm", &grouped_mm);
-  m.impl("grouped_mm_backward", &grouped_mm_backward);
-  m.impl("expert_ffn", &expert_ffn);
-  m.impl("_expert_ffn_forward", &expert_ffn_forward);
-  m.impl("_expert_ffn_backward", &expert_ffn_backward);
-}
+TORCH_LIBRARY_IMPL(moeyard, CUDA, m) { register_kernels(m); }
 #endif
 
 }  // namespace moeyard
