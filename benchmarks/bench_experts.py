@@ -157,14 +157,15 @@ def dump(final=False):
         json.dump(doc, fh, indent=1)
 
 
-def safe(label, fn):
-    """Run one anchor; on any error print it and go on (one failure must not lose the rest)."""
+def safe(label, fn, errors="bench_experts_errors.txt"):
+    """Run one anchor; on any error print it, append its traceback to $OUT/``errors`` and go on
+    (one failure must not lose the rest)."""
     try:
         fn()
     except Exception as ex:  # noqa: BLE001
         print(f"!! {label}: {type(ex).__name__}: {str(ex)[:400]}", flush=True)
         os.makedirs(OUT, exist_ok=True)
-        with open(os.path.join(OUT, "bench_experts_errors.txt"), "a") as fh:
+        with open(os.path.join(OUT, errors), "a") as fh:
             fh.write(f"== {label}\n")
             traceback.print_exc(file=fh)
     finally:

@@ -1,5 +1,5 @@
-"""The short table that ends benchmarks/gpu_run.sh: the key rows of bench_routing.json and
-bench_experts.json in $OUT (or the folder given), and the expert targets. A missing or partial file
+"""The short table that ends benchmarks/gpu_run.sh: the key rows of bench_routing.json,
+bench_experts.json and bench_layers.json in $OUT (or the folder given), and the expert targets. A missing or partial file
 prints what it has.
 
     python benchmarks/summary.py [OUT]
@@ -64,6 +64,23 @@ def expert_rows(doc):
         print(f"  {met:12s} {t['target']}: {t['detail']}")
 
 
+def layer_rows(doc):
+    rows = doc.get("rows", [])
+    by = {(r["layer"], r["impl"], r["mode"]): r for r in rows}
+    print("\n| layer (qwen3moe shape) | moeyard fwd+bwd ms | torch fwd+bwd ms | speed-up | "
+          "moeyard / torch peak MiB |")
+    print("|---|---|---|---|---|")
+    for name in dict.fromkeys(r["layer"] for r in rows):
+        m, t = by.get((name, "moeyard", "fwd+bwd")), by.get((name, "torch", "fwd+bwd"))
+        ms = lambda r: f"{r['ms']:.2f}" if r else ""  # noqa: E731
+        sp = f"{t['ms'] / m['ms']:.2f}x" if m and t else ""
+        pk = " / ".join(bx.fmt(r and r["peak_mib"], ".0f") for r in (m, t))
+        print(f"| {name} | {ms(m)} | {ms(t)} | {sp} | {pk} |")
+    warned = [n for n, c in doc.get("checks", {}).items() if c.get("warning")]
+    if warned:
+        print("correctness WARNINGS: " + ", ".join(warned))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     out = argv[0] if argv else os.environ.get("OUT", "out")
@@ -76,6 +93,9 @@ def main(argv=None):
         print(f"\n(experts: {e.get('device', '?')}, torch {e.get('torch', '?')}, "
               f"transformers {e.get('transformers', 'not used')})")
         expert_rows(e)
+    la = load(out, "bench_layers.json")
+    if la:
+        layer_rows(la)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,297 @@
+"""Layer benchmark: every moeyard MoE layer against the same layer written in plain PyTorch, on the
+same weights, same GPU, one run (issue 4). bf16 weights and activations, fp32 router math, training
+mode (capacities, losses and controllers' bookkeeping as in training).
+
+Shape: qwen3moe, d_model 2048, d_ff 768 per expert, 128 experts, T = 16384 tokens (8 x 2048).
+Layers, each configured to route about 8 experts' worth of rows per token where it can:
+  topk      TopKMoE.qwen3_moe(k=8, renormalize=True): softmax, top-8, dropless, balance loss
+  deepseek  TopKMoE.deepseek_v3(k=8): sigmoid + selection bias, best 4 of 8 groups, scale 2.5,
+            plus a shared SwiGLU expert of width d_ff
+  switch    SwitchMoE: top-1, capacity factor 1.25 (drops by position), ReLU experts, balance and
+            z losses (no jitter, so both sides route the same tokens)
+  remoe     ReMoE(k=8, k_max=8): ReLU gates, the 8 largest positive kept, L1 term; at
+            initialisation about half the gates are positive, so k_max = 8 bounds every token to
+            8 experts, ReMoE's steady state
+  ec        ExpertChoiceMoE(capacity_factor=8): each expert takes its top C = 8 T / E tokens
+The plain-PyTorch side is what a careful user writes without moeyard: the routing with torch ops
+(no host sync: histc counts, cumsum positions), the experts as two torch._grouped_mm products over
+the expert-sorted rows (ec: gathered [E, C, d] blocks and two bmm), combine by index_add in fp32.
+Before timing each layer, its loss and the gradients of x, the router and the expert weights are
+compared
+(relative Frobenius error; a WARNING line if above 2e-2).
+
+Columns: ms = median of CUDA-event timings of single calls after warm-up (fwd under no_grad;
+fwd+bwd with loss out.float().pow(2).mean() + the layer's aux losses); peak MiB (fwd+bwd) = peak
+allocated during one step above what was allocated before it, .grad reset first. JSON to
+$OUT/bench_layers.json (OUT default "out"). --cpu-smoke runs the plumbing (and the comparison) on
+CPU at a tiny shape; the test suite runs it.
+
+    python benchmarks/bench_layers.py [--layers topk,switch] [--quick] [--cpu-smoke]
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_experts as bx  # noqa: E402  (timing, peak memory and error capture live there)
+
+SHAPE = (2048, 768, 128, 8, 16384)  # d, f, E, k, T: qwen3moe
+SMOKE_SHAPE = (32, 16, 8, 2, 64)
+SEQ = 2048  # the T tokens as [T // SEQ, SEQ, d]
+TOL = 2e-2
+OUT = os.environ.get("OUT", "out")
+ROWS = []
+META = {}
+
+
+# ------------------------------------------------------------------- the moeyard layers
+
+
+def make_layer(name, d, f, E, k):
+    import moeyard
+    if name == "topk":
+        return moeyard.TopKMoE.qwen3_moe(d, f, num_experts=E, k=k, renormalize=True)
+    if name == "deepseek":
+        groups = min(8, E // 2)
+        return moeyard.TopKMoE.deepseek_v3(d, f, num_experts=E, k=k, n_group=groups,
+                                           topk_group=groups // 2)
+    if name == "switch":
+        return moeyard.SwitchMoE(d, f, E, jitter_eps=0.0)
+    if name == "remoe":
+        return moeyard.ReMoE(d, f, E, k=k, k_max=k)
+    if name == "ec":
+        return moeyard.ExpertChoiceMoE(d, f, E, capacity_factor=float(k))
+    raise KeyError(name)
+
+
+LAYERS = ("topk", "deepseek", "switch", "remoe", "ec")
+
+
+# -------------------------------------------------------------- the plain-PyTorch layers
+
+
+def torch_experts(h, tok, e, w, ex):
+    """sum over assignments (tok, e, w) of w * FFN_e(h[tok]) as two torch._grouped_mm products;
+    assignments with e outside [0, E) (dropped, inactive) contribute nothing."""
+    from moeyard.reference import activation
+    E = ex.num_experts
+    valid = (e >= 0) & (e < E)
+    key = torch.where(valid, e, E)  # invalid rows sort last, past the final offset
+    order = key.argsort(stable=True)
+    tok, w, valid = tok[order], w[order], valid[order]
+    offs = torch.histc(key.float(), bins=E, min=0, max=E - 1).cumsum(0).to(torch.int32)
+    # rows past the last offset are left undefined by _grouped_mm, forward and backward: mask both
+    rows = torch.where(valid[:, None], h[tok], 0.0)
+    a = torch._grouped_mm(rows, ex.gate_up_proj.transpose(1, 2), offs=offs)
+    a = activation(a.float(), ex.activation).to(h.dtype)
+    y = torch._grouped_mm(a, ex.down_proj.transpose(1, 2), offs=offs)
+    y = torch.where(valid[:, None], y.float() * w[:, None].float(), 0.0)
+    return torch.zeros(h.shape, dtype=torch.float32, device=h.device).index_add(0, tok, y)
+
+
+def balance_loss(logits, e, E):
+    """Switch load-balancing loss E * sum_e f_e P_e (f: share of the T k assignments, pre-drop)."""
+    f = torch.histc(e.float(), bins=E, min=0, max=E - 1) / e.numel()
+    return E * (f * torch.softmax(logits, -1).mean(0)).sum()
+
+
+def torch_topk(layer, h):
+    r, E, k = layer.router, layer.num_experts, layer.k
+    logits = F.linear(h.float(), r.weight.float())
+    s = torch.softmax(logits, -1) if r.score == "softmax" else torch.sigmoid(logits)
+    sel = s if r.e_score_correction_bias is None else s + r.e_score_correction_bias
+    T = h.shape[0]
+    if r.n_group > 1:
+        group = sel.view(T, r.n_group, -1).topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group, dtype=torch.bool)
+        keep.scatter_(1, group.topk(r.topk_group, dim=-1).indices, True)
+        sel = sel.masked_fill(~keep.repeat_interleave(E // r.n_group, dim=1), float("-inf"))
+    e = chosen = sel.topk(k, dim=-1).indices
+    w = s.gather(1, e)
+    if r.renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    w = w * r.scale
+    cap = layer.capacity(T)
+    if cap is not None:  # position priority: all first choices, then all second choices, ...
+        onehot = F.one_hot(e.t().reshape(-1), E)  # slot-major order
+        pos = (onehot.cumsum(0) * onehot).sum(-1).view(k, T).t() - 1
+        e = torch.where(pos < cap, e, -1)
+    tok = torch.arange(T, device=h.device).repeat_interleave(k)
+    out = torch_experts(h, tok, e.reshape(-1), w.reshape(-1), layer.experts)
+    if layer.shared_expert is not None:
+        out = out + layer.shared_expert(h).float()
+    losses = []
+    if layer.aux_loss_coef > 0:
+        losses.append(layer.aux_loss_coef * balance_loss(logits, chosen, E))
+    if layer.z_loss_coef > 0:
+        losses.append(layer.z_loss_coef * (torch.logsumexp(logits, -1) ** 2).mean())
+    return out.to(h.dtype), losses
+
+
+def torch_remoe(layer, h):
+    E, T = layer.num_experts, h.shape[0]
+    logits = F.linear(h.float(), layer.router.weight.float())
+    gates, e = F.relu(logits).topk(layer.router.k_max, dim=-1)
+    e = torch.where(gates > 0, e, -1)
+    tok = torch.arange(T, device=h.device).repeat_interleave(e.shape[1])
+    out = torch_experts(h, tok, e.reshape(-1), gates.reshape(-1), layer.experts)
+    counts = torch.histc(e.float(), bins=E, min=0, max=E - 1)
+    f = counts * (E / (layer.k * T))
+    l1 = layer.l1_reg_coeff * (f * F.relu(logits).sum(0)).sum() / T
+    return out.to(h.dtype), [l1]
+
+
+def torch_ec(layer, h):
+    from moeyard.reference import activation
+    ex, T = layer.experts, h.shape[0]
+    scores = torch.softmax(F.linear(h.float(), layer.router.weight.float()), -1)
+    w, tok = scores.t().topk(layer.capacity(T), dim=-1)  # [E, C]
+    a = torch.bmm(h[tok], ex.gate_up_proj.transpose(1, 2))
+    a = activation(a.float(), ex.activation).to(h.dtype)
+    y = torch.bmm(a, ex.down_proj.transpose(1, 2)).float() * w[..., None]
+    out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+    return out.index_add(0, tok.reshape(-1), y.reshape(-1, h.shape[1])).to(h.dtype), []
+
+
+TORCH_LAYERS = {"topk": torch_topk, "deepseek": torch_topk, "switch": torch_topk,
+                "remoe": torch_remoe, "ec": torch_ec}
+
+
+# --------------------------------------------------------------------------------- runner
+
+
+def rel_err(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def moeyard_loss(layer, x):
+    out = layer(x)
+    aux = sum(layer.aux_losses.values(), torch.zeros((), device=x.device))
+    return out.float().pow(2).mean() + aux
+
+
+def torch_loss(name):
+    def loss(layer, x):
+        out, losses = TORCH_LAYERS[name](layer, x.reshape(-1, x.shape[-1]))
+        return out.float().pow(2).mean() + sum(losses, torch.zeros((), device=x.device))
+    return loss
+
+
+def compare(name, layer, x):
+    """Loss (output term + aux losses) and its gradients (x, router, gate_up, down) of the two
+    implementations: relative errors."""
+    params = [x, layer.router.weight, layer.experts.gate_up_proj, layer.experts.down_proj]
+    errs = {}
+    loss_m = moeyard_loss(layer, x)
+    g_m = torch.autograd.grad(loss_m, params)
+    loss_t = torch_loss(name)(layer, x)
+    g_t = torch.autograd.grad(loss_t, params)
+    errs = {"loss": rel_err(loss_m, loss_t)}
+    names = ("x", "router", "gate_up", "down")
+    errs.update({f"grad_{n}": rel_err(a, b) for n, a, b in zip(names, g_m, g_t)})
+    return errs
+
+
+def record(name, impl, mode, ms, peak=None, note=""):
+    ROWS.append(dict(layer=name, impl=impl, mode=mode, ms=ms, peak_mib=peak, note=note))
+    pk = f"{peak:8.0f} MiB" if peak is not None else " " * 12
+    print(f"{name:9s} {impl:8s} {mode:8s} {ms:10.3f} ms {pk}  {note}", flush=True)
+    dump()
+
+
+def dump(final=False):
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "bench_layers.json"), "w") as fh:
+        json.dump(dict(META, rows=ROWS, complete=final), fh, indent=1)
+
+
+def run_layer(name, shape, reps):
+    d, f, E, k, T = shape
+    torch.manual_seed(0)
+    layer = make_layer(name, d, f, E, k).to(device=bx.DEV, dtype=torch.bfloat16).train()
+    S = min(SEQ, T)
+    x = torch.randn(T // S, S, d, device=bx.DEV, dtype=torch.bfloat16).requires_grad_(True)
+    params = [x] + list(layer.parameters())
+
+    errs = compare(name, layer, x)
+    bad = {n: v for n, v in errs.items() if not v <= TOL}
+    note = "rel. err vs torch: " + ", ".join(f"{n} {v:.1e}" for n, v in errs.items())
+    print(f"check {name}: {note}", flush=True)
+    if bad:
+        print(f"WARNING {name}: moeyard and plain PyTorch differ by more than {TOL:.0e}: {bad}",
+              flush=True)
+    META.setdefault("checks", {})[name] = dict(errs, warning=bool(bad))
+    bx.clear_grads(params)
+
+    w, r = reps
+    for impl, loss in (("moeyard", moeyard_loss), ("torch", torch_loss(name))):
+        def fwd(loss=loss):
+            with torch.no_grad():
+                loss(layer, x)
+
+        def step(loss=loss):
+            loss(layer, x).backward()
+
+        record(name, impl, "fwd", bx.bench(fwd, w, r))
+        ms = bx.bench(step, w, r)
+        record(name, impl, "fwd+bwd", ms, bx.peak_extra_mib(step, params))
+        bx.clear_grads(params)
+
+
+def print_report():
+    print("\n| layer | moeyard fwd ms | torch fwd ms | moeyard fwd+bwd ms | torch fwd+bwd ms | "
+          "speed-up fwd+bwd | moeyard peak MiB | torch peak MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    by = {(r["layer"], r["impl"], r["mode"]): r for r in ROWS}
+    for name in dict.fromkeys(r["layer"] for r in ROWS):
+        cells = []
+        for impl, mode in (("moeyard", "fwd"), ("torch", "fwd"), ("moeyard", "fwd+bwd"),
+                           ("torch", "fwd+bwd")):
+            row = by.get((name, impl, mode))
+            cells.append(f"{row['ms']:.2f}" if row else "")
+        m, t = by.get((name, "moeyard", "fwd+bwd")), by.get((name, "torch", "fwd+bwd"))
+        cells.append(f"{t['ms'] / m['ms']:.2f}x" if m and t else "")
+        for row in (m, t):
+            cells.append(bx.fmt(row and row["peak_mib"], ".0f"))
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", default=",".join(LAYERS), help="comma-separated subset")
+    ap.add_argument("--quick", action="store_true", help="fewer warm-up calls and repetitions")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="tiny shape on CPU: the plumbing and the comparison, numbers meaningless")
+    args = ap.parse_args(argv)
+    names = [n for n in args.layers.split(",") if n]
+    for n in names:
+        if n not in LAYERS:
+            ap.error(f"unknown layer {n!r} (known: {', '.join(LAYERS)})")
+    if args.cpu_smoke:
+        bx.DEV, shape, reps = "cpu", SMOKE_SHAPE, (1, 2)
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("bench_layers.py needs a GPU (--cpu-smoke runs its plumbing on CPU)")
+        shape, reps = SHAPE, ((1, 3) if args.quick else (3, 10))
+    import moeyard
+    dev = torch.cuda.get_device_name() if bx.DEV == "cuda" else "cpu"
+    META.update(device=dev, torch=torch.__version__, moeyard=moeyard.__version__, shape=shape,
+                reps=reps, date=time.strftime("%Y-%m-%d"))
+    print(f"device {dev}, torch {torch.__version__}; d, f, E, k, T = {shape}", flush=True)
+    for name in names:
+        bx.safe(f"layer {name}", lambda: run_layer(name, shape, reps), "bench_layers_errors.txt")
+    print_report()
+    dump(final=True)
+    return 1 if any(c["warning"] for c in META.get("checks", {}).values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
