@@ -237,11 +237,11 @@ class SmearRouter(nn.Module):
         """The routing input ``v [B, d]`` (fp32, fp64 for fp64 x): the mean of ``x [B, S, d]`` over
         the sequence, over the positions where ``attention_mask`` is nonzero if given."""
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xs = x.to(acc)
         if attention_mask is None:
-            return xs.sum(1) / max(x.shape[1], 1)
-        keep = (attention_mask != 0).to(acc)
-        return (xs * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
+            return x.sum(1, dtype=acc) / max(x.shape[1], 1)
+        keep = attention_mask != 0
+        total = (x * keep[..., None].to(x.dtype)).sum(1, dtype=acc)  # x * 0/1 is exact
+        return total / keep.sum(1, keepdim=True, dtype=acc).clamp(min=1)
 
     def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         v = self.pooled(x, attention_mask)
