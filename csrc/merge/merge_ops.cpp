@@ -17,7 +17,7 @@
 // expert an N x K block, as nn.Linear and Hugging Face v5 store it) or a transpose(1, 2) view of an
 // [E, K, N]-contiguous tensor. Either way the experts are the rows of one [E, N*K] matrix, so the
 // merge of a chunk of examples is one GEMM probs[chunk, E] @ W[E, N*K]; the merged chunk is used
-// through a view in the same order. Other strides cost one copy of the weight per call.
+// through a view in the same order. Other strides cost a copy of the weight (forward and backward).
 // grad_weight gets weight's memory order, grad_bias bias's.
 //
 // Memory. The merged weights of all B examples (B*N*K elements) are never materialized at once:
@@ -42,7 +42,7 @@
 //   not merging        y = sum_e probs[b,e] (x[b] W_e^T + bias_e), the same function (it is linear
 //                      in W): 2*E*S*P flops; the weights are read once per call (one GEMM per
 //                      expert over all B*S rows), plus E*S*N partial outputs to combine.
-//   By flops merging wins for every S >= 2 (ratio E*S / (E + S)). When the merge is bound by
+//   By flops merging wins whenever (E - 1)(S - 1) > 1 (ratio E*S / (E + S)). When it is bound by
 //   memory it can lose: at ~295 flop/byte (H100 bf16: ~990 TFLOP/s dense, 3.35 TB/s) not merging is
 //   cheaper while S < (E/c + 2) * s * 295 / (2E): for bf16 and E = 8 about S < 370 when one
 //   example fits a chunk (experts as large as a full FFN) and S < 74 when all do (small experts).
