@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "merge/merge.h"
+
 #ifndef MOEYARD_CUDA_ARCHS
 #define MOEYARD_CUDA_ARCHS ""
 #endif
@@ -86,4 +88,16 @@ TORCH_LIBRARY(moeyard, m) {
         "Tensor offsets, int? capacity, Tensor weights, Tensor w1, Tensor w2, Tensor? b1, "
         "Tensor? b2, str activation, Tensor h, bool[6] output_mask) -> (Tensor grad_x, "
         "Tensor grad_weights, Tensor grad_w1, Tensor grad_w2, Tensor grad_b1, Tensor grad_b2)");
+
+  // --- SMEAR merged experts (csrc/merge) ---
+  // y[b] = x[b] @ (sum_e probs[b,e] W_e)^T + sum_e probs[b,e] bias_e: x [B,S,K], probs [B,E] fp32,
+  // weight [E,N,K] (logical, either memory order), bias [E,N] -> [B,S,N]; merged in chunks.
+  m.def("merged_linear(Tensor x, Tensor probs, Tensor weight, Tensor? bias=None) -> Tensor");
+  // Gradients of merged_linear w.r.t. (x, probs, weight, bias) where output_mask says so (else
+  // empty [0]); recomputes the merged weights.
+  m.def("_merged_linear_backward(Tensor grad, Tensor x, Tensor probs, Tensor weight, "
+        "Tensor? bias, bool[4] output_mask) -> (Tensor grad_x, Tensor grad_probs, "
+        "Tensor grad_weight, Tensor grad_bias)");
+  // Sets merged_linear's bytes of merged weights per chunk (process-wide); returns the previous.
+  m.def("_set_merge_budget(int bytes) -> int", &moeyard::set_merge_budget);
 }

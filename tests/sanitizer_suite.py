@@ -48,5 +48,23 @@ for cap in (None, 7):
         wt = w.clone().requires_grad_()
         out = moeyard.expert_ffn(xb, p, wt, *params, act, layout)
         out.float().square().sum().backward()
+
+# SMEAR: merged_linear in bf16 (both weight memory orders, with a bias) and fp32, forward and
+# backward, in one chunk and one example per chunk (budget 0), and a SmearMoE layer.
+Bm, Sm, K, N, Em = 5, 7, 40, 24, 6
+probs = torch.softmax(torch.randn(Bm, Em, device=dev), -1).requires_grad_()
+for dt in (torch.bfloat16, torch.float32):
+    xm = torch.randn(Bm, Sm, K, device=dev, dtype=dt, requires_grad=True)
+    bm = torch.randn(Em, N, device=dev, dtype=dt, requires_grad=True)
+    for wm in (torch.randn(Em, N, K, device=dev, dtype=dt),
+               torch.randn(Em, K, N, device=dev, dtype=dt).transpose(1, 2)):
+        wm.requires_grad_()
+        for budget in (256 << 20, 0):
+            old = moeyard.ops._set_merge_budget(budget)
+            moeyard.merged_linear(xm, probs, wm, bm).float().square().sum().backward()
+            moeyard.ops._set_merge_budget(old)
+smear = moeyard.SmearMoE(d, 16, 4, activation="silu", expert_bias=True).to(dev)
+mask = torch.arange(12, device=dev) < torch.tensor([[12], [5], [0]], device=dev)
+smear(torch.randn(3, 12, d, device=dev), attention_mask=mask).square().sum().backward()
 torch.cuda.synchronize()
 print("sanitizer suite: all ops ran")

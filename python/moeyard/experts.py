@@ -1,5 +1,5 @@
-"""Expert modules: the routed experts (stacked weights, computed by :func:`moeyard.expert_ffn`) and
-the dense SwiGLU MLP used as a shared expert.
+"""Expert modules: the routed experts (stacked weights, computed by :func:`moeyard.expert_ffn`), the
+dense SwiGLU MLP used as a shared expert, and SMEAR's merged experts (:func:`moeyard.merged_linear`).
 
 Weights are stored in Hugging Face v5's layout so checkpoints map one to one:
 ``gate_up_proj [E, N1, d]`` (nn.Linear order; N1 = 2I, gate rows then up rows, for SwiGLU, N1 = I
@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import RoutingPlan, expert_ffn
+from .ops import RoutingPlan, expert_ffn, merged_linear
 from .reference import ACTIVATIONS
 
-__all__ = ["Experts", "SwiGLUMLP"]
+__all__ = ["Experts", "SwiGLUMLP", "MergedExperts"]
 
 _GATED = ("swiglu", "swiglu_oss")
 
@@ -99,3 +99,78 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+SMEAR_ACTIVATIONS = ("swiglu", "silu", "gelu", "relu")
+
+
+def _smear_activation(h: Tensor, name: str) -> Tensor:
+    """act(h) in fp32 (fp64 for fp64), returned in h's dtype. swiglu: ``silu(gate) * up`` over the
+    halves [gate | up]; silu (swish, SMEAR's adapters), gelu (erf) and relu: elementwise."""
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    hf = h.to(acc)
+    if name == "swiglu":
+        gate, up = hf.chunk(2, dim=-1)
+        out = F.silu(gate) * up
+    elif name == "silu":
+        out = F.silu(hf)
+    elif name == "gelu":
+        out = F.gelu(hf)
+    else:
+        out = torch.relu(hf)
+    return out.to(h.dtype)
+
+
+class MergedExperts(nn.Module):
+    """SMEAR's experts (ALGORITHMS.md 3.3): E MLPs whose parameters are averaged per example with
+    its routing probabilities, then run once: ``forward(x [B, S, d], probs [B, E]) -> [B, S, d]``,
+    ``out[b] = act(x[b] W1_b^T + b1_b) W2_b^T + b2_b`` with ``W_b = sum_e probs[b, e] W_e``
+    (two :func:`moeyard.merged_linear` calls around the activation; no per-expert forward).
+
+    Parameters in Hugging Face v5's layout, named as :class:`Experts`: ``gate_up_proj [E, N1, d]``
+    (N1 = 2I, gate rows then up rows, for ``"swiglu"``; I otherwise), ``down_proj [E, d, I]``,
+    optional ``gate_up_proj_bias [E, N1]`` and ``down_proj_bias [E, d]``.
+
+    Args:
+        num_experts, hidden_size, intermediate_size: E, d, I.
+        activation: ``"swiglu"`` (default, as the other layers), or ``"silu"`` (swish: SMEAR's
+            bottleneck adapters), ``"gelu"``, ``"relu"``. Computed in fp32, kept in x's dtype.
+        bias: with ``gate_up_proj_bias`` and ``down_proj_bias`` (zeros at init; SMEAR's adapters
+            have a down-projection bias). Default False.
+        initializer_range: std of the normal init of the weights (default 0.02).
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 activation: str = "swiglu", bias: bool = False, initializer_range: float = 0.02,
+                 device=None, dtype=None):
+        super().__init__()
+        if activation not in SMEAR_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {SMEAR_ACTIVATIONS}, got {activation!r}")
+        for name, v in (("num_experts", num_experts), ("hidden_size", hidden_size),
+                        ("intermediate_size", intermediate_size)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        self.num_experts, self.hidden_size = num_experts, hidden_size
+        self.intermediate_size, self.activation = intermediate_size, activation
+        self.initializer_range = initializer_range
+        n1 = 2 * intermediate_size if activation == "swiglu" else intermediate_size
+        kw = dict(device=device, dtype=dtype)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, n1, hidden_size, **kw))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size,
+                                                  **kw))
+        if bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, n1, **kw))
+            self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size, **kw))
+        else:
+            self.register_parameter("gate_up_proj_bias", None)
+            self.register_parameter("down_proj_bias", None)
+        self.reset_parameters()
+
+    # Initialization (weights ~ N(0, initializer_range^2), biases 0) and repr as Experts.
+    reset_parameters = Experts.reset_parameters
+    def forward(self, x: Tensor, probs: Tensor) -> Tensor:
+        h = merged_linear(x, probs, self.gate_up_proj, self.gate_up_proj_bias)
+        return merged_linear(_smear_activation(h, self.activation), probs, self.down_proj,
+                             self.down_proj_bias)
+
+    extra_repr = Experts.extra_repr

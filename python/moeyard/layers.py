@@ -5,7 +5,8 @@
 plus an optional dense shared expert. Tokens that a capacity drops get 0 from the layer (the
 block's residual carries them). :class:`ReMoE` routes by :func:`moeyard.relu_route` (variable
 experts per token), :class:`ExpertChoiceMoE` by :func:`moeyard.expert_choice`; both use the same
-:class:`Experts`.
+:class:`Experts`. :class:`SmearMoE` routes whole examples and merges the experts' parameters
+(:class:`SmearRouter`, :class:`MergedExperts`, :func:`moeyard.merged_linear`).
 
 After every forward the layer holds
   ``aux_losses``  dict of scalar tensors, already multiplied by their coefficients (``"balance"``:
@@ -23,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .experts import Experts, SwiGLUMLP
+from .experts import Experts, MergedExperts, SwiGLUMLP
 from .ops import expert_capacity, expert_choice, load_stats, plan, router_losses
-from .routers import ReLURouter, RouterLinear, TopKRouter
+from .routers import ReLURouter, RouterLinear, SmearRouter, TopKRouter
 
-__all__ = ["TopKMoE", "SwitchMoE", "ReMoE", "ExpertChoiceMoE"]
+__all__ = ["TopKMoE", "SwitchMoE", "ReMoE", "ExpertChoiceMoE", "SmearMoE"]
 
 
 def _tokens(layer: nn.Module, x: Tensor) -> Tensor:
@@ -364,3 +365,75 @@ class ExpertChoiceMoE(nn.Module):
 
     def extra_repr(self) -> str:
         return f"capacity_factor={self.capacity_factor}"
+
+
+class SmearMoE(nn.Module):
+    """SMEAR layer (Muqeeth, Liu, Raffel, TMLR 2024): Soft Merging of Experts with Adaptive Routing.
+
+    Each *example* gets one routing distribution ``probs [B, E]`` (:class:`SmearRouter`: mean of
+    the input over the sequence, LayerNorm, normalized router weights, softmax in fp32, expert
+    dropout in training), and the E expert MLPs' parameters are averaged with it into one MLP that
+    runs on all the example's tokens (:class:`MergedExperts`). Every expert gets a gradient from
+    every example; there is no top-k, no token dropping and no load-balancing loss
+    (``aux_losses`` is always empty). Cost: one MLP per example plus the merge (see
+    :func:`moeyard.merged_linear`).
+
+    ``forward(x [B, S, d], attention_mask [B, S] = None) -> [B, S, d]``, the MLP output (the
+    block's residual adds it). A ``[T, d]`` input is one example of T tokens (mask ``[T]``).
+    ``attention_mask`` (nonzero = real token) makes the routing input the mean over the real
+    tokens only; without it the mean runs over every position, padding included, which is what the
+    reference implementation does (the mask is moeyard's choice, see :class:`SmearRouter`).
+    Padding positions still get an output (from their example's merged MLP).
+
+    **Not causal** across a sequence: every token's experts depend on the whole example (the
+    reference routes decoder layers on the encoder output for that reason).
+
+    ``last_stats`` (detached): ``"probs_mean"`` [E] the average routing probability of each expert
+    over the batch (after expert dropout: the mass each expert got in the merge), ``"entropy"``
+    the mean routing entropy in nats (log E: uniform, 0: one expert per example).
+
+    Args:
+        hidden_size, intermediate_size, num_experts: d, I, E.
+        activation: ``"swiglu"`` (default, as the other layers), ``"silu"`` (swish, SMEAR's
+            adapters), ``"gelu"`` or ``"relu"``.
+        expert_bias: biases in both expert projections (default False).
+        expert_dropout: probability of dropping each (example, expert) pair in training, the kept
+            probabilities renormalized; default 0.1, the value of SMEAR's runs (ALGORITHMS.md 3.4).
+            0 turns it off; eval never drops.
+        router_init_scale: initial gain of the router weight normalization (default 1e-2: near
+            uniform routing at init, as the reference).
+        initializer_range: std of the normal init of the expert weights (default 0.02).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, *,
+                 activation: str = "swiglu", expert_bias: bool = False,
+                 expert_dropout: float = 0.1, router_init_scale: float = 1e-2,
+                 initializer_range: float = 0.02, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.hidden_size, self.num_experts = hidden_size, num_experts
+        self.router = SmearRouter(hidden_size, num_experts, expert_dropout=expert_dropout,
+                                  router_init_scale=router_init_scale, **kw)
+        self.experts = MergedExperts(num_experts, hidden_size, intermediate_size, activation,
+                                     expert_bias, initializer_range, **kw)
+        self.aux_losses: dict[str, Tensor] = {}
+        self.last_stats: dict[str, Tensor] = {}
+
+    def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        if x.dim() not in (2, 3) or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"SmearMoE expects [B, S, hidden_size={self.hidden_size}] or "
+                             f"[T, hidden_size] input, got shape {tuple(x.shape)}")
+        xb = x if x.dim() == 3 else x.unsqueeze(0)
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(x.shape[:-1]):
+                raise ValueError(f"attention_mask must have shape {tuple(x.shape[:-1])} (x's "
+                                 f"without the last dim), got {tuple(attention_mask.shape)}")
+            attention_mask = attention_mask.view(xb.shape[:-1])
+        probs = self.router(xb, attention_mask)
+        out = self.experts(xb, probs)
+        self.aux_losses = {}
+        with torch.no_grad():
+            n = max(probs.shape[0], 1)
+            self.last_stats = {"probs_mean": probs.sum(0) / n,
+                               "entropy": torch.special.entr(probs).sum() / n}
+        return out.view(x.shape)

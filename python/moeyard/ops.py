@@ -34,6 +34,7 @@ __all__ = [
     "expert_capacity",
     "grouped_mm",
     "expert_ffn",
+    "merged_linear",
     "ACTIVATIONS",
 ]
 
@@ -433,3 +434,57 @@ def _expert_ffn_backward_fake(grad, x, row_source, token_row, offsets, capacity,
         return torch.empty_like(t) if need and t is not None else x.new_empty((0,))
     return (like(x, output_mask[0]), like(weights, output_mask[1]), like(w1, output_mask[2]),
             like(w2, output_mask[3]), like(b1, output_mask[4]), like(b2, output_mask[5]))
+
+
+# ------------------------------------------------------------------------- SMEAR merged experts
+
+
+def merged_linear(x: Tensor, probs: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """SMEAR's merged expert as one linear layer (ALGORITHMS.md 3.3): per example b,
+    ``y[b] = x[b] @ (sum_e probs[b,e] W_e)^T + sum_e probs[b,e] bias_e``; ``[B, S, N]``.
+
+    Args:
+        x: ``[B, S, K]`` (fp32, fp16 or bf16; fp64 on CPU): B examples of S tokens.
+        probs: ``[B, E]`` routing probabilities, fp32 (fp64 with fp64 x).
+        weight: ``[E, N, K]`` expert weights in x's dtype, nn.Linear order (Hugging Face v5's
+            ``gate_up_proj`` / ``down_proj``). Either memory order works without a copy:
+            contiguous, or ``w.transpose(1, 2)`` of an ``[E, K, N]``-contiguous tensor.
+        bias: optional ``[E, N]`` in x's dtype.
+
+    The merged weights are formed chunk by chunk (never all B at once when that is large: at most
+    256 MiB of merged weights per chunk, at least one example; the chunk size depends only on the
+    shapes) by one GEMM ``probs @ W[E, N*K]`` with fp32 accumulation, rounded to x's dtype, then
+    one batched product per chunk. Differentiable w.r.t. all four inputs; the backward recomputes
+    the merged weights instead of saving them. Gradients of ``weight`` and ``bias`` have their
+    memory order. Details and costs: csrc/merge/merge_ops.cpp.
+    """
+    return _ops.merged_linear.default(x, probs, weight, bias)
+
+
+@torch.library.register_fake("moeyard::merged_linear")
+def _merged_linear_fake(x, probs, weight, bias=None):
+    torch._check(x.dim() == 3 and probs.dim() == 2 and weight.dim() == 3,
+                 lambda: "x must be 3-D, probs 2-D and weight 3-D")
+    torch._check(weight.shape[2] == x.shape[2],
+                 lambda: f"x has K={x.shape[2]}, weight [E, N, K] has K={weight.shape[2]}")
+    torch._check(probs.shape[0] == x.shape[0] and probs.shape[1] == weight.shape[0],
+                 lambda: f"probs must be [B, E] = [{x.shape[0]}, {weight.shape[0]}]")
+    return x.new_empty((x.shape[0], x.shape[1], weight.shape[1]))
+
+
+@torch.library.register_fake("moeyard::_merged_linear_backward")
+def _merged_linear_backward_fake(grad, x, probs, weight, bias, output_mask):
+    def like(t, need, keep_strides):
+        if not need or t is None:
+            return x.new_empty((0,))
+        return torch.empty_like(t) if keep_strides else t.new_empty(t.shape)
+    return (like(x, output_mask[0], False), like(probs, output_mask[1], False),
+            like(weight, output_mask[2], True), like(bias, output_mask[3], True))
+
+
+def _set_merge_budget(nbytes: int) -> int:
+    """Sets the bytes of merged weights :func:`merged_linear` forms per chunk (process-wide; the
+    default is 256 MiB, one example per chunk at least); returns the previous value. A tuning and
+    testing knob: a smaller budget means more, smaller chunks (the experts' weights are read once
+    per chunk), never a different result beyond rounding."""
+    return _ops._set_merge_budget(nbytes)

@@ -343,3 +343,17 @@ def expert_ffn(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1=
         y = y + torch.where((expert >= 0)[:, None], b2.to(acc)[expert.clamp(min=0)], 0)
     y = torch.where((expert >= 0)[:, None], y, 0)
     return unpermute(y, row_source, token_row, weights.to(acc)).to(x.dtype)
+
+
+def merged_linear(x, probs, weight, bias=None):
+    """SMEAR's merged expert (ALGORITHMS.md 3.3), the explicit einsum merge:
+    Wbar[b] = sum_e probs[b,e] weight[e] ([B, N, K], fp32, rounded once to x's dtype as the kernel
+    does before its product), y[b] = x[b] @ Wbar[b]^T + sum_e probs[b,e] bias[e] (fp32), returned
+    in x's dtype. x [B,S,K], probs [B,E], weight [E,N,K] (nn.Linear order), bias [E,N]."""
+    acc = _acc_dtype(x)
+    p = probs.to(acc)
+    merged = torch.einsum("be,enk->bnk", p, weight.to(acc)).to(x.dtype)
+    y = torch.einsum("bsk,bnk->bsn", x.to(acc), merged.to(acc))
+    if bias is not None:
+        y = y + torch.einsum("be,en->bn", p, bias.to(acc))[:, None, :]
+    return y.to(x.dtype)

@@ -4,7 +4,7 @@
 Qwen (softmax top-k, optional renormalization) and DeepSeek-V3 (sigmoid, selection bias,
 group-limited, renormalized, scaled); :class:`ReLURouter` (:func:`moeyard.relu_route`) serves ReMoE.
 Both share :class:`RouterLinear` (weight, init, jitter, fp32 logits), which expert-choice uses
-directly.
+directly. :class:`SmearRouter` routes whole examples (SMEAR).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .ops import relu_route, route
 
-__all__ = ["RouterLinear", "TopKRouter", "ReLURouter"]
+__all__ = ["RouterLinear", "TopKRouter", "ReLURouter", "SmearRouter"]
 
 SCORES = ("softmax", "sigmoid")
 
@@ -183,3 +183,81 @@ def _check_routing(hidden_size, num_experts, k, score, n_group, topk_group, jitt
                          f"topk_group={topk_group} groups of {num_experts // n_group}")
     if not 0 <= jitter_eps < 1:
         raise ValueError(f"jitter_eps={jitter_eps} must be in [0, 1)")
+
+
+class SmearRouter(nn.Module):
+    """SMEAR's router (ALGORITHMS.md 3.2): one probability vector per example, not per token.
+
+    ``forward(x [B, S, d], attention_mask [B, S] = None) -> probs [B, E]`` (fp32; fp64 for fp64 x):
+
+    - ``v`` = mean of ``x`` over the sequence. The reference code averages over *all* positions,
+      padding included (plain ``mean(dim=1)``); with an ``attention_mask`` (nonzero = real token)
+      moeyard averages over the real tokens only, moeyard's choice (an all-padding example gets
+      ``v = 0``). Without a mask every position counts, as the reference.
+    - ``v = norm(v)``: a LayerNorm (affine) of the pooled input.
+    - ``W_hat = weight_norm(weight)``: each expert's router vector (``weight [E, d]``, Hugging
+      Face's router layout) normalized over d by a LayerNorm whose gain starts at
+      ``router_init_scale`` (1e-2), so the initial logits are tiny and routing starts near uniform.
+      This norm has no bias: one added to every expert's vector shifts all logits by the same
+      ``v . bias``, which the softmax ignores (the reference's LayerNorm has one, never trained).
+    - ``probs = softmax(v W_hat^T)``; no router bias.
+    - In training with ``expert_dropout = p > 0`` each (example, expert) is dropped with
+      probability p (one ``torch.rand(B, E)`` draw) and the kept probabilities renormalized as the
+      reference does: ``probs = (probs * keep + 1e-10) / sum(probs * keep + 1e-10)``.
+
+    All of it in fp32 whatever the parameters' dtype. ``weight ~ N(0, router_init_scale^2)`` as the
+    reference (the LayerNorm removes its scale); the input norm starts as the identity norm (gain 1,
+    bias 0), ``weight_norm``'s gain ``router_init_scale``.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, *, expert_dropout: float = 0.1,
+                 router_init_scale: float = 1e-2, device=None, dtype=None):
+        super().__init__()
+        if hidden_size < 1 or num_experts < 1:
+            raise ValueError(f"hidden_size={hidden_size} and num_experts={num_experts} must be "
+                             ">= 1")
+        if not 0 <= expert_dropout < 1:
+            raise ValueError(f"expert_dropout={expert_dropout} must be in [0, 1)")
+        if not router_init_scale > 0:
+            raise ValueError(f"router_init_scale={router_init_scale} must be > 0")
+        kw = dict(device=device, dtype=dtype)
+        self.hidden_size, self.num_experts = hidden_size, num_experts
+        self.expert_dropout, self.router_init_scale = expert_dropout, router_init_scale
+        self.norm = nn.LayerNorm(hidden_size, **kw)
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, **kw))
+        self.weight_norm = nn.LayerNorm(hidden_size, bias=False, **kw)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.norm.reset_parameters()
+        nn.init.normal_(self.weight, std=self.router_init_scale)
+        nn.init.constant_(self.weight_norm.weight, self.router_init_scale)
+
+    def pooled(self, x: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """The routing input ``v [B, d]`` (fp32, fp64 for fp64 x): the mean of ``x [B, S, d]`` over
+        the sequence, over the positions where ``attention_mask`` is nonzero if given."""
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if attention_mask is None:
+            return x.sum(1, dtype=acc) / max(x.shape[1], 1)
+        keep = attention_mask != 0
+        total = (x * keep[..., None].to(x.dtype)).sum(1, dtype=acc)  # x * 0/1 is exact
+        return total / keep.sum(1, keepdim=True, dtype=acc).clamp(min=1)
+
+    def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        v = self.pooled(x, attention_mask)
+        acc = v.dtype
+        v = F.layer_norm(v, (self.hidden_size,), self.norm.weight.to(acc),
+                         self.norm.bias.to(acc), self.norm.eps)
+        w_hat = F.layer_norm(self.weight.to(acc), (self.hidden_size,),
+                             self.weight_norm.weight.to(acc), None, self.weight_norm.eps)
+        probs = torch.softmax(v @ w_hat.t(), dim=-1)
+        if self.training and self.expert_dropout > 0:
+            keep = torch.rand(probs.shape, device=probs.device) >= self.expert_dropout
+            probs = probs * keep + 1e-10
+            probs = probs / probs.sum(-1, keepdim=True)
+        return probs
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, "
+                f"expert_dropout={self.expert_dropout}, "
+                f"router_init_scale={self.router_init_scale}")
