@@ -411,6 +411,22 @@ def test_expert_ffn_grads_match_reference(device, dtype, T, k, E, H, I, capacity
         assert_close(a, b, GRAD_TOL[dtype], scaled=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("given", ["b1", "b2"])
+def test_expert_ffn_one_bias_grads(device, given):
+    """Only one of the two biases given (the other None): its gradient and the rest still match
+    (the autograd maps gradients to the inputs that exist)."""
+    x, p, weights, (gu, dn, b1, b2) = ffn_setup(20, 2, 4, 8, 6, "swiglu", torch.float32, device,
+                                                p_none=0.1, bias=True)
+    b1, b2 = (b1, None) if given == "b1" else (None, b2)
+    leaves = [t.requires_grad_() for t in (x, weights, gu, dn, b1 if given == "b1" else b2)]
+    g = torch.randn(20, 8, device=device)
+    got = torch.autograd.grad(ffn(x, p, weights, gu, dn, b1, b2, "swiglu", "linear"), leaves, g)
+    want = grads(ffn_ref(x, p, weights, gu, dn, b1, b2, "swiglu", "linear"), leaves, g)
+    for a, b in zip(got, want):
+        assert_close(a, b, GRAD_TOL[torch.float32], scaled=True)
+
+
 @pytest.mark.parametrize("activation", ref.ACTIVATIONS)
 @pytest.mark.parametrize("capacity,p_none", [(None, 0.3), (3, 0.0)], ids=["dropless", "capacity"])
 @pytest.mark.parametrize("layout", ["linear", "matmul"])

@@ -7,6 +7,7 @@
 // one intermediate it keeps: the backward recomputes the activation from it and never needs the
 // second product (see expert_ops.cpp). Without grad mode it runs the plain op and saves nothing.
 #include <torch/autograd.h>
+#include <algorithm>
 #include <array>
 #include <torch/library.h>
 
@@ -106,11 +107,18 @@ class ExpertFfnFunction : public torch::autograd::Function<ExpertFfnFunction> {
         c10::string_view, const at::Tensor&, std::array<bool, 6>)>("moeyard::_expert_ffn_backward");
     constexpr int kInputs = 11;
     tensor_list result(kInputs);
-    std::array<bool, 6> mask{};
-    bool any = false;
-    for (int i = 0; i < 6; ++i) any |= (mask[i] = ctx->needs_input_grad(i));
-    if (!grads[0].defined() || !any) return result;
     const auto s = ctx->get_saved_variables();
+    // needs_input_grad counts the graph's edges, which exist only for the biases that were given:
+    // b2 is edge 4 when b1 is absent.
+    std::array<bool, 6> mask{};
+    int edge = 0;
+    for (int i = 0; i < 6; ++i) {
+      const bool given = i < 4 || s[i].defined();
+      mask[i] = given && ctx->needs_input_grad(edge);
+      edge += given;
+    }
+    const bool any = std::any_of(mask.begin(), mask.end(), [](bool m) { return m; });
+    if (!grads[0].defined() || !any) return result;
     const auto cap = ctx->saved_data["capacity"];
     const auto activation = ctx->saved_data["activation"].toStringRef();
     auto grads_out = op.call(grads[0], s[0], s[6], s[7], s[8],
