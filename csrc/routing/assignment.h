@@ -35,11 +35,6 @@ struct Params {
   int64_t max_rounds = kDefaultMaxRounds;
   MOEYARD_HD int64_t capacity(int64_t e) const { return m + (e < r ? 1 : 0); }
   MOEYARD_HD int64_t slot_offset(int64_t e) const { return e * m + (e < r ? e : r); }
-  // The expert whose slots hold slot s (the inverse of slot_offset).
-  MOEYARD_HD int64_t expert_of_slot(int64_t s) const {
-    const int64_t big = r * (m + 1);
-    return s < big ? s / (m + 1) : r + (s - big) / m;
-  }
 };
 
 MOEYARD_HD bool is_finite(double x) {

@@ -8,8 +8,10 @@
 // Values V[t,e] = Q[t,e] * (T+1) (Q: the scores on the integer grid), one price p_e per expert.
 // A phase with increment eps starts with every token unassigned and the prices of the last phase.
 // Each round (Jacobi: all at once, against the prices at the start of the round), every unassigned
-// token t bids for its best expert e* = argmax_e V[t,e] - p_e (ties: lowest e), bidding
-// p_e* + (best - second best) + eps. Each expert keeps the best `capacity` of its held tokens and
+// token t bids for its best expert e* = argmax_e V[t,e] - p_e, bidding p_e* + (best - second best)
+// + eps. Among equal experts it takes the first in the cyclic order t mod E_eff, t+1, ... (equal
+// tokens then spread over equal experts instead of all bidding for the lowest one, which would
+// take a round per expert). Each expert keeps the best `capacity` of its held tokens and
 // its new bidders (higher bid first, ties to the lower token) and releases the others; a full
 // expert's price is then its lowest kept bid (a non-full expert keeps its price). Every assigned
 // token stays within eps of its best expert (eps-complementary slackness), so a phase that ends
@@ -87,7 +89,9 @@ class Auction {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t t = bidders[i];
         int64_t best = std::numeric_limits<int64_t>::min(), second = best, arg = 0;
-        for (int64_t e = 0; e < Ee_; ++e) {
+        const int64_t first = t % Ee_;  // equal experts: the first from t mod E_eff, cyclically
+        for (int64_t j = 0; j < Ee_; ++j) {
+          const int64_t e = first + j < Ee_ ? first + j : first + j - Ee_;
           const int64_t v = value(t, e);
           if (v > best) {
             second = best;
@@ -205,8 +209,8 @@ at::Tensor balanced_assignment_cpu(const at::Tensor& scores_in, int64_t max_roun
     });
   });
   int32_t* owner = out.mutable_data_ptr<int32_t>();
-  if (grid.qmax == 0) {  // all scores equal: the auction fills experts in token order
-    for (int64_t t = 0; t < p.T; ++t) owner[t] = static_cast<int32_t>(p.expert_of_slot(t));
+  if (grid.qmax == 0) {  // all scores equal: the auction's one round sends token t to t mod E_eff
+    for (int64_t t = 0; t < p.T; ++t) owner[t] = static_cast<int32_t>(t % p.E_eff);
     return out;
   }
   Auction(p, Q.data(), owner).run(grid.qmax);

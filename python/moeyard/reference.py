@@ -229,8 +229,9 @@ def balanced_assignment(scores, max_rounds=ASSIGNMENT_MAX_ROUNDS):
 
     Forward auction with epsilon-scaling (Bertsekas) on V = Q * (T+1), one price per expert:
     a phase (eps) starts with all tokens unassigned and the last phase's prices. Each round, every
-    unassigned token bids for its best expert e* = argmax V[t,e] - p_e (ties: lowest e), the bid
-    being p_e* + (best - second best) + eps; each expert keeps the best `capacity` of its held
+    unassigned token bids for its best expert e* = argmax V[t,e] - p_e (among equal experts the
+    first in the cyclic order t mod Ee, t+1 mod Ee, ..., Ee = min(T, E), which spreads the bids of
+    equal tokens over equal experts), the bid being p_e* + (best - second best) + eps; each expert keeps the best `capacity` of its held
     tokens and new bidders (higher bid first, ties to the lower token) and releases the rest; a
     full expert's price becomes its lowest kept bid. eps starts at max(1, qmax*(T+1) // 8) and is
     divided by 8 per phase down to 1 (prices shifted to min 0 between phases); the last phase makes
@@ -266,8 +267,11 @@ def balanced_assignment(scores, max_rounds=ASSIGNMENT_MAX_ROUNDS):
             rounds += 1
             U = (owner < 0).nonzero().flatten()
             val = V[U] - price
-            best_v, best = val.max(dim=1)
-            best = (val == best_v[:, None]).int().argmax(dim=1)  # lowest expert among ties
+            best_v = val.max(dim=1).values
+            # among equal experts, the first in token t's cyclic order t mod Ee, t+1 mod Ee, ...
+            rot = (torch.arange(Ee, device=dev)[None, :] + U[:, None]) % Ee
+            first = (val.gather(1, rot) == best_v[:, None]).int().argmax(dim=1)
+            best = (first + U) % Ee
             second = val.scatter(1, best[:, None], -big).max(dim=1).values
             cand_e, cand_b = owner.clone(), bid.clone()
             cand_e[U] = best
