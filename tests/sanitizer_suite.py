@@ -48,5 +48,15 @@ for cap in (None, 7):
         wt = w.clone().requires_grad_()
         out = moeyard.expert_ffn(xb, p, wt, *params, act, layout)
         out.float().square().sum().backward()
+
+# BASE: balanced assignment (one-block auction: radix select, greedy completion after a round
+# cap, equal scores, T < E) and the layer, forward and backward.
+for scores, cap in [(torch.randn(T, 8, device=dev), None), (torch.randn(257, 64, device=dev), None),
+                    (torch.randint(0, 3, (120, 8), device=dev).float(), 5),
+                    (torch.zeros(9, 4, device=dev), None), (torch.randn(5, 40, device=dev), None)]:
+    moeyard.balanced_assignment(scores) if cap is None else moeyard.balanced_assignment(scores, cap)
+base = moeyard.BaseMoE(d, I, 8).to(dev)
+base(x).sum().backward()
+base.eval()(x)
 torch.cuda.synchronize()
 print("sanitizer suite: all ops ran")

@@ -142,7 +142,8 @@ struct SharedCounters {
 // 96-bit selection key: bid (larger first), then ~token (lower token first); digit d (0..11) is
 // the d-th byte from the top.
 __device__ __forceinline__ uint32_t key_digit(uint64_t hi, uint32_t lo, int d) {
-  return d < 8 ? static_cast<uint32_t>(hi >> (56 - 8 * d)) & 0xffu : (lo >> (24 - 8 * (d - 8))) & 0xffu;
+  return d < 8 ? static_cast<uint32_t>(hi >> (56 - 8 * d)) & 0xffu
+               : (lo >> (24 - 8 * (d - 8))) & 0xffu;
 }
 
 // Whether the top `d` digits of the key equal those of the prefix.
@@ -326,7 +327,7 @@ __device__ void complete_greedy(const AuctionState& st, const Params& p, const i
   }
 }
 
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 auction_kernel(AuctionState st, Params p, int group) {
   extern __shared__ int64_t smem_price[];
   __shared__ int32_t hist[kWarps][256];
@@ -460,7 +461,8 @@ at::Tensor balanced_assignment_cuda(const at::Tensor& scores_in, int64_t max_rou
       static_cast<int>(std::min<int64_t>(kMaxPartials, ceil_div(n, 4 * kPrepThreads)));
   auto partial = at::empty({2 * num_partials}, scores.options().dtype(at::kDouble));
   auto Q = at::empty({n}, iopts);
-  const unsigned qblocks = static_cast<unsigned>(std::min<int64_t>(4096, ceil_div(n, kPrepThreads)));
+  const unsigned qblocks =
+      static_cast<unsigned>(std::min<int64_t>(4096, ceil_div(n, kPrepThreads)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(),
                                   "balanced_assignment_cuda", [&] {
     minmax_kernel<scalar_t><<<num_partials, kPrepThreads, 0, stream>>>(

@@ -224,19 +224,24 @@ def balanced_assignment(scores: Tensor, max_rounds: int = 1 << 16) -> Tensor:
     Args:
         scores: ``[T, E]`` affinities (fp32, fp64, fp16 or bf16; BASE: ``h @ centroids.T`` in fp32).
             NaN and +-inf count as the smallest finite score (all non-finite: all equal).
-        max_rounds: bound on the auction's bidding rounds (default 65536, far above what it
-            needs); when reached, the tokens still unassigned take, in ascending order, their best
-            expert that has room left. ``0`` gives greedy-with-capacity in token order.
+        max_rounds: bound on the auction's bidding rounds over all its phases (default 65536;
+            real-valued scores typically need hundreds, heavily tied ones up to ~10^4); when
+            reached, the tokens still unassigned take, in ascending order, their best expert (at
+            the current prices) that has room left, ties to the lowest expert: still exactly
+            balanced, no longer guaranteed optimal. ``0`` gives greedy-with-capacity in token
+            order.
 
     Algorithm: forward auction with epsilon-scaling (Bertsekas), tokens bidding for experts with
     one price per expert, on the scores rounded to a grid of 2^24 steps of their range
     (``q = 2^shift``, the smallest power of two with ``(max - min) / q <= 2^24``): exactly optimal
     on that grid (final epsilon below one grid step / T), hence exactly optimal whenever the scores
     lie on it (e.g. integer scores spanning <= 2^24) and within ``T * q`` of the optimum otherwise.
-    Ties: a token bids for the lowest of equally good experts, an expert keeps the lower of equal
-    bids. Deterministic; CPU and CUDA return the same assignment. On CUDA the whole auction runs in
-    one thread block, with no host synchronization. Not differentiable (an integer output); the
-    steps are in :func:`moeyard.reference.balanced_assignment`.
+    Ties: among equally good experts token t bids for the first in the cyclic order
+    ``t mod E', t+1 mod E', ...`` (``E' = min(T, E)``; all-equal scores give ``t -> t mod E'``), an
+    expert keeps the lower token of equal bids. Deterministic; CPU and CUDA return the same
+    assignment. Each round costs ``O(E)`` per token still unassigned; on CUDA the whole auction
+    runs in one thread block, with no host synchronization. Not differentiable (an integer
+    output); the steps are in :func:`moeyard.reference.balanced_assignment`.
     Not causal: a token's expert depends on the whole batch (use greedy argmax at inference).
     """
     return _ops.balanced_assignment.default(scores, max_rounds)

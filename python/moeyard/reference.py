@@ -231,12 +231,13 @@ def balanced_assignment(scores, max_rounds=ASSIGNMENT_MAX_ROUNDS):
     a phase (eps) starts with all tokens unassigned and the last phase's prices. Each round, every
     unassigned token bids for its best expert e* = argmax V[t,e] - p_e (among equal experts the
     first in the cyclic order t mod Ee, t+1 mod Ee, ..., Ee = min(T, E), which spreads the bids of
-    equal tokens over equal experts), the bid being p_e* + (best - second best) + eps; each expert keeps the best `capacity` of its held
-    tokens and new bidders (higher bid first, ties to the lower token) and releases the rest; a
-    full expert's price becomes its lowest kept bid. eps starts at max(1, qmax*(T+1) // 8) and is
-    divided by 8 per phase down to 1 (prices shifted to min 0 between phases); the last phase makes
-    the assignment exactly optimal on V, i.e. on Q. After max_rounds rounds in total, the tokens
-    still unassigned take, in ascending order, their best expert (V - p) that has room left.
+    equal tokens over equal experts), the bid being p_e* + (best - second best) + eps; each expert
+    keeps the best `capacity` of its held tokens and new bidders (higher bid first, ties to the
+    lower token) and releases the rest; a full expert's price becomes its lowest kept bid. eps
+    starts at max(1, qmax*(T+1) // 8) and is divided by 8 per phase down to 1 (prices shifted to
+    min 0 between phases); the last phase makes the assignment exactly optimal on V, i.e. on Q.
+    After max_rounds rounds in total, the tokens still unassigned take, in ascending order, their
+    best expert (V - p) that has room left (ties: the lowest expert).
     """
     T, E = scores.shape
     dev = scores.device
