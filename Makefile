@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.11.*
 
 .PHONY: deps install demo test gpu
 deps:
-	$(PYTHON) -m pip install -q "$(TORCH_SPEC)" numpy pytest ninja "setuptools>=70" wheel
+	$(PYTHON) -m pip install -q "$(TORCH_SPEC)" numpy pytest scipy ninja "setuptools>=70" wheel
 
 install: deps
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .

@@ -47,6 +47,9 @@ TORCH_LIBRARY(moeyard, m) {
   // (weights [T,E], experts [T,E] with -1 padding) and the plan of those choices (R = E*C).
   m.def("expert_choice(Tensor scores, int capacity) -> (Tensor weights, Tensor experts, "
         "Tensor counts, Tensor offsets, Tensor row_source, Tensor token_row)");
+  // BASE layers: scores [T,E] -> experts [T,1] int32 maximizing sum_t scores[t, experts[t]] with
+  // experts 0..T%E-1 taking T/E+1 tokens and the others T/E (auction on a 2^24-step grid).
+  m.def("balanced_assignment(Tensor scores, int max_rounds=65536) -> Tensor");
   // bias[e] += rate * sign(mean(load) - load[e]), in place (auxiliary-loss-free balancing).
   m.def("update_expert_bias(Tensor(a!) bias, Tensor load, float rate) -> ()");
   // Switch balance loss E * sum_e f_e P_e (f_e = counts_e / (T k), P = mean softmax) and

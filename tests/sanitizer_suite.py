@@ -66,5 +66,15 @@ for dt in (torch.bfloat16, torch.float32):
 smear = moeyard.SmearMoE(d, 16, 4, activation="silu", expert_bias=True).to(dev)
 mask = torch.arange(12, device=dev) < torch.tensor([[12], [5], [0]], device=dev)
 smear(torch.randn(3, 12, d, device=dev), attention_mask=mask).square().sum().backward()
+
+# BASE: balanced assignment (one-block auction: radix select, greedy completion after a round
+# cap, equal scores, T < E) and the layer, forward and backward.
+for scores, cap in [(torch.randn(T, 8, device=dev), None), (torch.randn(257, 64, device=dev), None),
+                    (torch.randint(0, 3, (120, 8), device=dev).float(), 5),
+                    (torch.zeros(9, 4, device=dev), None), (torch.randn(5, 40, device=dev), None)]:
+    moeyard.balanced_assignment(scores) if cap is None else moeyard.balanced_assignment(scores, cap)
+base = moeyard.BaseMoE(d, I, 8).to(dev)
+base(x).sum().backward()
+base.eval()(x)
 torch.cuda.synchronize()
 print("sanitizer suite: all ops ran")

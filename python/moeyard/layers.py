@@ -4,9 +4,10 @@
 :func:`moeyard.route` -> :func:`moeyard.plan` -> :class:`Experts` (:func:`moeyard.expert_ffn`),
 plus an optional dense shared expert. Tokens that a capacity drops get 0 from the layer (the
 block's residual carries them). :class:`ReMoE` routes by :func:`moeyard.relu_route` (variable
-experts per token), :class:`ExpertChoiceMoE` by :func:`moeyard.expert_choice`; both use the same
-:class:`Experts`. :class:`SmearMoE` routes whole examples and merges the experts' parameters
-(:class:`SmearRouter`, :class:`MergedExperts`, :func:`moeyard.merged_linear`).
+experts per token), :class:`ExpertChoiceMoE` by :func:`moeyard.expert_choice`, :class:`BaseMoE`
+by :func:`moeyard.balanced_assignment` (BASE layers); all use the same :class:`Experts`.
+:class:`SmearMoE` routes whole examples and merges the experts' parameters (:class:`SmearRouter`,
+:class:`MergedExperts`, :func:`moeyard.merged_linear`).
 
 After every forward the layer holds
   ``aux_losses``  dict of scalar tensors, already multiplied by their coefficients (``"balance"``:
@@ -25,10 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import Experts, MergedExperts, SwiGLUMLP
-from .ops import expert_capacity, expert_choice, load_stats, plan, router_losses
+from .ops import (balanced_assignment, expert_capacity, expert_choice, load_stats, plan,
+                  route, router_losses)
 from .routers import ReLURouter, RouterLinear, SmearRouter, TopKRouter
 
-__all__ = ["TopKMoE", "SwitchMoE", "ReMoE", "ExpertChoiceMoE", "SmearMoE"]
+__all__ = ["TopKMoE", "SwitchMoE", "ReMoE", "ExpertChoiceMoE", "BaseMoE", "SmearMoE"]
 
 
 def _tokens(layer: nn.Module, x: Tensor) -> Tensor:
@@ -365,6 +367,113 @@ class ExpertChoiceMoE(nn.Module):
 
     def extra_repr(self) -> str:
         return f"capacity_factor={self.capacity_factor}"
+
+
+class BaseMoE(nn.Module):
+    """BASE layer (Lewis et al., ICML 2021; fairseq ``BaseLayer`` with one ``BaseSublayer``).
+
+    Router: expert centroids ``expert_centroids [E, d]`` (orthogonal init, gain 0.1), affinities
+    ``A = x C^T`` in fp32. In training (``module.training``) the tokens are assigned by
+    :func:`moeyard.balanced_assignment` on the detached affinities: every expert takes exactly
+    ``T // E`` tokens (experts ``0 .. T % E - 1`` one more), the total affinity is maximal; in eval
+    each token goes to its argmax expert (greedy, causal; ties to the lower expert). Expert e is
+    fairseq's residual sublayer ``v + ff2(act(ff1(LN_e(v))))`` with its own LayerNorm
+    (``norm_weight[e]``, ``norm_bias[e]``, eps 1e-5) and ``ff1 / ff2`` = ``experts.gate_up_proj /
+    down_proj`` (+ biases; Hugging Face v5 stacked layout), computed by :func:`moeyard.expert_ffn`
+    with the routing weight ``alpha_t = sigmoid(x_t . C_e)`` (k = 1). fairseq mixes
+    ``alpha * expert(x) + (1 - alpha) * x = x + alpha * ff2(act(ff1(LN_e(x))))``.
+
+    **Returns only the delta** ``alpha_t * ff2(act(ff1(LN_e(x_t))))`` by default, like the other
+    layers, so it drops into a block's MLP slot (``h + layer(norm(h))``); ``residual=True`` returns
+    fairseq's full output ``x + delta`` (use it as a standalone layer, ``h = layer(h)``).
+
+    Gradients: experts and LayerNorms as usual; ``alpha`` is differentiable w.r.t. the tokens and
+    the chosen centroid (the only gradient path to ``expert_centroids``); the assignment itself is
+    not. No auxiliary loss (``aux_losses`` is empty); ``last_stats`` is
+    :func:`moeyard.load_stats` of the plan (in training ``tokens_per_expert`` is the balanced
+    capacities, ``max_violation`` 0 when E divides T).
+
+    Differences from fairseq, on purpose:
+      * Mode switch on ``module.training``, not on ``input.requires_grad`` (fairseq's pitfall:
+        there, eval under autograd balances and training under ``no_grad`` is greedy).
+      * Single process: the assignment is solved over the whole local batch (all ``B * S`` tokens
+        of the call); fairseq's random shuffle and all-to-all across data-parallel workers (one
+        expert per worker) are distributed-only and not done here. The balanced assignment sees
+        every token of the batch, so training-mode routing is not causal.
+      * ``down_proj`` and its bias start at zero (fairseq zeroes only ff2's weight), so the layer
+        is exactly a zero delta (``residual=True``: the identity) at initialization. The other
+        weights are N(0, initializer_range^2), biases zero, LayerNorms (1, 0).
+
+    Args:
+        hidden_size, intermediate_size, num_experts: d, d_ffn (per expert), E.
+        activation: ``"relu"`` (default, fairseq's ``activation_fn``), ``"gelu"``, ``"gelu_tanh"``,
+            ``"none"`` or the gated ``"swiglu"`` (``gate_up_proj [E, 2I, d]``).
+        expert_bias: ff1 / ff2 biases (default True, as fairseq's Linear).
+        residual: return ``x + delta`` instead of the delta (default False).
+        norm_eps: LayerNorm epsilon (default 1e-5).
+        initializer_range: std of the expert weights' normal init (default 0.02).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, *,
+                 activation: str = "relu", expert_bias: bool = True, residual: bool = False,
+                 norm_eps: float = 1e-5, initializer_range: float = 0.02, device=None,
+                 dtype=None):
+        super().__init__()
+        if hidden_size < 1 or num_experts < 1:
+            raise ValueError(f"hidden_size={hidden_size} and num_experts={num_experts} must be "
+                             ">= 1")
+        if not norm_eps > 0:
+            raise ValueError(f"norm_eps={norm_eps} must be > 0")
+        kw = dict(device=device, dtype=dtype)
+        self.hidden_size, self.num_experts = hidden_size, num_experts
+        self.residual, self.norm_eps = residual, norm_eps
+        self.expert_centroids = nn.Parameter(torch.empty(num_experts, hidden_size, **kw))
+        self.norm_weight = nn.Parameter(torch.empty(num_experts, hidden_size, **kw))
+        self.norm_bias = nn.Parameter(torch.empty(num_experts, hidden_size, **kw))
+        self.experts = Experts(num_experts, hidden_size, intermediate_size, activation,
+                               expert_bias, initializer_range, **kw)
+        self.reset_parameters()
+        self.aux_losses: dict[str, Tensor] = {}
+        self.last_stats: dict[str, Tensor] = {}
+
+    def reset_parameters(self) -> None:
+        """Centroids orthogonal with gain 0.1 (fairseq), LayerNorms (1, 0), experts as
+        :class:`Experts` with ``down_proj`` (and its bias) zero: a zero delta at init."""
+        with torch.no_grad():
+            # orthogonal_ needs a QR decomposition, which bf16/fp16 lack: init in fp32, copy
+            c = torch.empty(self.expert_centroids.shape, dtype=torch.float32,
+                            device=self.expert_centroids.device)
+            self.expert_centroids.copy_(nn.init.orthogonal_(c, gain=0.1))
+        nn.init.ones_(self.norm_weight)
+        nn.init.zeros_(self.norm_bias)
+        self.experts.reset_parameters()
+        nn.init.zeros_(self.experts.down_proj)
+        if self.experts.down_proj_bias is not None:
+            nn.init.zeros_(self.experts.down_proj_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = _tokens(self, x)
+        logits = F.linear(h.float(), self.expert_centroids.float())  # [T, E] fp32
+        scores = logits.detach()
+        if self.training:
+            experts = balanced_assignment(scores)
+        else:
+            experts = route(scores, 1, "none")[1]
+        alpha = torch.sigmoid(logits.gather(1, experts.long()))  # [T, 1], the gate
+        p = plan(experts, self.num_experts)
+        e = experts[:, 0].long()
+        z = F.layer_norm(h, (self.hidden_size,), eps=self.norm_eps)
+        z = z * self.norm_weight[e] + self.norm_bias[e]  # expert e's LayerNorm affine
+        out = self.experts(z, p, alpha)
+        if self.residual:
+            out = h + out
+        self.aux_losses = {}
+        self.last_stats = load_stats(p)
+        return out.view(x.shape)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, "
+                f"residual={self.residual}")
 
 
 class SmearMoE(nn.Module):

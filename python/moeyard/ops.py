@@ -25,6 +25,7 @@ __all__ = [
     "relu_route",
     "plan",
     "expert_choice",
+    "balanced_assignment",
     "permute",
     "unpermute",
     "update_expert_bias",
@@ -210,6 +211,49 @@ def _expert_choice_fake(scores, capacity):
     return (scores.new_empty((T, E), dtype=_acc_dtype(scores)),
             scores.new_empty((T, E), dtype=torch.int32), counts, offsets, row_source,
             scores.new_empty((T, E), dtype=torch.int32))
+
+
+def balanced_assignment(scores: Tensor, max_rounds: int = 1 << 16) -> Tensor:
+    """BASE-layer routing (Lewis et al. 2021): the balanced linear assignment of tokens to experts.
+
+    Returns ``experts [T, 1]`` int32 (the ``experts [T, k]`` format of :func:`route` with k = 1,
+    ready for :func:`plan`) maximizing ``sum_t scores[t, experts[t]]`` subject to exact balance:
+    with ``m = T // E`` and ``r = T % E``, experts ``0 .. r-1`` take ``m + 1`` tokens and the
+    others ``m`` (for ``T < E``: experts ``0 .. T-1`` take one token each). T = 0 gives ``[0, 1]``;
+    E = 1 or T = 1 puts every token on expert 0.
+
+    Args:
+        scores: ``[T, E]`` affinities (fp32, fp64, fp16 or bf16; BASE: ``h @ centroids.T`` in fp32).
+            NaN and +-inf count as the smallest finite score (all non-finite: all equal).
+        max_rounds: bound on the auction's bidding rounds over all its phases (default 65536;
+            real-valued scores typically need hundreds, heavily tied ones up to ~10^4); when
+            reached, the tokens still unassigned take, in ascending order, their best expert (at
+            the current prices) that has room left, ties to the lowest expert: still exactly
+            balanced, no longer guaranteed optimal. ``0`` gives greedy-with-capacity in token
+            order.
+
+    Algorithm: forward auction with epsilon-scaling (Bertsekas), tokens bidding for experts with
+    one price per expert, on the scores rounded to a grid of 2^24 steps of their range
+    (``q = 2^shift``, the smallest power of two with ``(max - min) / q <= 2^24``): exactly optimal
+    on that grid (final epsilon below one grid step / T), hence exactly optimal whenever the scores
+    lie on it (e.g. integer scores spanning <= 2^24) and within ``T * q`` of the optimum otherwise.
+    Ties: among equally good experts token t bids for the first in the cyclic order
+    ``t mod E', t+1 mod E', ...`` (``E' = min(T, E)``; all-equal scores give ``t -> t mod E'``), an
+    expert keeps the lower token of equal bids. Deterministic; CPU and CUDA return the same
+    assignment. Each round costs ``O(E)`` per token still unassigned; on CUDA the whole auction
+    runs in one thread block, with no host synchronization. Not differentiable (an integer
+    output); the steps are in :func:`moeyard.reference.balanced_assignment`.
+    Not causal: a token's expert depends on the whole batch (use greedy argmax at inference).
+    """
+    return _ops.balanced_assignment.default(scores, max_rounds)
+
+
+@torch.library.register_fake("moeyard::balanced_assignment")
+def _balanced_assignment_fake(scores, max_rounds=1 << 16):
+    torch._check(scores.dim() == 2, lambda: f"scores must be 2-D, got {scores.dim()}-D")
+    torch._check(scores.shape[1] >= 1, lambda: "scores must have at least one expert column")
+    torch._check(max_rounds >= 0, lambda: f"max_rounds={max_rounds} must be >= 0")
+    return scores.new_empty((scores.shape[0], 1), dtype=torch.int32)
 
 
 # ------------------------------------------------------------------------------- permutation

@@ -9,6 +9,8 @@ compared in fp32.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -179,6 +181,122 @@ def expert_choice(scores, capacity):
     i32 = torch.int32
     return (weights, experts.to(i32), counts.to(i32), offsets.to(i32), row_source.to(i32),
             token_row.to(i32))
+
+
+
+# ------------------------------------------------------------------------- balanced assignment
+
+ASSIGNMENT_GRID_BITS = 24  # scores are resolved to 2^24 steps of their range
+ASSIGNMENT_THETA = 8  # epsilon-scaling factor between auction phases
+ASSIGNMENT_MAX_ROUNDS = 1 << 16  # default bidding rounds before the greedy completion
+
+
+def assignment_capacities(num_tokens, num_experts):
+    """Tokens each expert takes in a balanced assignment: T // E, plus one for experts
+    0 .. T % E - 1 (so for T < E, experts 0..T-1 take one token each and the rest none)."""
+    m, r = divmod(num_tokens, num_experts)
+    return torch.tensor([m + (e < r) for e in range(num_experts)], dtype=torch.int64)
+
+
+def assignment_grid(scores):
+    """The scores as integers Q [T,E] (int64) on the grid the auction solves, and Q's maximum.
+
+    lo / hi: the smallest / largest finite score (NaN and +-inf count as lo); q = 2^shift the
+    smallest power of two with (hi - lo) / q <= 2^24; Q = rint((s - lo) / q) in [0, 2^24], in fp64
+    (exact conversion from fp32/fp16/bf16). If hi - lo overflows fp64, everything is halved first.
+    """
+    s = scores.double()
+    finite = torch.isfinite(s)
+    if not finite.any():
+        return torch.zeros(s.shape, dtype=torch.int64, device=s.device), 0
+    lo, hi = s[finite].min().item(), s[finite].max().item()
+    s = torch.where(finite, s, torch.full_like(s, lo))
+    if not hi > lo:
+        return torch.zeros(s.shape, dtype=torch.int64, device=s.device), 0
+    if not math.isfinite(hi - lo):
+        s, lo, hi = s * 0.5, lo * 0.5, hi * 0.5
+    frac, ex = math.frexp(hi - lo)
+    shift = ex - ASSIGNMENT_GRID_BITS - (1 if frac == 0.5 else 0)
+    q = torch.round(torch.ldexp(s - lo, torch.tensor(float(-shift), dtype=torch.float64,
+                                                     device=s.device)))
+    qmax = int(round(math.ldexp(hi - lo, -shift)))
+    return q.to(torch.int64), qmax
+
+
+def balanced_assignment(scores, max_rounds=ASSIGNMENT_MAX_ROUNDS):
+    """BASE-layer assignment: experts [T,1] int32 maximizing sum_t Q[t, a_t] (Q: assignment_grid)
+    subject to expert e taking exactly assignment_capacities(T, E)[e] tokens.
+
+    Forward auction with epsilon-scaling (Bertsekas) on V = Q * (T+1), one price per expert:
+    a phase (eps) starts with all tokens unassigned and the last phase's prices. Each round, every
+    unassigned token bids for its best expert e* = argmax V[t,e] - p_e (among equal experts the
+    first in the cyclic order t mod Ee, t+1 mod Ee, ..., Ee = min(T, E), which spreads the bids of
+    equal tokens over equal experts), the bid being p_e* + (best - second best) + eps; each expert
+    keeps the best `capacity` of its held tokens and new bidders (higher bid first, ties to the
+    lower token) and releases the rest; a full expert's price becomes its lowest kept bid. eps
+    starts at max(1, qmax*(T+1) // 8) and is divided by 8 per phase down to 1 (prices shifted to
+    min 0 between phases); the last phase makes the assignment exactly optimal on V, i.e. on Q.
+    After max_rounds rounds in total, the tokens still unassigned take, in ascending order, their
+    best expert (V - p) that has room left (ties: the lowest expert).
+    """
+    T, E = scores.shape
+    dev = scores.device
+    out = torch.zeros(T, 1, dtype=torch.int32, device=dev)
+    Ee = min(T, E)
+    if Ee <= 1:
+        return out
+    Q, qmax = assignment_grid(scores)
+    cap = assignment_capacities(T, Ee).to(dev)
+    V = Q[:, :Ee] * (T + 1)
+    price = torch.zeros(Ee, dtype=torch.int64, device=dev)
+    eps = max(1, qmax * (T + 1) // ASSIGNMENT_THETA)
+    big = 2**62
+    tokens = torch.arange(T, device=dev)
+    rounds = 0
+    while True:
+        owner = torch.full((T,), -1, dtype=torch.int64, device=dev)
+        bid = torch.zeros(T, dtype=torch.int64, device=dev)
+        while bool((owner < 0).any()):
+            if rounds == max_rounds:
+                count = torch.bincount(owner[owner >= 0], minlength=Ee)
+                for t in (owner < 0).nonzero().flatten().tolist():
+                    val = torch.where(count < cap, V[t] - price, -big)
+                    e = int((val == val.max()).nonzero()[0])
+                    owner[t] = e
+                    count[e] += 1
+                return owner.to(torch.int32).view(T, 1)
+            rounds += 1
+            U = (owner < 0).nonzero().flatten()
+            val = V[U] - price
+            best_v = val.max(dim=1).values
+            # among equal experts, the first in token t's cyclic order t mod Ee, t+1 mod Ee, ...
+            rot = (torch.arange(Ee, device=dev)[None, :] + U[:, None]) % Ee
+            first = (val.gather(1, rot) == best_v[:, None]).int().argmax(dim=1)
+            best = (first + U) % Ee
+            second = val.scatter(1, best[:, None], -big).max(dim=1).values
+            cand_e, cand_b = owner.clone(), bid.clone()
+            cand_e[U] = best
+            cand_b[U] = price[best] + (best_v - second) + eps
+            # every token is now a candidate of one expert; each keeps its top `cap` by
+            # (bid descending, token ascending)
+            order = torch.sort(-cand_b, stable=True).indices  # token order breaks bid ties
+            order = order[torch.sort(cand_e[order], stable=True).indices]
+            se = cand_e[order]
+            n = torch.bincount(se, minlength=Ee)
+            rank = torch.arange(T, device=dev) - (torch.cumsum(n, 0) - n)[se]
+            kept = rank < cap[se]
+            owner = torch.full((T,), -1, dtype=torch.int64, device=dev)
+            owner[order[kept]] = se[kept]
+            bid = torch.where(owner >= 0, cand_b, torch.zeros_like(cand_b))
+            held = owner >= 0
+            full = torch.bincount(owner[held], minlength=Ee) == cap
+            low = torch.full((Ee,), big, dtype=torch.int64, device=dev).scatter_reduce(
+                0, owner[held], bid[held], "amin")
+            price = torch.where(full, low, price)
+        price = price - price.min()
+        if eps == 1:
+            return owner.to(torch.int32).view(T, 1)
+        eps = max(1, eps // ASSIGNMENT_THETA)
 
 
 def permute(x, row_source, token_row):
