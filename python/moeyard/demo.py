@@ -314,17 +314,19 @@ class _Progress:
         if enabled and sys.stderr.isatty():
             tqdm = _require("tqdm").tqdm
             self.bar = tqdm(total=total, desc=f"{desc:>14}", leave=True, dynamic_ncols=True)
-        self.done = 0
+        self.done = self.quarters_printed = 0
 
     def update(self, n: int, loss: Optional[float] = None) -> None:
-        before, self.done = self.done, self.done + n
+        """Advance by ``n`` steps; ``loss`` (when given) is shown."""
+        self.done += n
         if self.bar is not None:
             self.bar.update(n)
             if loss is not None:
                 self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         elif self.enabled and loss is not None:
-            q = 4 * self.done // self.total
-            if q > 4 * before // self.total:
+            quarters = 4 * self.done // self.total
+            if quarters > self.quarters_printed:
+                self.quarters_printed = quarters
                 print(f"  {self.desc}: step {self.done}/{self.total} loss {loss:.3f}",
                       file=sys.stderr, flush=True)
 
