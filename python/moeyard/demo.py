@@ -24,11 +24,10 @@ import argparse
 import bisect
 import json
 import math
-import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -69,7 +68,7 @@ class DemoConfig:
     bias_rate: float = 1e-2     # BiasBalancer rate (DeepSeek-V3 uses 1e-3 over far more steps)
     device: str = "cpu"
     dtype: str = "float32"
-    threads: int = 0            # CPU threads; 0 = torch's default, or 1 if the cores are busy
+    threads: int = 1            # CPU threads for training (see _THREADS_NOTE); 0 = torch's default
 
 
 # ------------------------------------------------------------------------------ layer types
@@ -367,7 +366,7 @@ def train(layer_type: str, cfg: DemoConfig, corpus: Corpus, progress: bool = Tru
           log_every: Optional[int] = None) -> dict:
     """Train a fresh :class:`TinyLM` with ``layer_type`` MLPs for ``cfg.steps`` steps. Every layer
     type sees the same initial embeddings/attention (``cfg.seed``) and the same batches. Runs
-    with ``cfg.threads`` CPU threads (0: see :func:`_cpu_threads`), restored afterwards.
+    with ``cfg.threads`` CPU threads (0: torch's default), restored afterwards.
 
     Returns a JSON-ready dict: ``active_params``, ``total_params``, ``initial_loss`` (step 0),
     ``final_train_loss``, ``heldout_loss``, ``tokens_per_s``, ``max_violation``,
@@ -375,7 +374,7 @@ def train(layer_type: str, cfg: DemoConfig, corpus: Corpus, progress: bool = Tru
     (LM loss per step), ``expert_load`` (tokens per expert summed over the run, per MoE layer),
     ``heldout_expert_load``, ``heldout_by_domain`` (loss and last block's load per domain)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(_cpu_threads(cfg.threads)[0])
+    torch.set_num_threads(cfg.threads or before)
     try:
         return _train(layer_type, cfg, corpus, progress, log_every)
     finally:
@@ -575,21 +574,11 @@ def plot_results(results: list[dict], path, cfg: Optional[DemoConfig] = None) ->
     return path
 
 
-def _cpu_threads(requested: int) -> tuple[int, str]:
-    """The CPU threads to train with, and why. On a machine whose cores are already busy (1-minute
-    load average >= cores) torch's default of one thread per core makes every parallel region
-    wait for descheduled threads, which on 2 busy cores measured 50x slower than one thread."""
-    if requested > 0:
-        return requested, ""
-    default = torch.get_num_threads()
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return default, ""
-    cores = os.cpu_count() or 1
-    if default > 1 and load >= cores:
-        return 1, f": the machine is busy, load {load:.1f} on {cores} cores; --threads overrides"
-    return default, ""
+# Why the demo trains on one CPU thread unless told otherwise.
+_THREADS_NOTE = ("the default model is small, and torch's multi-threaded CPU kernels slow down "
+                 "badly when other jobs share the cores (every parallel region waits for a "
+                 "descheduled thread): on a 2-core machine with other jobs running, 2 threads "
+                 "trained far slower than 1")
 
 
 def _require(name: str):
@@ -611,10 +600,9 @@ def run(cfg: DemoConfig, layer_types=DEFAULT_LAYERS, out="moeyard-demo", progres
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = corpus if corpus is not None else make_corpus(cfg.corpus_chars, cfg.seed)
-    threads, why = _cpu_threads(cfg.threads)
-    cfg = replace(cfg, threads=threads)  # one choice for every layer type
+    threads = cfg.threads or torch.get_num_threads()
     print(f"moeyard demo on {cfg.device} ({cfg.dtype}, {threads} CPU thread"
-          f"{'s' if threads > 1 else ''}{why}): {cfg.blocks} blocks, d={cfg.d_model}, "
+          f"{'s' if threads > 1 else ''}): {cfg.blocks} blocks, d={cfg.d_model}, "
           f"{cfg.experts} experts of width {cfg.expert_size}, k={cfg.k}; {cfg.steps} steps of "
           f"{cfg.batch_size}x{cfg.seq_len} tokens; corpus {corpus.train.numel():,} characters "
           f"({', '.join(DOMAINS)})", flush=True)
@@ -650,7 +638,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--threads", type=int, default=d.threads,
-                    help="CPU threads (default: torch's, or 1 when the cores are already busy)")
+                    help="CPU threads for training; 0 = torch's default (one per core). "
+                         "Default 1: " + _THREADS_NOTE)
     ap.add_argument("--out", default="moeyard-demo", help="output folder (default ./moeyard-demo)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
 
