@@ -1,5 +1,5 @@
 # The two commands of the README, each doing its whole set-up on a fresh machine:
-#   make demo   install everything, build moeyard, run the main job
+#   make demo   install everything, build moeyard, run the main job (python -m moeyard demo)
 #   make test   install everything, build moeyard, run the test suite (what CI runs)
 # PYTHON, MAX_JOBS, TORCH_CUDA_ARCH_LIST, MOEYARD_CPU_ONLY are passed through to the build.
 PYTHON ?= python3
@@ -9,14 +9,15 @@ TORCH_SPEC ?= torch==2.11.*
 
 .PHONY: deps install demo test gpu
 deps:
-	$(PYTHON) -m pip install -q "$(TORCH_SPEC)" numpy pytest scipy ninja "setuptools>=70" wheel
+	$(PYTHON) -m pip install -q "$(TORCH_SPEC)" numpy pytest scipy ninja "setuptools>=70" wheel \
+		tqdm matplotlib nbclient nbformat ipykernel
 
 install: deps
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 
 demo: install
 	$(PYTHON) -m moeyard info
-	$(PYTHON) -m moeyard example
+	$(PYTHON) -m moeyard demo
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -1,4 +1,6 @@
-"""Command line: ``python -m moeyard info`` (versions, kernels, GPU) and
+"""Command line: ``python -m moeyard demo`` (train a small MoE language model with each layer type
+and a dense baseline, print a comparison table, save loss and expert-load plots; see
+:mod:`moeyard.demo`), ``python -m moeyard info`` (versions, kernels, GPU) and
 ``python -m moeyard example`` (route a small random batch, print its dispatch plan, run the
 experts forward and backward)."""
 import argparse
@@ -7,6 +9,7 @@ import sys
 import torch
 
 import moeyard
+from moeyard import demo
 
 
 def info() -> None:
@@ -55,11 +58,17 @@ def example(device: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m moeyard", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    dm = sub.add_parser("demo", help="train a small MoE LM with each layer type, compare them",
+                        description=demo.__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_arguments(dm)
     sub.add_parser("info", help="versions, compiled kernels, visible GPU")
     ex = sub.add_parser("example", help="route a small batch and print its dispatch plan")
     ex.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
-    if args.cmd == "info":
+    if args.cmd == "demo":
+        demo.from_args(args)
+    elif args.cmd == "info":
         info()
     else:
         example(args.device)

@@ -1,0 +1,666 @@
+"""The main job, ``python -m moeyard demo``: train a small MoE language model with each layer type
+in turn, plus a dense baseline with the same active parameters, and compare them.
+
+Pieces (the notebook uses them one by one):
+  :func:`make_corpus`  a multi-domain synthetic character corpus generated at run time from a seed
+                       (no downloads): three Markov "languages" with their own letters and
+                       transition tables, additions, copies, reversals and sorted digit lists.
+  :class:`TinyLM`      a pre-norm causal transformer LM whose MLP slot is built by
+                       ``LAYER_TYPES[name].build(d, cfg)``.
+  :func:`train`        AdamW for a fixed number of steps on the same batches for every layer type;
+                       loss = cross-entropy + :func:`moeyard.collect_aux_losses`; the
+                       :class:`moeyard.BiasBalancer` / :class:`moeyard.ReMoEController` step after
+                       the optimizer; held-out loss at the end; tokens/s; load statistics.
+  :func:`format_table`, :func:`plot_results`, :func:`main`.
+
+Timing is honest: tokens/s counts the training steps after the first (warm-up) one; on CUDA the
+clock is read after a synchronize at both ends only. Nothing else in the loop reads a device value
+except the progress bar, which reads the loss once every ``log_every`` steps (one host sync per
+``log_every`` steps on CUDA). Load statistics stay on the device until the run ends.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import layers
+from .balance import BiasBalancer, ReMoEController, collect_aux_losses
+from .experts import Experts, SwiGLUMLP
+from .routers import TopKRouter
+
+__all__ = ["DemoConfig", "LayerType", "LAYER_TYPES", "DEFAULT_LAYERS", "VOCAB", "DOMAINS",
+           "Corpus", "make_corpus", "encode", "decode", "TinyLM", "active_parameters", "train",
+           "format_table", "plot_results", "run", "main"]
+
+
+# ----------------------------------------------------------------------------------- config
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and training settings of one demo run (every layer type uses the same)."""
+
+    d_model: int = 64
+    blocks: int = 2
+    heads: int = 4
+    experts: int = 8
+    k: int = 2
+    expert_size: int = 64       # I of one routed expert; the dense baseline's width is k * I
+    seq_len: int = 64
+    batch_size: int = 32
+    steps: int = 400
+    lr: float = 3e-3
+    seed: int = 0
+    corpus_chars: int = 1 << 18
+    eval_batches: int = 8
+    bias_rate: float = 1e-2     # BiasBalancer rate (DeepSeek-V3 uses 1e-3 over far more steps)
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int = 1            # CPU threads for training (see _THREADS_NOTE); 0 = torch's default
+
+
+# ------------------------------------------------------------------------------ layer types
+
+
+class LayerType(NamedTuple):
+    """How to build a block's MLP slot: ``build(d, cfg) -> nn.Module`` (``[B, S, d] -> same``).
+    ``causal=False`` marks routings where a token's experts depend on other tokens of the batch,
+    later ones included (the table flags them: their LM losses see the future through routing)."""
+
+    build: Callable[[int, DemoConfig], nn.Module]
+    causal: bool = True
+    note: str = ""
+
+
+# Every MoE type computes k experts of width I per token (on average for ReMoE and expert choice),
+# the dense baseline one SwiGLU MLP of width k * I: the same active parameters up to the router.
+LAYER_TYPES: dict[str, LayerType] = {
+    "dense": LayerType(lambda d, c: SwiGLUMLP(d, c.k * c.expert_size),
+                       note="SwiGLU MLP of width k*I"),
+    "switch": LayerType(lambda d, c: layers.SwitchMoE(d, c.k * c.expert_size, c.experts,
+                                                      activation="swiglu"),
+                        note="top-1 of E experts of width k*I (SwiGLU), capacity 1.25"),
+    "topk": LayerType(lambda d, c: layers.TopKMoE.mixtral(d, c.expert_size, c.experts, c.k),
+                      note="Mixtral routing: softmax top-k renormalized, aux loss 1e-3"),
+    "topk-bias": LayerType(lambda d, c: layers.TopKMoE(d, c.expert_size, c.experts, c.k,
+                                                       score="sigmoid", renormalize=True,
+                                                       bias_balancing=True, aux_loss_coef=0.0),
+                           note="sigmoid top-k, aux-loss-free bias balancing (BiasBalancer)"),
+    "remoe": LayerType(lambda d, c: layers.ReMoE(d, c.expert_size, c.experts, c.k),
+                       note="ReLU routing, L1 target sparsity 1 - k/E (ReMoEController)"),
+    "expert-choice": LayerType(lambda d, c: layers.ExpertChoiceMoE(d, c.expert_size, c.experts,
+                                                                   capacity_factor=c.k),
+                               causal=False, note="each expert takes its top k*T/E tokens"),
+}
+DEFAULT_LAYERS = ("dense", "switch", "topk", "topk-bias", "remoe")
+
+
+def _moe_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules that report routing statistics (``last_stats``), in model order."""
+    return [m for m in model.modules() if hasattr(m, "last_stats")]
+
+
+def _controllers(model: nn.Module, cfg: DemoConfig) -> list:
+    """The after-optimizer-step controllers the model's layers need."""
+    out = []
+    if any(isinstance(m, TopKRouter) and m.e_score_correction_bias is not None
+           for m in model.modules()):
+        out.append(BiasBalancer(model, rate=cfg.bias_rate))
+    if any(isinstance(m, layers.ReMoE) for m in model.modules()):
+        out.append(ReMoEController(model))
+    return out
+
+
+def active_parameters(model: nn.Module) -> int:
+    """Parameters one token uses: all of them, except that of the E routed experts of each MoE
+    layer only ``k`` count (the target k for ReMoE, the capacity factor for expert choice)."""
+    active = float(sum(p.numel() for p in model.parameters()))
+    for m in model.modules():
+        experts = getattr(m, "experts", None)
+        if isinstance(experts, Experts):
+            k = getattr(m, "k", getattr(m, "capacity_factor", 1))
+            n = sum(p.numel() for p in experts.parameters())
+            active -= n * (1 - min(k, experts.num_experts) / experts.num_experts)
+    return int(round(active))
+
+
+# ----------------------------------------------------------------------------------- corpus
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+VOCAB = "\n .,;+=<|" + "0123456789" + LETTERS
+_STOI = {c: i for i, c in enumerate(VOCAB)}
+DOMAINS = ("lang-a", "lang-b", "lang-c", "arithmetic", "copy", "reverse", "sorted")
+
+
+def encode(text: str) -> Tensor:
+    """Characters -> int64 ids in :data:`VOCAB`."""
+    return torch.tensor([_STOI[c] for c in text], dtype=torch.int64)
+
+
+def decode(ids) -> str:
+    return "".join(VOCAB[int(i)] for i in ids)
+
+
+class _Language:
+    """An order-2 Markov 'language' on its own 10 letters: each pair of letters has 3 possible
+    successors with random weights; words of 2+ letters, sentences of 3-9 words ending in '.'."""
+
+    def __init__(self, rng: random.Random):
+        self.letters = rng.sample(LETTERS, 10)
+        self.next = {}
+        for context in [a + b for a in self.letters for b in self.letters] + self.letters:
+            succ = rng.sample(self.letters, 3)
+            w = [rng.random() + 0.1 for _ in succ]
+            self.next[context] = (succ, [sum(w[:i + 1]) / sum(w) for i in range(3)])
+
+    def document(self, rng: random.Random) -> str:
+        sentences = []
+        for _ in range(rng.randint(1, 3)):
+            words = []
+            for _ in range(rng.randint(3, 9)):
+                word = rng.choice(self.letters)
+                while len(word) < 2 or rng.random() > 0.25:
+                    succ, cum = self.next[word[-2:]]
+                    word += succ[min(bisect.bisect(cum, rng.random()), 2)]
+                words.append(word)
+            sentences.append(" ".join(words) + ".")
+        return " ".join(sentences)
+
+
+def _letters(rng: random.Random) -> str:
+    return "".join(rng.choices(LETTERS, k=rng.randint(3, 8)))
+
+
+def _document(domain: str, rng: random.Random, languages: dict) -> str:
+    if domain in languages:
+        return languages[domain].document(rng)
+    n = rng.randint(3, 6)
+    if domain == "arithmetic":
+        items = []
+        for _ in range(n):
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            items.append(f"{a}+{b}={a + b};")
+        return "".join(items)
+    if domain == "copy":
+        return "".join(f"{s}|{s};" for s in (_letters(rng) for _ in range(n)))
+    if domain == "reverse":
+        return "".join(f"{s}<{s[::-1]};" for s in (_letters(rng) for _ in range(n)))
+    if domain == "sorted":
+        return "".join(",".join(sorted(rng.choices("0123456789", k=rng.randint(3, 10)))) + ";"
+                       for _ in range(n))
+    raise ValueError(f"unknown domain {domain!r}; domains: {DOMAINS}")
+
+
+def _stream(rng: random.Random, n_chars: int, domains, languages) -> str:
+    docs, total = [], 0
+    while total < n_chars:
+        doc = _document(rng.choice(domains), rng, languages) + "\n"
+        docs.append(doc)
+        total += len(doc)
+    return "".join(docs)[:n_chars]
+
+
+class Corpus(NamedTuple):
+    """``train`` and ``heldout`` int64 id streams (documents of every domain, shuffled, one per
+    line), and ``heldout_by_domain``: a held-out stream of each domain alone."""
+
+    train: Tensor
+    heldout: Tensor
+    heldout_by_domain: dict
+
+
+def make_corpus(n_chars: int = 1 << 18, seed: int = 0, heldout_fraction: float = 0.1) -> Corpus:
+    """Generate the corpus (deterministic in ``seed``). The languages' letters and transition
+    tables come from ``seed``; the train and held-out documents are drawn independently."""
+    languages = {name: _Language(random.Random(f"{seed}-{name}")) for name in DOMAINS[:3]}
+    n_held = max(int(n_chars * heldout_fraction), 1024)
+    train = _stream(random.Random(f"{seed}-train"), n_chars, DOMAINS, languages)
+    heldout = _stream(random.Random(f"{seed}-heldout"), n_held, DOMAINS, languages)
+    by_domain = {d: encode(_stream(random.Random(f"{seed}-heldout-{d}"), max(n_held // 8, 1024),
+                                   (d,), languages))
+                 for d in DOMAINS}
+    return Corpus(encode(train), encode(heldout), by_domain)
+
+
+def _windows(stream: Tensor, starts: Tensor, length: int) -> Tensor:
+    """``[B, length]`` windows of ``stream`` starting at ``starts [B]``."""
+    return stream[starts[:, None] + torch.arange(length, device=stream.device)]
+
+
+def _starts(stream: Tensor, shape, length: int, generator: torch.Generator) -> Tensor:
+    hi = stream.numel() - length
+    if hi < 1:
+        raise ValueError(f"corpus of {stream.numel()} tokens is too short for windows of {length}")
+    return torch.randint(0, hi, shape, generator=generator)
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, d: int, heads: int, mlp: nn.Module):
+        super().__init__()
+        if d % heads:
+            raise ValueError(f"d_model={d} must be divisible by heads={heads}")
+        self.heads = heads
+        self.attn_norm = nn.RMSNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+        self.mlp_norm = nn.RMSNorm(d)
+        self.mlp = mlp
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, S, d = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(B, S, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out(a.transpose(1, 2).reshape(B, S, d))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TinyLM(nn.Module):
+    """Causal character LM: token + learned position embeddings, ``cfg.blocks`` blocks whose MLP
+    is ``LAYER_TYPES[layer_type].build(d, cfg)``, final RMSNorm, head tied to the embedding.
+    ``forward(ids [B, S]) -> logits [B, S, V]``."""
+
+    def __init__(self, cfg: DemoConfig, layer_type: str, vocab_size: int = len(VOCAB)):
+        super().__init__()
+        if layer_type not in LAYER_TYPES:
+            raise ValueError(f"unknown layer type {layer_type!r}; known: {list(LAYER_TYPES)}")
+        d = cfg.d_model
+        self.embed = nn.Embedding(vocab_size, d)
+        self.pos = nn.Embedding(cfg.seq_len, d)
+        for emb in (self.embed, self.pos):
+            nn.init.normal_(emb.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, LAYER_TYPES[layer_type].build(d, cfg))
+                                    for _ in range(cfg.blocks))
+        self.norm = nn.RMSNorm(d)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        x = self.embed(ids) + self.pos.weight[:ids.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return F.linear(self.norm(x), self.embed.weight)
+
+
+def _lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+
+# --------------------------------------------------------------------------------- training
+
+
+class _Progress:
+    """A tqdm bar when stderr is a terminal, else a plain line at every quarter of the run."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.total, self.desc, self.bar = total, desc, None
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
+            tqdm = _require("tqdm").tqdm
+            self.bar = tqdm(total=total, desc=f"{desc:>14}", leave=True, dynamic_ncols=True)
+        self.done = self.quarters_printed = 0
+
+    def update(self, n: int, loss: Optional[float] = None) -> None:
+        """Advance by ``n`` steps; ``loss`` (when given) is shown."""
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        elif self.enabled and loss is not None:
+            quarters = 4 * self.done // self.total
+            if quarters > self.quarters_printed:
+                self.quarters_printed = quarters
+                print(f"  {self.desc}: step {self.done}/{self.total} loss {loss:.3f}",
+                      file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, stream: Tensor, cfg: DemoConfig, batches: int,
+             generator: torch.Generator) -> tuple[float, list]:
+    """Mean LM loss of ``model`` (eval mode) over ``batches`` random windows of ``stream``, and
+    each MoE layer's tokens per expert summed over them (lists, one per layer)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    stream = stream.to(device)
+    starts = _starts(stream, (batches, cfg.batch_size), cfg.seq_len + 1, generator).to(device)
+    moe_layers = _moe_layers(model)
+    loads = [None] * len(moe_layers)
+    total = torch.zeros((), device=device)
+    for b in range(batches):
+        total += _lm_loss(model, _windows(stream, starts[b], cfg.seq_len + 1))
+        for i, m in enumerate(moe_layers):
+            t = m.last_stats.get("tokens_per_expert")
+            if t is not None:
+                loads[i] = t.double() if loads[i] is None else loads[i] + t
+    model.train(was_training)
+    return (total / batches).item(), [None if x is None else x.tolist() for x in loads]
+
+
+def train(layer_type: str, cfg: DemoConfig, corpus: Corpus, progress: bool = True,
+          log_every: Optional[int] = None) -> dict:
+    """Train a fresh :class:`TinyLM` with ``layer_type`` MLPs for ``cfg.steps`` steps. Every layer
+    type sees the same initial embeddings/attention (``cfg.seed``) and the same batches. Runs
+    with ``cfg.threads`` CPU threads (0: torch's default), restored afterwards.
+
+    Returns a JSON-ready dict: ``active_params``, ``total_params``, ``initial_loss`` (step 0),
+    ``final_train_loss``, ``heldout_loss``, ``tokens_per_s``, ``max_violation``,
+    ``dropped_fraction``, ``sparsity`` (None where the layers do not report it), ``loss_curve``
+    (LM loss per step), ``expert_load`` (tokens per expert summed over the run, per MoE layer),
+    ``heldout_expert_load``, ``heldout_by_domain`` (loss and last block's load per domain)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or before)
+    try:
+        return _train(layer_type, cfg, corpus, progress, log_every)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(layer_type, cfg, corpus, progress, log_every) -> dict:
+    device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    model = TinyLM(cfg, layer_type).to(device=device, dtype=dtype)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95))
+    warmup = max(1, cfg.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))))
+    controllers = _controllers(model, cfg)
+    moe_layers = _moe_layers(model)
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    stream = corpus.train.to(device)
+    starts = _starts(stream, (cfg.steps, cfg.batch_size), cfg.seq_len + 1, g).to(device)
+    eval_generator = torch.Generator().manual_seed(cfg.seed + 1)
+
+    # Per-step histories stay on the device; read once at the end.
+    losses = torch.zeros(cfg.steps, device=device)
+    names = ("max_violation", "dropped_fraction", "sparsity")
+    stats = {n: torch.full((cfg.steps,), float("nan"), device=device) for n in names}
+    load = [None] * len(moe_layers)
+
+    log_every = log_every or max(1, cfg.steps // 100)
+    bar = _Progress(cfg.steps, layer_type, progress)
+    model.train()
+    t0 = None
+    for step in range(cfg.steps):
+        if step == 1:  # the first step is warm-up (allocations, kernel selection): not timed
+            _sync(device)
+            t0 = time.perf_counter()
+        lm = _lm_loss(model, _windows(stream, starts[step], cfg.seq_len + 1))
+        loss = lm + collect_aux_losses(model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        for c in controllers:
+            c.step()
+        with torch.no_grad():
+            losses[step] = lm.detach()
+            for n in names:
+                vals = [m.last_stats[n] for m in moe_layers if n in m.last_stats]
+                if vals:
+                    stats[n][step] = torch.stack(vals).float().mean()
+            for i, m in enumerate(moe_layers):
+                t = m.last_stats.get("tokens_per_expert")
+                if t is not None:
+                    load[i] = t.double() if load[i] is None else load[i] + t
+        shown = (step + 1) % log_every == 0 or step + 1 == cfg.steps
+        bar.update(1, losses[step].item() if shown else None)  # the loop's only host read
+    _sync(device)
+    elapsed = time.perf_counter() - t0 if t0 is not None else float("nan")
+    bar.close()
+    timed_tokens = (cfg.steps - 1) * cfg.batch_size * cfg.seq_len
+
+    heldout, heldout_load = evaluate(model, corpus.heldout, cfg, cfg.eval_batches, eval_generator)
+    by_domain = {}
+    for d, s in corpus.heldout_by_domain.items():
+        d_loss, d_load = evaluate(model, s, cfg, 1, eval_generator)
+        by_domain[d] = {"loss": d_loss, "load_last_block": d_load[-1] if d_load else None}
+
+    curve = losses.cpu().tolist()
+    tail = max(1, cfg.steps // 10)  # the end-of-run numbers: means over the last 10% of steps
+
+    def tail_mean(x: Tensor) -> Optional[float]:
+        v = x[-tail:].cpu()
+        return None if torch.isnan(v).all() else float(v[~torch.isnan(v)].mean())
+
+    return {
+        "layer_type": layer_type,
+        "causal": LAYER_TYPES[layer_type].causal,
+        "note": LAYER_TYPES[layer_type].note,
+        "active_params": active_parameters(model),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "initial_loss": curve[0],
+        "final_train_loss": float(sum(curve[-tail:]) / len(curve[-tail:])),
+        "heldout_loss": heldout,
+        "tokens_per_s": timed_tokens / elapsed if elapsed > 0 else float("nan"),
+        "train_seconds": elapsed,
+        "max_violation": tail_mean(stats["max_violation"]),
+        "dropped_fraction": tail_mean(stats["dropped_fraction"]),
+        "sparsity": tail_mean(stats["sparsity"]),
+        "target_sparsity": next((m.target_sparsity for m in model.modules()
+                                 if isinstance(m, layers.ReMoE)), None),
+        "loss_curve": curve,
+        "expert_load": [None if x is None else x.tolist() for x in load],
+        "heldout_expert_load": heldout_load,
+        "heldout_by_domain": by_domain,
+    }
+
+
+# ---------------------------------------------------------------------------------- results
+
+
+def _fmt(x: Optional[float], spec: str, scale: float = 1.0) -> str:
+    return "n/a" if x is None else format(x * scale, spec)
+
+
+def format_table(results: list[dict]) -> str:
+    """One row per layer type: parameters, losses, speed and routing statistics."""
+    head = ("layer type", "active", "total", "train loss", "held-out", "tokens/s", "MaxVio",
+            "dropped %", "sparsity")
+    rows = []
+    for r in results:
+        sparsity = _fmt(r["sparsity"], ".3f")
+        if r["target_sparsity"] is not None:
+            sparsity += f" (target {r['target_sparsity']:.2f})"
+        rows.append((r["layer_type"] + ("" if r["causal"] else " *"),
+                     f"{r['active_params']:,}", f"{r['total_params']:,}",
+                     f"{r['final_train_loss']:.4f}", f"{r['heldout_loss']:.4f}",
+                     f"{r['tokens_per_s']:,.0f}", _fmt(r["max_violation"], ".3f"),
+                     _fmt(r["dropped_fraction"], ".2f", 100), sparsity))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(  # noqa: E731
+        str(c).ljust(w) if i in (0, 8) else str(c).rjust(w)
+        for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    out.append("train loss, MaxVio, dropped %, sparsity: means over the last 10% of steps "
+               "(MaxVio averaged over layers); held-out: eval mode.")
+    if any(not r["causal"] for r in results):
+        out.append("* not causal: a token's experts depend on later tokens of the batch, so its "
+                   "LM losses are not comparable with the others'.")
+    return "\n".join(out)
+
+
+def plot_results(results: list[dict], path, cfg: Optional[DemoConfig] = None) -> Path:
+    """Save a PNG: the training loss curves of every layer type, and per MoE layer type the share
+    of assignments each expert got over the run (one bar per block) and, for the last block, on
+    each domain's held-out text. Returns the path."""
+    matplotlib = _require("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    moe = [r for r in results if any(x is not None for x in r["expert_load"])]
+    cols = max(len(moe), 1)
+    fig = plt.figure(figsize=(max(10.0, 3.6 * cols), 11 if moe else 4.5))
+    grid = fig.add_gridspec(3 if moe else 1, cols, height_ratios=[1.2, 1, 1.2] if moe else [1])
+    ax = fig.add_subplot(grid[0, :])
+    for r in results:
+        curve = torch.tensor(r["loss_curve"])
+        w = max(1, len(curve) // 30)  # moving average over ~3% of the run
+        smooth = curve.unfold(0, w, 1).mean(1) if len(curve) >= w else curve
+        ax.plot(range(w - 1, w - 1 + len(smooth)), smooth.tolist(),
+                label=f"{r['layer_type']} (held-out {r['heldout_loss']:.3f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train LM loss (moving average)")
+    title = "moeyard demo"
+    if cfg is not None:
+        title += (f": {cfg.blocks} blocks, d={cfg.d_model}, {cfg.experts} experts, k={cfg.k}, "
+                  f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    for j, r in enumerate(moe):
+        loads = [x for x in r["expert_load"] if x is not None]
+        E = len(loads[0])
+        bar_ax = fig.add_subplot(grid[1, j])
+        width = 0.8 / len(loads)
+        for b, x in enumerate(loads):
+            share = torch.tensor(x) / max(sum(x), 1)
+            bar_ax.bar([e + (b - (len(loads) - 1) / 2) * width for e in range(E)],
+                       share.tolist(), width, label=f"block {b}")
+        bar_ax.axhline(1 / E, color="k", ls="--", lw=0.8)
+        bar_ax.set_title(f"{r['layer_type']}: load over the run")
+        bar_ax.set_xlabel("expert")
+        bar_ax.set_xticks(range(E))
+        if j == 0:
+            bar_ax.set_ylabel("share of assignments (dashed: 1/E)")
+        bar_ax.legend(fontsize=7)
+        heat_ax = fig.add_subplot(grid[2, j])
+        domains = [d for d, v in r["heldout_by_domain"].items()
+                   if v["load_last_block"] is not None]
+        m = torch.tensor([r["heldout_by_domain"][d]["load_last_block"] for d in domains])
+        m = m / m.sum(1, keepdim=True).clamp(min=1)
+        heat_ax.imshow(m.numpy(), cmap="viridis", aspect="auto", vmin=0)
+        heat_ax.set_yticks(range(len(domains)))
+        heat_ax.set_yticklabels(domains if j == 0 else [""] * len(domains))
+        heat_ax.set_xticks(range(E))
+        heat_ax.set_xlabel("expert")
+        heat_ax.set_title("last block, held-out by domain", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# Why the demo trains on one CPU thread unless told otherwise.
+_THREADS_NOTE = ("the default model is small, and torch's multi-threaded CPU kernels slow down "
+                 "badly when other jobs share the cores (every parallel region waits for a "
+                 "descheduled thread): on a 2-core machine with other jobs running, 2 threads "
+                 "trained far slower than 1")
+
+
+def _require(name: str):
+    try:
+        return __import__(name)
+    except ImportError as e:
+        raise ImportError(f"the moeyard demo needs {name}: pip install tqdm matplotlib "
+                          "(or pip install 'moeyard[demo]')") from e
+
+
+def run(cfg: DemoConfig, layer_types=DEFAULT_LAYERS, out="moeyard-demo", progress=True,
+        corpus: Optional[Corpus] = None) -> dict:
+    """Train every layer type, print the table, write ``results.json`` and ``demo.png`` under
+    ``out``; returns the results (``{"config", "results": [per layer type], "table", ...}``)."""
+    unknown = [t for t in layer_types if t not in LAYER_TYPES]
+    if unknown:
+        raise ValueError(f"unknown layer type(s) {unknown}; known: {list(LAYER_TYPES)}")
+    _require("matplotlib")  # fail now rather than after the training
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = corpus if corpus is not None else make_corpus(cfg.corpus_chars, cfg.seed)
+    threads = cfg.threads or torch.get_num_threads()
+    print(f"moeyard demo on {cfg.device} ({cfg.dtype}, {threads} CPU thread"
+          f"{'s' if threads > 1 else ''}): {cfg.blocks} blocks, d={cfg.d_model}, "
+          f"{cfg.experts} experts of width {cfg.expert_size}, k={cfg.k}; {cfg.steps} steps of "
+          f"{cfg.batch_size}x{cfg.seq_len} tokens; corpus {corpus.train.numel():,} characters "
+          f"({', '.join(DOMAINS)})", flush=True)
+    results = [train(t, cfg, corpus, progress) for t in layer_types]
+    table = format_table(results)
+    print(table, flush=True)
+    png = plot_results(results, out / "demo.png", cfg)
+    summary = {"config": asdict(cfg), "torch": torch.__version__, "results": results,
+               "table": table}
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {png} and {out / 'results.json'}")
+    return summary
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    d = DemoConfig()
+    ap.add_argument("--layers", default=",".join(DEFAULT_LAYERS),
+                    help=f"comma list of layer types, from {', '.join(LAYER_TYPES)} "
+                         f"(default {','.join(DEFAULT_LAYERS)})")
+    ap.add_argument("--steps", type=int, default=d.steps)
+    ap.add_argument("--d-model", type=int, default=d.d_model)
+    ap.add_argument("--blocks", "--layers-n", dest="blocks", type=int, default=d.blocks,
+                    help="transformer blocks")
+    ap.add_argument("--heads", type=int, default=d.heads)
+    ap.add_argument("--experts", type=int, default=d.experts)
+    ap.add_argument("--k", type=int, default=d.k, help="active experts per token")
+    ap.add_argument("--expert-size", type=int, default=d.expert_size,
+                    help="intermediate width of one expert (dense baseline: k times it)")
+    ap.add_argument("--seq-len", type=int, default=d.seq_len)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--threads", type=int, default=d.threads,
+                    help="CPU threads for training; 0 = torch's default (one per core). "
+                         "Default 1: " + _THREADS_NOTE)
+    ap.add_argument("--out", default="moeyard-demo", help="output folder (default ./moeyard-demo)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def from_args(args: argparse.Namespace) -> dict:
+    cfg = DemoConfig(d_model=args.d_model, blocks=args.blocks, heads=args.heads,
+                     experts=args.experts, k=args.k, expert_size=args.expert_size,
+                     seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
+                     lr=args.lr, seed=args.seed, device=args.device, dtype=args.dtype,
+                     threads=args.threads)
+    layer_types = [t.strip() for t in args.layers.split(",") if t.strip()]
+    return run(cfg, layer_types, args.out, progress=not args.no_progress)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m moeyard demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    from_args(ap.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The demo (``python -m moeyard demo``): a tiny run of every default layer type through
+``demo.main`` (table, JSON, PNG, losses going down, equal active parameters), the corpus, the
+non-causal flag, the command-line wiring and bad layer names."""
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+
+from moeyard import demo  # noqa: E402
+
+TINY = {"--steps": 30, "--d-model": 32, "--blocks": 1, "--heads": 2, "--experts": 4, "--k": 2,
+        "--expert-size": 16, "--seq-len": 16, "--batch-size": 8}
+
+
+def tiny_args(out, **extra):
+    args = {**TINY, "--out": out, "--device": "cpu", **extra}
+    return [str(x) for kv in args.items() for x in kv] + ["--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny run of the default layer types through demo.main: (stdout, results.json, out)."""
+    out = tmp_path_factory.mktemp("demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert demo.main(tiny_args(out)) == 0
+    return printed.getvalue(), json.loads((out / "results.json").read_text()), out
+
+
+def test_every_default_layer_type_in_table_and_json(tiny_run):
+    text, data, _ = tiny_run
+    names = [r["layer_type"] for r in data["results"]]
+    assert names == list(demo.DEFAULT_LAYERS)
+    table_rows = {line.split()[0] for line in data["table"].splitlines()}
+    assert set(names) <= table_rows
+    assert data["table"] in text  # the table is what was printed
+    for r in data["results"]:
+        assert len(r["loss_curve"]) == TINY["--steps"]
+        for key in ("initial_loss", "final_train_loss", "heldout_loss", "tokens_per_s"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["layer_type"], key, r[key])
+        assert set(r["heldout_by_domain"]) == set(demo.DOMAINS)
+
+
+def test_losses_go_down(tiny_run):
+    _, data, _ = tiny_run
+    by_name = {r["layer_type"]: r for r in data["results"]}
+    for name in ("dense", "topk"):
+        r = by_name[name]
+        # initial loss is about ln(vocab); 30 steps learn at least the character frequencies
+        assert abs(r["initial_loss"] - math.log(len(demo.VOCAB))) < 0.2, r["initial_loss"]
+        assert r["final_train_loss"] < r["initial_loss"] - 0.3, (name, r["final_train_loss"])
+        assert r["heldout_loss"] < r["initial_loss"] - 0.3, (name, r["heldout_loss"])
+
+
+def test_routing_statistics(tiny_run):
+    _, data, _ = tiny_run
+    by_name = {r["layer_type"]: r for r in data["results"]}
+    dense = by_name["dense"]
+    assert dense["max_violation"] is None and dense["expert_load"] == []
+    E = TINY["--experts"]
+    tokens = TINY["--steps"] * TINY["--batch-size"] * TINY["--seq-len"]
+    for name in ("switch", "topk", "topk-bias", "remoe"):
+        r = by_name[name]
+        assert r["max_violation"] >= 0
+        [load] = r["expert_load"]  # one block
+        assert len(load) == E
+        if name != "remoe":  # every token makes k assignments (1 for switch)
+            assert sum(load) == tokens * (1 if name == "switch" else TINY["--k"])
+    assert 0 <= by_name["switch"]["dropped_fraction"] < 1
+    assert by_name["topk"]["dropped_fraction"] == 0  # dropless
+    assert 0 <= by_name["remoe"]["sparsity"] <= 1
+    assert by_name["topk"]["sparsity"] is None
+    assert "n/a" in data["table"].splitlines()[2]  # the dense row
+
+
+def test_active_parameters_match_dense(tiny_run):
+    _, data, _ = tiny_run
+    by_name = {r["layer_type"]: r for r in data["results"]}
+    router = TINY["--blocks"] * TINY["--d-model"] * TINY["--experts"]
+    for name in ("switch", "topk", "topk-bias", "remoe"):
+        assert by_name[name]["active_params"] == by_name["dense"]["active_params"] + router, name
+        assert by_name[name]["total_params"] > by_name[name]["active_params"]
+
+
+def test_png_written(tiny_run):
+    _, _, out = tiny_run
+    png = out / "demo.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_corpus_deterministic_and_in_vocab():
+    a, b = demo.make_corpus(1 << 12, seed=3), demo.make_corpus(1 << 12, seed=3)
+    assert torch.equal(a.train, b.train) and torch.equal(a.heldout, b.heldout)
+    c = demo.make_corpus(1 << 12, seed=4)
+    assert not torch.equal(a.train, c.train)
+    assert a.train.numel() == 1 << 12 and int(a.train.max()) < len(demo.VOCAB)
+    assert not torch.equal(a.train[:a.heldout.numel()], a.heldout)
+    text = {d: demo.decode(s) for d, s in a.heldout_by_domain.items()}
+    assert all("+" in line and "=" in line for line in text["arithmetic"].split("\n")[:-1])
+    for line in text["arithmetic"].split("\n")[:-1]:  # every complete equation is right
+        for eq in line.split(";")[:-1]:
+            lhs, rhs = eq.split("=")
+            x, y = lhs.split("+")
+            assert int(x) + int(y) == int(rhs), eq
+    assert "|" in text["copy"] and "<" in text["reverse"]
+    for item in text["reverse"].split("\n")[0].split(";")[:-1]:
+        s, r = item.split("<")
+        assert r == s[::-1]
+    # the languages use different letters
+    letters = [set(text[d]) - set(" .\n") for d in ("lang-a", "lang-b", "lang-c")]
+    assert letters[0] != letters[1] != letters[2]
+
+
+def test_non_causal_layer_flagged(tmp_path):
+    cfg = demo.DemoConfig(d_model=16, blocks=1, heads=2, experts=4, k=2, expert_size=8,
+                          seq_len=8, batch_size=4, steps=3, eval_batches=1)
+    corpus = demo.make_corpus(1 << 12)
+    r = demo.train("expert-choice", cfg, corpus, progress=False)
+    assert r["causal"] is False and r["dropped_fraction"] is not None
+    table = demo.format_table([r])
+    assert "expert-choice *" in table and "not causal" in table
+
+
+def test_command_line_and_bad_names(tmp_path, capsys):
+    from moeyard.__main__ import main
+    assert main(["demo", *tiny_args(tmp_path, **{"--layers": "dense", "--steps": 3})]) == 0
+    assert "dense" in capsys.readouterr().out
+    assert (tmp_path / "results.json").exists()
+    with pytest.raises(ValueError, match="unknown layer type"):
+        demo.main(tiny_args(tmp_path, **{"--layers": "dense,nope"}))
