@@ -13,9 +13,17 @@ Layers, each configured to route about 8 experts' worth of rows per token where 
             initialisation about half the gates are positive, so k_max = 8 bounds every token to
             8 experts, ReMoE's steady state
   ec        ExpertChoiceMoE(capacity_factor=8): each expert takes its top C = 8 T / E tokens
+  base      BaseMoE(activation="swiglu", expert_bias=False): balanced assignment (T / E tokens
+            per expert), k = 1, experts of width 8 d_ff so the FLOPs match the others
+  smear     SmearMoE(expert_dropout=0): experts of width 8 d_ff merged per sequence (routed on
+            its mean), one merged MLP per sequence
 The plain-PyTorch side is what a careful user writes without moeyard: the routing with torch ops
 (no host sync: histc counts, cumsum positions), the experts as two torch._grouped_mm products over
-the expert-sorted rows (ec: gathered [E, C, d] blocks and two bmm), combine by index_add in fp32.
+the expert-sorted rows (ec: gathered [E, C, d] blocks and two bmm), combine by index_add in fp32;
+base: fairseq's auction (ALGORITHMS.md 2.3) in torch ops, which checks for the end on the host each
+round, as fairseq does; smear: the merge as einsum over the experts, then two bmm (ALGORITHMS.md
+3.3). The base comparison uses moeyard's assignment on both sides (the two auctions may break ties
+differently); the timed plain side runs its own auction.
 Before timing each layer, its loss and the gradients of x, the router and the expert weights are
 compared
 (relative Frobenius error; a WARNING line if above 2e-2).
@@ -45,6 +53,9 @@ SHAPE = (2048, 768, 128, 8, 16384)  # d, f, E, k, T: qwen3moe
 SMOKE_SHAPE = (32, 16, 8, 2, 64)
 SEQ = 2048  # the T tokens as [T // SEQ, SEQ, d]
 TOL = 2e-2
+# SMEAR's router gradient sums terms that cancel; in bf16 it is good to ~10% of its size, the same
+# for moeyard and for a plain bf16 einsum (tests/test_layers_smear.py checks it in fp32 exactly)
+TOL_OVERRIDES = {("smear", "grad_router"): 0.15}
 OUT = os.environ.get("OUT", "out")
 ROWS = []
 META = {}
@@ -67,10 +78,14 @@ def make_layer(name, d, f, E, k):
         return moeyard.ReMoE(d, f, E, k=k, k_max=k)
     if name == "ec":
         return moeyard.ExpertChoiceMoE(d, f, E, capacity_factor=float(k))
+    if name == "base":
+        return moeyard.BaseMoE(d, k * f, E, activation="swiglu", expert_bias=False)
+    if name == "smear":  # one merged MLP per sequence, as wide as the k experts of the others
+        return moeyard.SmearMoE(d, k * f, E, expert_dropout=0.0)
     raise KeyError(name)
 
 
-LAYERS = ("topk", "deepseek", "switch", "remoe", "ec")
+LAYERS = ("topk", "deepseek", "switch", "remoe", "ec", "base", "smear")
 
 
 # -------------------------------------------------------------- the plain-PyTorch layers
@@ -91,7 +106,7 @@ def torch_experts(h, tok, e, w, ex):
     a = torch._grouped_mm(rows, ex.gate_up_proj.transpose(1, 2), offs=offs)
     a = activation(a.float(), ex.activation).to(h.dtype)
     y = torch._grouped_mm(a, ex.down_proj.transpose(1, 2), offs=offs)
-    y = torch.where(valid[:, None], y.float() * w[:, None].float(), 0.0)
+    y = torch.where(valid[:, None], y.float(), 0.0) * w[:, None].float()  # mask before the product
     return torch.zeros(h.shape, dtype=torch.float32, device=h.device).index_add(0, tok, y)
 
 
@@ -101,7 +116,8 @@ def balance_loss(logits, e, E):
     return E * (f * torch.softmax(logits, -1).mean(0)).sum()
 
 
-def torch_topk(layer, h):
+def torch_topk(layer, x):
+    h = x.reshape(-1, x.shape[-1])
     r, E, k = layer.router, layer.num_experts, layer.k
     logits = F.linear(h.float(), r.weight.float())
     s = torch.softmax(logits, -1) if r.score == "softmax" else torch.sigmoid(logits)
@@ -134,7 +150,8 @@ def torch_topk(layer, h):
     return out.to(h.dtype), losses
 
 
-def torch_remoe(layer, h):
+def torch_remoe(layer, x):
+    h = x.reshape(-1, x.shape[-1])
     E, T = layer.num_experts, h.shape[0]
     logits = F.linear(h.float(), layer.router.weight.float())
     gates, e = F.relu(logits).topk(layer.router.k_max, dim=-1)
@@ -147,7 +164,8 @@ def torch_remoe(layer, h):
     return out.to(h.dtype), [l1]
 
 
-def torch_ec(layer, h):
+def torch_ec(layer, x):
+    h = x.reshape(-1, x.shape[-1])
     from moeyard.reference import activation
     ex, T = layer.experts, h.shape[0]
     scores = torch.softmax(F.linear(h.float(), layer.router.weight.float()), -1)
@@ -159,8 +177,63 @@ def torch_ec(layer, h):
     return out.index_add(0, tok.reshape(-1), y.reshape(-1, h.shape[1])).to(h.dtype), []
 
 
+def fairseq_auction(scores):
+    """experts [T] (int64) of fairseq's balanced assignment (ALGORITHMS.md 2.3) in torch ops: the
+    experts bid for their top T/E tokens until every token has exactly one bidder; E | T."""
+    S = scores.t()
+    E, T = S.shape
+    m = T // E
+    eps = max((scores.max() - scores.min()).item() / 50, 1e-4)
+    top = S.max()
+    value, cost = S.clone(), torch.zeros(T, device=S.device)
+    prev, it = None, 0
+    while True:
+        top_v, top_i = value.topk(m + 1, dim=1)
+        bids = torch.zeros(E, T, device=S.device)
+        bids.scatter_(1, top_i[:, :m], top_v[:, :m] - top_v[:, m:] + eps)
+        if prev is not None and 0 < it < 100:
+            bids[prev] = eps
+        high, winner = bids.max(dim=0)
+        if bool((high > 0).all()):  # the host check of every round
+            break
+        cost += high
+        value = S - cost
+        tok = (high > 0).nonzero().squeeze(1)
+        prev = (winner[tok], tok)
+        value[prev] = top if it < 100 else S[prev]
+        it += 1
+    experts = torch.empty(T, dtype=torch.int64, device=S.device)
+    experts[top_i[:, :m].reshape(-1)] = torch.arange(E, device=S.device).repeat_interleave(m)
+    return experts
+
+
+def torch_base(layer, x, experts=None):
+    """BASE with fairseq's auction (or the given experts [T]): x -> alpha * FFN_e(LN_e(x))."""
+    h = x.reshape(-1, x.shape[-1])
+    logits = F.linear(h.float(), layer.expert_centroids.float())
+    if experts is None:
+        experts = fairseq_auction(logits.detach())
+    alpha = torch.sigmoid(logits.gather(1, experts[:, None]))[:, 0]
+    z = F.layer_norm(h, (h.shape[1],), eps=layer.norm_eps)
+    z = z * layer.norm_weight[experts] + layer.norm_bias[experts]
+    tok = torch.arange(h.shape[0], device=h.device)
+    return torch_experts(z, tok, experts, alpha, layer.experts).to(h.dtype), []
+
+
+def torch_smear(layer, x):
+    """SMEAR: per-sequence probabilities (the router is plain PyTorch), experts merged by einsum."""
+    from moeyard.reference import activation
+    ex = layer.experts
+    xb = x.view(-1, x.shape[-2], x.shape[-1])
+    probs = layer.router(xb).to(x.dtype)
+    w1 = torch.einsum("be,end->bnd", probs, ex.gate_up_proj)
+    w2 = torch.einsum("be,edi->bdi", probs, ex.down_proj)
+    a = activation(torch.bmm(xb, w1.transpose(1, 2)).float(), ex.activation).to(x.dtype)
+    return torch.bmm(a, w2.transpose(1, 2)).reshape(-1, x.shape[-1]), []
+
+
 TORCH_LAYERS = {"topk": torch_topk, "deepseek": torch_topk, "switch": torch_topk,
-                "remoe": torch_remoe, "ec": torch_ec}
+                "remoe": torch_remoe, "ec": torch_ec, "base": torch_base, "smear": torch_smear}
 
 
 # --------------------------------------------------------------------------------- runner
@@ -179,7 +252,7 @@ def moeyard_loss(layer, x):
 
 def torch_loss(name):
     def loss(layer, x):
-        out, losses = TORCH_LAYERS[name](layer, x.reshape(-1, x.shape[-1]))
+        out, losses = TORCH_LAYERS[name](layer, x)
         return out.float().pow(2).mean() + sum(losses, torch.zeros((), device=x.device))
     return loss
 
@@ -187,11 +260,19 @@ def torch_loss(name):
 def compare(name, layer, x):
     """Loss (output term + aux losses) and its gradients (x, router, gate_up, down) of the two
     implementations: relative errors."""
-    params = [x, layer.router.weight, layer.experts.gate_up_proj, layer.experts.down_proj]
+    router = layer.expert_centroids if name == "base" else layer.router.weight
+    params = [x, router, layer.experts.gate_up_proj, layer.experts.down_proj]
     errs = {}
     loss_m = moeyard_loss(layer, x)
     g_m = torch.autograd.grad(loss_m, params)
-    loss_t = torch_loss(name)(layer, x)
+    if name == "base":  # both sides on moeyard's assignment: the auctions may break ties apart
+        import moeyard
+        logits = F.linear(x.reshape(-1, x.shape[-1]).float(), layer.expert_centroids.float())
+        experts = moeyard.balanced_assignment(logits.detach())[:, 0].long()
+        out, _ = torch_base(layer, x, experts)
+        loss_t = out.float().pow(2).mean()
+    else:
+        loss_t = torch_loss(name)(layer, x)
     g_t = torch.autograd.grad(loss_t, params)
     errs = {"loss": rel_err(loss_m, loss_t)}
     names = ("x", "router", "gate_up", "down")
@@ -216,12 +297,15 @@ def run_layer(name, shape, reps):
     d, f, E, k, T = shape
     torch.manual_seed(0)
     layer = make_layer(name, d, f, E, k).to(device=bx.DEV, dtype=torch.bfloat16).train()
+    if name == "base":  # zero at init (down_proj = 0) would make the comparison vacuous
+        with torch.no_grad():
+            layer.experts.down_proj.normal_(std=0.02)
     S = min(SEQ, T)
     x = torch.randn(T // S, S, d, device=bx.DEV, dtype=torch.bfloat16).requires_grad_(True)
     params = [x] + list(layer.parameters())
 
     errs = compare(name, layer, x)
-    bad = {n: v for n, v in errs.items() if not v <= TOL}
+    bad = {n: v for n, v in errs.items() if not v <= TOL_OVERRIDES.get((name, n), TOL)}
     note = "rel. err vs torch: " + ", ".join(f"{n} {v:.1e}" for n, v in errs.items())
     print(f"check {name}: {note}", flush=True)
     if bad:

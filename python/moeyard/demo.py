@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from . import layers
 from .balance import BiasBalancer, ReMoEController, collect_aux_losses
-from .experts import Experts, SwiGLUMLP
+from .experts import Experts, MergedExperts, SwiGLUMLP
 from .routers import TopKRouter
 
 __all__ = ["DemoConfig", "LayerType", "LAYER_TYPES", "DEFAULT_LAYERS", "VOCAB", "DOMAINS",
@@ -103,8 +103,15 @@ LAYER_TYPES: dict[str, LayerType] = {
     "expert-choice": LayerType(lambda d, c: layers.ExpertChoiceMoE(d, c.expert_size, c.experts,
                                                                    capacity_factor=c.k),
                                causal=False, note="each expert takes its top k*T/E tokens"),
+    "base": LayerType(lambda d, c: layers.BaseMoE(d, c.k * c.expert_size, c.experts,
+                                                  activation="swiglu"),
+                      causal=False, note="BASE: balanced assignment in training (whole batch), "
+                                         "argmax in eval; experts of width k*I"),
+    "smear": LayerType(lambda d, c: layers.SmearMoE(d, c.k * c.expert_size, c.experts),
+                       causal=False, note="SMEAR: experts merged per sequence (routed on its "
+                                          "mean); one merged MLP of width k*I"),
 }
-DEFAULT_LAYERS = ("dense", "switch", "topk", "topk-bias", "remoe")
+DEFAULT_LAYERS = tuple(LAYER_TYPES)
 
 
 def _moe_layers(model: nn.Module) -> list[nn.Module]:
@@ -129,7 +136,7 @@ def active_parameters(model: nn.Module) -> int:
     active = float(sum(p.numel() for p in model.parameters()))
     for m in model.modules():
         experts = getattr(m, "experts", None)
-        if isinstance(experts, Experts):
+        if isinstance(experts, (Experts, MergedExperts)):
             k = getattr(m, "k", getattr(m, "capacity_factor", 1))
             n = sum(p.numel() for p in experts.parameters())
             active -= n * (1 - min(k, experts.num_experts) / experts.num_experts)
