@@ -22,7 +22,7 @@
 //              price becomes its lowest kept bid.
 //    The outcome of every step is a set, independent of the order atomics hand out positions,
 //    so the result is deterministic and equal to the CPU's. Prices live in shared memory for
-//    E_eff <= 4096 (global memory above). The greedy completion after max_rounds runs in warp 0,
+//    E_eff <= 3072 (global memory above). The greedy completion after max_rounds runs in warp 0,
 //    tokens in ascending order.
 // Work per round O(U*E/threads + candidates*12/32) plus barriers; scratch: Q (T*E int32), 5 int32
 // and 2 int64 arrays of T, 5 int32 arrays of E.
@@ -44,7 +44,9 @@ using assignment::Params;
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxSmemExperts = 4096;  // prices in shared memory up to this many experts (32 KB)
+// Prices in shared memory up to this many experts (24 KB, which with the 16.5 KB of static shared
+// memory stays under the 48 KB a launch gets without opting in); global memory above.
+constexpr int kMaxSmemExperts = 3072;
 constexpr int kMaxPartials = 256;      // blocks of minmax_kernel
 constexpr int kPrepThreads = 256;
 constexpr double kInf = std::numeric_limits<double>::infinity();

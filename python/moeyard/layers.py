@@ -461,9 +461,12 @@ class BaseMoE(nn.Module):
             experts = route(scores, 1, "none")[1]
         alpha = torch.sigmoid(logits.gather(1, experts.long()))  # [T, 1], the gate
         p = plan(experts, self.num_experts)
-        e = experts[:, 0].long()
+        # expert e's LayerNorm affine per token, gathered by a one-hot product (exact, and its
+        # backward is a matmul: deterministic, unlike an indexed gather's scatter-add)
+        onehot = F.one_hot(experts[:, 0].long(), self.num_experts).to(h.dtype)
+        affine = onehot @ torch.cat([self.norm_weight, self.norm_bias], dim=1)  # [T, 2d]
         z = F.layer_norm(h, (self.hidden_size,), eps=self.norm_eps)
-        z = z * self.norm_weight[e] + self.norm_bias[e]  # expert e's LayerNorm affine
+        z = z * affine[:, :self.hidden_size] + affine[:, self.hidden_size:]
         out = self.experts(z, p, alpha)
         if self.residual:
             out = h + out
