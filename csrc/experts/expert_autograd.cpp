@@ -7,20 +7,18 @@
 // one intermediate it keeps: the backward recomputes the activation from it and never needs the
 // second product (see expert_ops.cpp). Without grad mode it runs the plain op and saves nothing.
 #include <torch/autograd.h>
+#include <torch/library.h>
+
 #include <algorithm>
 #include <array>
-#include <torch/library.h>
+
+#include "common/dispatch.h"
 
 namespace moeyard {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::tensor_list;
-
-template <typename Signature>
-auto typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 inline std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;

@@ -20,29 +20,19 @@ __all__ = ["Experts", "SwiGLUMLP", "MergedExperts"]
 _GATED = ("swiglu", "swiglu_oss")
 
 
-class Experts(nn.Module):
-    """E expert MLPs ``y_e(x) = act(x W1_e^T + b1_e) W2_e^T + b2_e`` with stacked weights.
+class _StackedExperts(nn.Module):
+    """E expert MLPs' parameters, stacked in Hugging Face v5's layout (see the module docstring),
+    their initialization and repr; subclasses say how the experts run (``forward``) and which
+    activations they take (``activations``)."""
 
-    ``forward(x [T, d], plan, weights [T, k]) -> [T, d]`` returns
-    ``sum_j weights[t, j] * y_{e(t, j)}(x[t])`` over the slots of token t that have a row in
-    ``plan``; dropped or unrouted slots add 0. All of it is one :func:`moeyard.expert_ffn` call.
-
-    Args:
-        num_experts: E.
-        hidden_size: d (the model width).
-        intermediate_size: I (each expert's hidden width).
-        activation: one of ``moeyard.ACTIVATIONS``; default ``"swiglu"`` (Mixtral, Qwen, DeepSeek).
-        bias: add ``gate_up_proj_bias`` and ``down_proj_bias`` (initialized to zero). Default False.
-        initializer_range: std of the normal init of the weights, as Hugging Face's
-            ``_init_weights`` (``config.initializer_range``, default 0.02).
-    """
+    activations: tuple = ACTIVATIONS
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
                  activation: str = "swiglu", bias: bool = False, initializer_range: float = 0.02,
                  device=None, dtype=None):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if activation not in self.activations:
+            raise ValueError(f"activation must be one of {self.activations}, got {activation!r}")
         for name, v in (("num_experts", num_experts), ("hidden_size", hidden_size),
                         ("intermediate_size", intermediate_size)):
             if v < 1:
@@ -71,14 +61,32 @@ class Experts(nn.Module):
             nn.init.zeros_(self.gate_up_proj_bias)
             nn.init.zeros_(self.down_proj_bias)
 
-    def forward(self, x: Tensor, plan: RoutingPlan, weights: Tensor) -> Tensor:
-        return expert_ffn(x, plan, weights, self.gate_up_proj, self.down_proj,
-                          self.gate_up_proj_bias, self.down_proj_bias, self.activation)
-
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
                 f"intermediate_size={self.intermediate_size}, activation={self.activation!r}, "
                 f"bias={self.gate_up_proj_bias is not None}")
+
+
+class Experts(_StackedExperts):
+    """E expert MLPs ``y_e(x) = act(x W1_e^T + b1_e) W2_e^T + b2_e`` with stacked weights.
+
+    ``forward(x [T, d], plan, weights [T, k]) -> [T, d]`` returns
+    ``sum_j weights[t, j] * y_{e(t, j)}(x[t])`` over the slots of token t that have a row in
+    ``plan``; dropped or unrouted slots add 0. All of it is one :func:`moeyard.expert_ffn` call.
+
+    Args:
+        num_experts: E.
+        hidden_size: d (the model width).
+        intermediate_size: I (each expert's hidden width).
+        activation: one of ``moeyard.ACTIVATIONS``; default ``"swiglu"`` (Mixtral, Qwen, DeepSeek).
+        bias: add ``gate_up_proj_bias`` and ``down_proj_bias`` (initialized to zero). Default False.
+        initializer_range: std of the normal init of the weights, as Hugging Face's
+            ``_init_weights`` (``config.initializer_range``, default 0.02).
+    """
+
+    def forward(self, x: Tensor, plan: RoutingPlan, weights: Tensor) -> Tensor:
+        return expert_ffn(x, plan, weights, self.gate_up_proj, self.down_proj,
+                          self.gate_up_proj_bias, self.down_proj_bias, self.activation)
 
 
 class SwiGLUMLP(nn.Module):
@@ -121,7 +129,7 @@ def _smear_activation(h: Tensor, name: str) -> Tensor:
     return out.to(h.dtype)
 
 
-class MergedExperts(nn.Module):
+class MergedExperts(_StackedExperts):
     """SMEAR's experts (ALGORITHMS.md 3.3): E MLPs whose parameters are averaged per example with
     its routing probabilities, then run once: ``forward(x [B, S, d], probs [B, E]) -> [B, S, d]``,
     ``out[b] = act(x[b] W1_b^T + b1_b) W2_b^T + b2_b`` with ``W_b = sum_e probs[b, e] W_e``
@@ -140,37 +148,9 @@ class MergedExperts(nn.Module):
         initializer_range: std of the normal init of the weights (default 0.02).
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 activation: str = "swiglu", bias: bool = False, initializer_range: float = 0.02,
-                 device=None, dtype=None):
-        super().__init__()
-        if activation not in SMEAR_ACTIVATIONS:
-            raise ValueError(f"activation must be one of {SMEAR_ACTIVATIONS}, got {activation!r}")
-        for name, v in (("num_experts", num_experts), ("hidden_size", hidden_size),
-                        ("intermediate_size", intermediate_size)):
-            if v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-        self.num_experts, self.hidden_size = num_experts, hidden_size
-        self.intermediate_size, self.activation = intermediate_size, activation
-        self.initializer_range = initializer_range
-        n1 = 2 * intermediate_size if activation == "swiglu" else intermediate_size
-        kw = dict(device=device, dtype=dtype)
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, n1, hidden_size, **kw))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size,
-                                                  **kw))
-        if bias:
-            self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, n1, **kw))
-            self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size, **kw))
-        else:
-            self.register_parameter("gate_up_proj_bias", None)
-            self.register_parameter("down_proj_bias", None)
-        self.reset_parameters()
+    activations = SMEAR_ACTIVATIONS
 
-    # Initialization (weights ~ N(0, initializer_range^2), biases 0) and repr as Experts.
-    reset_parameters = Experts.reset_parameters
     def forward(self, x: Tensor, probs: Tensor) -> Tensor:
         h = merged_linear(x, probs, self.gate_up_proj, self.gate_up_proj_bias)
         return merged_linear(_smear_activation(h, self.activation), probs, self.down_proj,
                              self.down_proj_bias)
-
-    extra_repr = Experts.extra_repr
