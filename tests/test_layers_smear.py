@@ -96,14 +96,17 @@ def naive_smear(layer, x, mask=None, keep=None):
 # ------------------------------------------------------------------------------ forward/backward
 
 
+# relu is compared in fp32 only: in bf16 the roundings of the merged weights flip pre-activations
+# near relu's kink, so the two sides legitimately differ there.
+NAME_DTYPE = [pytest.param(n, dt, id=f"{n}-{i}") for n in CONFIGS
+              for dt, i in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
+              if not (dt == torch.bfloat16 and n.startswith("relu"))]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_layer_matches_naive(name, training, dtype, device):
-    if dtype == torch.bfloat16 and name.startswith("relu"):
-        pytest.skip("relu's kink: bf16 roundings of the merged weights flip pre-activations "
-                    "near 0 (relu is compared in fp32)")
+@pytest.mark.parametrize("name,dtype", NAME_DTYPE)
+def test_layer_matches_naive(name, dtype, training, device):
     layer = make(name, device, dtype).train(training)
     x = torch.randn(B, S, D, device=device).to(dtype)
     g = torch.randn(B, S, D, device=device)
