@@ -11,6 +11,14 @@ HAS_CUDA_KERNELS = torch.cuda.is_available() and moeyard.build_info()["cuda_comp
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 
+# Every (device, dtype) pair the expert kernels serve: fp64 on CPU only.
+DEVICE_DTYPES = [
+    pytest.param(d.values[0], dt, id=f"{d.id}-{str(dt).removeprefix('torch.')}", marks=d.marks)
+    for d in DEVICES
+    for dt in (torch.float32, torch.bfloat16, torch.float16)
+    + ((torch.float64,) if d.values[0] == "cpu" else ())
+]
+
 
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a GPU and moeyard's CUDA kernels")
@@ -62,10 +70,17 @@ def run_layer(layer):
     return lambda x: (layer(x), layer.aux_losses)
 
 
-def check_layer_against(layer, naive, x, grad_out, tol, grad_tol, router_grad_tol=None):
-    """A layer agrees with ``naive(x) -> (out, aux_losses, stats)`` on the output (tol; scaled
-    below fp32), the aux losses (1e-5), the gradients of x and every parameter (grad_tol, scaled;
-    ``router.*`` parameters router_grad_tol if given) and ``last_stats`` (1e-6)."""
+# A layer against its naive reference: the output (scaled below fp32) and the gradients (scaled)
+LAYER_TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+LAYER_GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-2}
+
+
+def check_layer_against(layer, naive, x, grad_out, router_grad_tol=None):
+    """A layer agrees with ``naive(x) -> (out, aux_losses, stats)`` on the output
+    (``LAYER_TOL[x.dtype]``; scaled below fp32), the aux losses (1e-5), the gradients of x and
+    every parameter (``LAYER_GRAD_TOL[x.dtype]``, scaled; ``router.*`` parameters router_grad_tol
+    if given) and ``last_stats`` (1e-6)."""
+    tol, grad_tol = LAYER_TOL[x.dtype], LAYER_GRAD_TOL[x.dtype]
     out, losses, grads = fwd_bwd(run_layer(layer), layer, x, grad_out)
     want_out, want_losses, want_grads = fwd_bwd(lambda v: naive(v)[:2], layer, x, grad_out)
     assert out.shape == x.shape and out.dtype == x.dtype

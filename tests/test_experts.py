@@ -7,7 +7,7 @@ import torch
 
 import moeyard
 from moeyard import reference as ref
-from conftest import DEVICES, random_experts, zipf_experts
+from conftest import DEVICES, DEVICE_DTYPES, random_experts, zipf_experts
 
 # Inputs are O(1) and weights scaled by 1/sqrt(K), so products are O(1) and one absolute tolerance
 # serves every K (fp32 sums over K drift by ~eps * sqrt(K), far below 1e-5 here). Low-precision
@@ -17,13 +17,6 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1.6e-2, torch.
 # tolerance of GRAD_TOL times the largest reference gradient.
 GRAD_TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
-# Every (device, dtype) pair the kernels serve: fp64 on CPU only.
-DEVICE_DTYPES = [
-    pytest.param(d.values[0], dt, id=f"{d.id}-{str(dt).removeprefix('torch.')}", marks=d.marks)
-    for d in DEVICES
-    for dt in (torch.float32, torch.bfloat16, torch.float16)
-    + ((torch.float64,) if d.values[0] == "cpu" else ())
-]
 
 I32 = torch.int32
 

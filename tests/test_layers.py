@@ -29,9 +29,6 @@ CONFIGS = {
                                                          topk_group=2, **kw),
 }
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
-GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-2}
-
 
 def make(name, device="cpu", dtype=torch.float32, **kw):
     layer = CONFIGS[name](initializer_range=0.2, **kw).to(device=device, dtype=dtype)
@@ -143,8 +140,7 @@ def test_layer_matches_naive(name, training, dtype, device):
     if training and layer.router.jitter_eps > 0:
         noise = jitter_noise(layer, x, 1234)
         torch.manual_seed(1234)
-    check_layer_against(layer, lambda v: naive_layer(layer, v, noise), x, g, TOL[dtype],
-                        GRAD_TOL[dtype])
+    check_layer_against(layer, lambda v: naive_layer(layer, v, noise), x, g)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -19,9 +19,6 @@ CONFIGS = {
                                                   **kw),  # 24 tokens, 5 experts: 5,5,5,5,4
 }
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
-GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-2}
-
 
 def make(name, device="cpu", dtype=torch.float32, trained=True, **kw):
     """A layer; ``trained`` replaces the zero down_proj (and the unit LayerNorms, the zero biases)
@@ -81,7 +78,7 @@ def test_layer_matches_naive(name, training, dtype, device):
     layer = make(name, device, dtype).train(training)
     x = torch.randn(B, S, D, device=device).to(dtype)
     g = torch.randn(B, S, D, device=device)
-    check_layer_against(layer, lambda v: naive_base(layer, v), x, g, TOL[dtype], GRAD_TOL[dtype])
+    check_layer_against(layer, lambda v: naive_base(layer, v), x, g)
 
 
 def test_centroids_learn_only_through_the_gate():

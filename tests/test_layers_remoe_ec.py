@@ -22,9 +22,6 @@ CONFIGS = {
                                                    activation="relu", expert_bias=True, **kw),
 }
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
-GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-2}
-
 
 def make(name, device="cpu", dtype=torch.float32, **kw):
     layer = CONFIGS[name](initializer_range=0.2, **kw).to(device=device, dtype=dtype)
@@ -106,7 +103,7 @@ def test_layer_matches_naive(name, training, dtype, device):
     layer = make(name, device, dtype).train(training)
     x = torch.randn(B, S, D, device=device).to(dtype)
     g = torch.randn(B, S, D, device=device)
-    check_layer_against(layer, lambda v: naive_layer(layer, v), x, g, TOL[dtype], GRAD_TOL[dtype])
+    check_layer_against(layer, lambda v: naive_layer(layer, v), x, g)
 
 
 def test_remoe_tokens_get_variable_experts_and_some_none():

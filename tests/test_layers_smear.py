@@ -20,8 +20,6 @@ CONFIGS = {
     "relu_bias": dict(activation="relu", expert_bias=True),
 }
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
-GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-2}
 # The router's gradients sum many token terms of both signs through the softmax backward
 # (differences of per-expert terms): in bf16 their error reaches ~8% of their largest value, as
 # much as a plain bf16 einsum SMEAR's (measured over 60 seeds: 7-10%).
@@ -110,8 +108,7 @@ def test_layer_matches_naive(name, dtype, training, device):
     layer = make(name, device, dtype).train(training)
     x = torch.randn(B, S, D, device=device).to(dtype)
     g = torch.randn(B, S, D, device=device)
-    check_layer_against(layer, lambda v: naive_smear(layer, v), x, g, TOL[dtype],
-                        GRAD_TOL[dtype], ROUTER_GRAD_TOL[dtype])
+    check_layer_against(layer, lambda v: naive_smear(layer, v), x, g, ROUTER_GRAD_TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -129,7 +126,7 @@ def test_expert_dropout_matches_naive_with_the_same_mask(name, device):
     keep = torch.rand(B, E, device=device) >= 0.4
     assert not keep.all() and keep.any()  # the mask drops some experts and keeps some
     torch.manual_seed(123)
-    check_layer_against(layer, lambda v: naive_smear(layer, v, keep=keep), x, g, 1e-5, 1e-5,
+    check_layer_against(layer, lambda v: naive_smear(layer, v, keep=keep), x, g,
                         router_grad_tol=3e-3)
 
 

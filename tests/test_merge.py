@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import moeyard
 from moeyard import reference as ref
-from conftest import DEVICES
+from conftest import DEVICES, DEVICE_DTYPES
 
 # Inputs O(1), weights scaled by 1/sqrt(K): outputs O(1). Low precision: the merged weight and the
 # output are each rounded once (the reference rounds the merged weight the same way), and the
@@ -18,12 +18,6 @@ from conftest import DEVICES
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 GRAD_TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
-DEVICE_DTYPES = [
-    pytest.param(d.values[0], dt, id=f"{d.id}-{str(dt).removeprefix('torch.')}", marks=d.marks)
-    for d in DEVICES
-    for dt in (torch.float32, torch.bfloat16, torch.float16)
-    + ((torch.float64,) if d.values[0] == "cpu" else ())
-]
 
 # B, S, K, E, N
 SHAPES = {
