@@ -43,7 +43,6 @@ cut short keeps what it measured) to $OUT/bench_experts.json (OUT default "out")
 import argparse
 import gc
 import json
-import math
 import os
 import sys
 import time

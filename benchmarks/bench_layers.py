@@ -38,7 +38,6 @@ CPU at a tiny shape; the test suite runs it.
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -262,7 +261,6 @@ def compare(name, layer, x):
     implementations: relative errors."""
     router = layer.expert_centroids if name == "base" else layer.router.weight
     params = [x, router, layer.experts.gate_up_proj, layer.experts.down_proj]
-    errs = {}
     loss_m = moeyard_loss(layer, x)
     g_m = torch.autograd.grad(loss_m, params)
     if name == "base":  # both sides on moeyard's assignment: the auctions may break ties apart

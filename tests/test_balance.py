@@ -96,7 +96,7 @@ def test_sequence_balance_loss_matches_reference(device, dtype, B, S, E, k, p_no
 
 def test_sequence_balance_loss_oracle_and_grad():
     """Perfectly balanced routing with uniform scores gives 1."""
-    E, k, S = 4, 2, 8
+    E, S = 4, 8
     experts = torch.tensor([[0, 1], [2, 3]] * (S // 2), dtype=torch.int32).repeat(3, 1)
     loss = moeyard.sequence_balance_loss(torch.full((3 * S, E), 0.5), experts, 3)
     assert math.isclose(loss.item(), 1.0, rel_tol=1e-6)

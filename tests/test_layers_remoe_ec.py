@@ -1,8 +1,6 @@
 """ReMoE and ExpertChoiceMoE against naive pure-PyTorch layers on the same weights (forward,
 backward, L1 loss, stats), train vs eval, the ReMoE coefficient controller (update rule and a toy
 run reaching the target sparsity), state_dict, torch.compile and bad configurations."""
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import moeyard
-from conftest import DEVICES, check_layer_against, close, fwd_bwd, run_layer
+from conftest import DEVICES, check_layer_against, close, fwd_bwd
 
 D, I, E, B, S = 16, 8, 4, 3, 10
 

@@ -251,7 +251,6 @@ def balanced_assignment(scores, max_rounds=ASSIGNMENT_MAX_ROUNDS):
     price = torch.zeros(Ee, dtype=torch.int64, device=dev)
     eps = max(1, qmax * (T + 1) // ASSIGNMENT_THETA)
     big = 2**62
-    tokens = torch.arange(T, device=dev)
     rounds = 0
     while True:
         owner = torch.full((T,), -1, dtype=torch.int64, device=dev)
