@@ -56,6 +56,15 @@ __device__ __forceinline__ double to_double(scalar_t v) {
   return static_cast<double>(to_float(v));
 }
 
+// (min, max) over the 32 lanes of a warp, in every lane.
+__device__ __forceinline__ void warp_min_max(double& lo, double& hi) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const double ol = __shfl_xor_sync(kFullMask, lo, o), oh = __shfl_xor_sync(kFullMask, hi, o);
+    lo = ol < lo ? ol : lo;
+    hi = oh > hi ? oh : hi;
+  }
+}
+
 template <typename scalar_t>
 __global__ void minmax_kernel(const scalar_t* __restrict__ scores, int64_t n,
                               double* __restrict__ partial) {
@@ -68,11 +77,7 @@ __global__ void minmax_kernel(const scalar_t* __restrict__ scores, int64_t n,
     lo = v < lo ? v : lo;
     hi = v > hi ? v : hi;
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    const double ol = __shfl_xor_sync(kFullMask, lo, o), oh = __shfl_xor_sync(kFullMask, hi, o);
-    lo = ol < lo ? ol : lo;
-    hi = oh > hi ? oh : hi;
-  }
+  warp_min_max(lo, hi);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) s_lo[warp] = lo, s_hi[warp] = hi;
   __syncthreads();
@@ -96,11 +101,7 @@ __device__ Grid grid_from_partials(const double* __restrict__ partial, int num_p
       lo = l < lo ? l : lo;
       hi = h > hi ? h : hi;
     }
-    for (int o = 16; o > 0; o >>= 1) {
-      const double ol = __shfl_xor_sync(kFullMask, lo, o), oh = __shfl_xor_sync(kFullMask, hi, o);
-      lo = ol < lo ? ol : lo;
-      hi = oh > hi ? oh : hi;
-    }
+    warp_min_max(lo, hi);
     if (threadIdx.x == 0) s_lo = lo, s_hi = hi;
   }
   __syncthreads();
