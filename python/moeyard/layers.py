@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .experts import Experts, MergedExperts, SwiGLUMLP
 from .ops import (balanced_assignment, expert_capacity, expert_choice, load_stats, plan,
                   route, router_losses)
-from .routers import ReLURouter, RouterLinear, SmearRouter, TopKRouter
+from .routers import ReLURouter, RouterLinear, SmearRouter, TopKRouter, check_sizes
 
 __all__ = ["TopKMoE", "SwitchMoE", "ReMoE", "ExpertChoiceMoE", "BaseMoE", "SmearMoE"]
 
@@ -419,9 +419,7 @@ class BaseMoE(nn.Module):
                  norm_eps: float = 1e-5, initializer_range: float = 0.02, device=None,
                  dtype=None):
         super().__init__()
-        if hidden_size < 1 or num_experts < 1:
-            raise ValueError(f"hidden_size={hidden_size} and num_experts={num_experts} must be "
-                             ">= 1")
+        check_sizes(hidden_size, num_experts)
         if not norm_eps > 0:
             raise ValueError(f"norm_eps={norm_eps} must be > 0")
         kw = dict(device=device, dtype=dtype)

@@ -31,9 +31,7 @@ class RouterLinear(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, *, jitter_eps: float = 0.0,
                  initializer_range: float = 0.02, device=None, dtype=None):
         super().__init__()
-        if hidden_size < 1 or num_experts < 1:
-            raise ValueError(f"hidden_size={hidden_size} and num_experts={num_experts} must be "
-                             ">= 1")
+        check_sizes(hidden_size, num_experts)
         if not 0 <= jitter_eps < 1:
             raise ValueError(f"jitter_eps={jitter_eps} must be in [0, 1)")
         self.hidden_size, self.num_experts = hidden_size, num_experts
@@ -166,10 +164,15 @@ class ReLURouter(RouterLinear):
         return super().extra_repr() + f", k_max={self.k_max}"
 
 
-def _check_routing(hidden_size, num_experts, k, score, n_group, topk_group, jitter_eps):
-    """Raise ValueError naming the first bad routing setting."""
+def check_sizes(hidden_size: int, num_experts: int) -> None:
+    """ValueError unless the hidden size and the number of experts are >= 1."""
     if hidden_size < 1 or num_experts < 1:
         raise ValueError(f"hidden_size={hidden_size} and num_experts={num_experts} must be >= 1")
+
+
+def _check_routing(hidden_size, num_experts, k, score, n_group, topk_group, jitter_eps):
+    """Raise ValueError naming the first bad routing setting."""
+    check_sizes(hidden_size, num_experts)
     if not 1 <= k <= num_experts:
         raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
     if score not in SCORES:
@@ -213,9 +216,7 @@ class SmearRouter(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, *, expert_dropout: float = 0.1,
                  router_init_scale: float = 1e-2, device=None, dtype=None):
         super().__init__()
-        if hidden_size < 1 or num_experts < 1:
-            raise ValueError(f"hidden_size={hidden_size} and num_experts={num_experts} must be "
-                             ">= 1")
+        check_sizes(hidden_size, num_experts)
         if not 0 <= expert_dropout < 1:
             raise ValueError(f"expert_dropout={expert_dropout} must be in [0, 1)")
         if not router_init_scale > 0:
