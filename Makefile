@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.11.*
 .PHONY: deps install demo test gpu
 deps:
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)" numpy pytest scipy ninja "setuptools>=70" wheel \
-		tqdm matplotlib nbclient nbformat ipykernel
+		tqdm matplotlib nbclient nbformat ipykernel "transformers>=5.17,<5.24" "accelerate>=1.1"
 
 install: deps
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .

@@ -38,7 +38,7 @@ class BiasBalancer:
 
     def __init__(self, model: nn.Module, rate: float = 1e-3, process_group=None):
         self.routers = [m for m in model.modules()
-                        if isinstance(m, TopKRouter) and m.e_score_correction_bias is not None]
+                        if isinstance(m, TopKRouter) and m.load_since_update is not None]
         if not self.routers:
             raise ValueError("BiasBalancer: the model has no router with bias_balancing=True")
         self.rate = rate

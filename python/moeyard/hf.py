@@ -30,42 +30,41 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import expert_ffn, plan
+from .ops import expert_capacity, expert_ffn, load_stats, plan
 from .reference import OSS_ALPHA, OSS_LIMIT
+from .routers import TopKRouter
+
+#: transformers versions this integration is tested with: ``[low, high)``. The CPU tests run on
+#: the newest (what the Makefile installs), the GPU tests on the GPU machine's (5.17).
+SUPPORTED_TRANSFORMERS = ("5.17", "5.24")
+_PIN = f"transformers>={SUPPORTED_TRANSFORMERS[0]},<{SUPPORTED_TRANSFORMERS[1]}"
+_ALLOW_ENV = "MOEYARD_HF_ALLOW_UNTESTED"
 
 try:
     import transformers
 except ImportError as e:  # pragma: no cover - the message is the point
-    raise ImportError("moeyard.hf needs transformers: pip install 'moeyard[hf]' (or "
-                      "transformers, see SUPPORTED_TRANSFORMERS in moeyard/hf.py)") from e
+    raise ImportError(f"moeyard.hf needs transformers: pip install '{_PIN}'") from e
 
-from packaging.version import Version
-
-__all__ = ["SUPPORTED_TRANSFORMERS", "experts_forward", "experts_activation", "run_experts"]
-
-#: transformers versions this integration is tested with: ``[low, high)``. The CPU tests run on
-#: the version pinned in the Makefile (the newest), the GPU tests on the GPU machine's (5.17).
-SUPPORTED_TRANSFORMERS = ("5.17", "5.24")
-
-_ALLOW_ENV = "MOEYARD_HF_ALLOW_UNTESTED"
+from packaging.version import Version  # noqa: E402  (a dependency of transformers)
 
 
 def _check_version(version: str) -> None:
     low, high = (Version(v) for v in SUPPORTED_TRANSFORMERS)
-    if low <= Version(version) < Version(high.base_version):
+    if low <= Version(version) < high:
         return
-    msg = (f"moeyard.hf supports transformers >={low},<{high}; {version} is installed. The "
-           "integration reads transformers' MoE modules and registries, which change between "
-           f"releases; install a supported version (pip install 'transformers>={low},<{high}').")
+    msg = (f"moeyard.hf supports {_PIN}; transformers {version} is installed. The integration "
+           "reads transformers' MoE modules and registries, which change between releases; "
+           f"install a supported version (pip install '{_PIN}').")
     if os.environ.get(_ALLOW_ENV) != "1":
         raise ImportError(msg + f" To try it anyway, set {_ALLOW_ENV}=1 (and run moeyard's "
-                          "tests/test_hf.py on it).")
+                          "tests/test_hf.py with it).")
     warnings.warn(msg + f" Going on because {_ALLOW_ENV}=1: results are unverified.",
                   stacklevel=3)
 
@@ -73,6 +72,7 @@ def _check_version(version: str) -> None:
 _check_version(transformers.__version__)
 
 from transformers.integrations import moe as _hf_moe  # noqa: E402
+from transformers.utils import output_capturing as _hf_capture  # noqa: E402
 
 
 # ------------------------------------------------------------------------- experts functions
@@ -153,14 +153,276 @@ def run_experts(module: nn.Module, hidden_states: Tensor, routing_plan, weights:
 def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
                     top_k_weights: Tensor) -> Tensor:
     """transformers' experts-implementation signature: ``hidden_states [T, d]``,
-    ``top_k_index [T, k]`` (expert ids; with expert parallelism ids >= num_experts are other
-    ranks' and add nothing), ``top_k_weights [T, k]`` -> ``[T, d]``. Registered as
-    ``"moeyard"``."""
+    ``top_k_index [T, k]``, ``top_k_weights [T, k]`` -> ``[T, d]``. Registered as ``"moeyard"``.
+    Expert ids >= num_experts (transformers' sentinel for "another rank's expert" under expert
+    parallelism) add nothing, as in transformers' own implementations."""
     num_experts = _expert_params(self)[0].shape[0]
     experts = top_k_index.to(torch.int32)
-    if self._is_expert_parallel:
-        experts = experts.masked_fill(experts >= num_experts, -1)
+    experts = experts.masked_fill(experts >= num_experts, -1)
     return run_experts(self, hidden_states, plan(experts, num_experts), top_k_weights)
 
 
 _hf_moe.ExpertsInterface.register("moeyard", experts_forward)
+
+
+# ------------------------------------------------------------------------------ replace_moe
+
+
+@dataclass(frozen=True)
+class _Routing:
+    """How a transformers router routes, in :func:`moeyard.route`'s terms (plus where its
+    numbers are rounded, so that a bf16 model gives the same results).
+
+    score, topk_before_score: as :func:`moeyard.route`.
+    renormalize: True / False, or None: the router's ``norm_topk_prob`` attribute says.
+    grouped: the router has DeepSeek-V3's ``num_group`` / ``topk_group`` / ``routed_scaling_factor``
+        / ``e_score_correction_bias`` (group-limited, scaled, selection bias).
+    logits_fp32: the router computes its logits from fp32 copies of x and W (else in x's dtype,
+        as ``F.linear(x, W)``; those logits are what transformers records).
+    weights_to_hidden: the routing weights are rounded to x's dtype before the experts.
+    """
+
+    score: str = "softmax"
+    topk_before_score: bool = False
+    renormalize: Optional[bool] = None
+    grouped: bool = False
+    logits_fp32: bool = False
+    weights_to_hidden: bool = True
+
+
+_MIXTRAL = _Routing(renormalize=True, weights_to_hidden=False)
+_QWEN = _Routing()
+_DEEPSEEK_V3 = _Routing(score="sigmoid", grouped=True, logits_fp32=True, weights_to_hidden=False)
+_GPT_OSS = _Routing(topk_before_score=True)
+
+#: transformers' sparse MoE block classes (by name) that :func:`replace_moe` swaps, and how each
+#: routes. Each is a router (``gate`` or ``router``), an experts module (``experts``) and
+#: optionally a shared expert (``shared_expert`` scaled by ``sigmoid(shared_expert_gate(x))``,
+#: or ``shared_experts`` added as is); tests/test_hf.py compares every one with transformers.
+SUPPORTED_BLOCKS = {
+    "MixtralSparseMoeBlock": _MIXTRAL,
+    "MiniMaxSparseMoeBlock": _MIXTRAL,
+    "Qwen2MoeSparseMoeBlock": _QWEN,
+    "Qwen3MoeSparseMoeBlock": _QWEN,
+    "Qwen3NextSparseMoeBlock": _QWEN,
+    "Qwen3_5MoeSparseMoeBlock": _QWEN,
+    "Qwen3VLMoeTextSparseMoeBlock": _QWEN,
+    "Qwen3OmniMoeThinkerTextSparseMoeBlock": _QWEN,
+    "Qwen4ExpTextSparseMoeBlock": _QWEN,
+    "OlmoeSparseMoeBlock": _QWEN,
+    "FlexOlmoSparseMoeBlock": _QWEN,
+    "MellumSparseMoeBlock": _QWEN,
+    "JambaSparseMoeBlock": replace(_QWEN, renormalize=False),
+    "DeepseekV3MoE": _DEEPSEEK_V3,
+    "DeepseekV32MoE": _DEEPSEEK_V3,
+    "Dots1MoE": _DEEPSEEK_V3,
+    "Glm4MoeMoE": _DEEPSEEK_V3,
+    "Glm4MoeLiteMoE": _DEEPSEEK_V3,
+    "Glm4vMoeTextMoE": _DEEPSEEK_V3,
+    "GlmMoeDsaMoE": _DEEPSEEK_V3,
+    "SolarOpenMoE": _DEEPSEEK_V3,
+    "ExaoneMoeSparseMoEBlock": _DEEPSEEK_V3,
+    "KimiLinearMoE": _DEEPSEEK_V3,
+    "BailingHybridMoE": _DEEPSEEK_V3,
+    "MiMoV2FlashMoE": _DEEPSEEK_V3,
+    "GptOssMLP": _GPT_OSS,
+}
+
+
+class HFRouter(TopKRouter):
+    """A transformers router run by :func:`moeyard.route`: it holds the original router's
+    parameters and buffers under their names (``weight``, ``bias``, ``e_score_correction_bias``)
+    and computes its logits as the original does (in x's dtype or in fp32), so the logits that
+    transformers records for ``output_router_logits`` are the same.
+
+    ``forward(x [T, d]) -> (logits [T, E], weights [T, k] fp32, experts [T, k] int32)``.
+    """
+
+    def __init__(self, hf_router: nn.Module, routing: _Routing, *, bias_balancing: bool = False):
+        weight = hf_router.weight
+        num_experts, hidden_size = weight.shape
+        k = hf_router.top_k
+        renormalize = routing.renormalize
+        if renormalize is None:
+            renormalize = bool(getattr(hf_router, "norm_topk_prob", True))
+        grouped = {}
+        if routing.grouped:
+            grouped = dict(n_group=hf_router.num_group or 1, topk_group=hf_router.topk_group or 1,
+                           scale=float(hf_router.routed_scaling_factor))
+        hf_bias = getattr(hf_router, "e_score_correction_bias", None)
+        super().__init__(hidden_size, num_experts, k, routing.score,
+                         topk_before_score=routing.topk_before_score, renormalize=renormalize,
+                         bias_balancing=bias_balancing or hf_bias is not None, device="meta",
+                         **grouped)
+        self.logits_fp32 = routing.logits_fp32
+        self.weight = weight
+        self.bias = getattr(hf_router, "bias", None)
+        device = weight.device
+        if hf_bias is not None:  # kept in fp32 (transformers keeps it so when loading)
+            self.e_score_correction_bias = hf_bias.detach().float()
+        elif bias_balancing:
+            self.e_score_correction_bias = torch.zeros(num_experts, device=device)
+        self.load_since_update = (torch.zeros(num_experts, device=device, dtype=torch.int64)
+                                  if bias_balancing else None)
+
+    def router_logits(self, x: Tensor) -> Tensor:
+        if self.logits_fp32:
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class SparseMoeBlock(nn.Module):
+    """moeyard's replacement of a transformers sparse MoE block (see :func:`replace_moe`).
+
+    The children keep the original block's names: the router (``gate`` or ``router``, an
+    :class:`HFRouter` holding the original's parameters), ``experts`` (the original experts
+    module, run by :func:`moeyard.expert_ffn`) and the shared expert modules (the originals). So
+    ``state_dict`` keys are unchanged. ``forward`` returns what the original returns (GPT-OSS:
+    ``(out, routing weights)``). After each forward, ``last_stats`` holds
+    :func:`moeyard.load_stats` of the plan and ``aux_losses`` is empty (transformers computes its
+    aux loss from the recorded router logits).
+    """
+
+    def __init__(self, block: nn.Module, routing: _Routing, *, bias_balancing: bool = False,
+                 capacity_factor: Optional[float] = None,
+                 eval_capacity_factor: Optional[float] = None, min_capacity: int = 4):
+        super().__init__()
+        self.source = type(block).__name__
+        self.router_name = "gate" if hasattr(block, "gate") else "router"
+        router = HFRouter(getattr(block, self.router_name), routing,
+                          bias_balancing=bias_balancing)
+        setattr(self, self.router_name, router)
+        self.experts = block.experts
+        experts_activation(self.experts)  # refuse now, not at the first forward
+        self.shared_expert = getattr(block, "shared_expert", None)
+        self.shared_expert_gate = getattr(block, "shared_expert_gate", None)
+        self.shared_experts = getattr(block, "shared_experts", None)
+        self.num_experts, self.k = router.num_experts, router.k
+        self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
+        self.weights_to_hidden = routing.weights_to_hidden
+        self.returns_weights = routing.topk_before_score  # GPT-OSS returns (out, router_scores)
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.aux_losses: dict[str, Tensor] = {}
+        self.last_stats: dict[str, Tensor] = {}
+
+    def hf_router(self) -> HFRouter:
+        """The router (``gate`` or ``router``, as the original block names it)."""
+        return self._modules[self.router_name]
+
+    def capacity(self, num_tokens: int) -> Optional[int]:
+        """Capacity per expert for ``num_tokens`` tokens in the current mode (None: dropless)."""
+        cf = self.capacity_factor if self.training else self.eval_capacity_factor
+        if cf is None:
+            return None
+        return expert_capacity(num_tokens, self.num_experts, self.k, cf, self.min_capacity)
+
+    def forward(self, hidden_states: Tensor):
+        shape = hidden_states.shape
+        h = hidden_states.reshape(-1, shape[-1])
+        if self.training and self.jitter_noise > 0:  # Mixtral's jitter: router and experts
+            h = h * torch.empty_like(h).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        router = self.hf_router()
+        _, weights, experts = router(h)
+        if self.weights_to_hidden:
+            weights = weights.to(h.dtype)
+        routing_plan = plan(experts, self.num_experts, self.capacity(h.shape[0]))
+        out = run_experts(self.experts, h, routing_plan, weights)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(h)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(h)) * shared
+            out = out + shared
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(h)
+        router.record_load(routing_plan.counts)
+        self.last_stats = load_stats(routing_plan)
+        out = out.view(shape)
+        return (out, weights) if self.returns_weights else out
+
+    def extra_repr(self) -> str:
+        return (f"source={self.source}, capacity_factor={self.capacity_factor}, "
+                f"eval_capacity_factor={self.eval_capacity_factor}")
+
+
+def _owned_blocks(model: nn.Module):
+    """(parent, name, qualified name, block) of every MoE block: a module with an ``experts``
+    child of transformers' experts kind (decorated by ``use_experts_implementation``)."""
+    for qual, parent in model.named_modules():
+        for name, child in parent.named_children():
+            experts = getattr(child, "experts", None)
+            if isinstance(child, SparseMoeBlock) or not hasattr(experts, "has_gate"):
+                continue
+            yield parent, name, f"{qual}.{name}" if qual else name, child
+
+
+def _record_router_logits(model: nn.Module) -> None:
+    """Make transformers record the HFRouters' logits wherever it records router logits: add an
+    ``OutputRecorder(HFRouter, index=0)`` to each model class's recording table that has a
+    ``router_logits`` entry, and hook the routers of models whose hooks are already installed."""
+    from transformers import PreTrainedModel
+    registry = _hf_capture._CAN_RECORD_REGISTRY
+    for sub in model.modules():
+        if not isinstance(sub, PreTrainedModel):
+            continue
+        key = str(type(sub))
+        table = dict.get(registry, key) or {}
+        if "router_logits" not in table:
+            continue
+        specs = table["router_logits"]
+        specs = list(specs) if isinstance(specs, (list, tuple)) else [specs]
+        if not any(getattr(s, "target_class", None) is HFRouter for s in specs):
+            ours = _hf_capture.OutputRecorder(HFRouter, index=0)
+            dict.__setitem__(registry, key, {**table, "router_logits": specs + [ours]})
+        if getattr(sub, "_output_capturing_hooks_installed", False):
+            for module in sub.modules():
+                if isinstance(module, HFRouter) and not getattr(module, "_moeyard_recorded", False):
+                    _hf_capture.install_output_capuring_hook(module, "router_logits", 0)
+                    module._moeyard_recorded = True
+
+
+def replace_moe(model: nn.Module, *, bias_balancing: bool = False,
+                capacity_factor: Optional[float] = None,
+                eval_capacity_factor: Optional[float] = None,
+                min_capacity: int = 4) -> list[str]:
+    """Swap every sparse MoE block of a transformers model for a :class:`SparseMoeBlock`, in
+    place; returns the qualified names of the swapped blocks.
+
+    The new blocks reuse the original parameters (the same ``nn.Parameter`` objects, under the same
+    ``state_dict`` keys) and, by default, route exactly as the originals (softmax or sigmoid,
+    renormalization, group limits, ``e_score_correction_bias``, scaling, router bias), with
+    :func:`moeyard.route`, :func:`moeyard.plan` and :func:`moeyard.expert_ffn`. Router logits are
+    still recorded for ``output_router_logits`` (so the model's aux loss is unchanged).
+
+    Options, for fine-tuning:
+        bias_balancing: auxiliary-loss-free balancing: each router gets a trainable selection bias
+            ``e_score_correction_bias`` (DeepSeek-V3 style models already have one; others get
+            zeros, a new ``state_dict`` key) and counts its load; call
+            ``moeyard.BiasBalancer(model).step()`` after each optimizer step. Default False.
+        capacity_factor, eval_capacity_factor, min_capacity: per-expert capacity in training / in
+            eval, as :class:`moeyard.TopKMoE`; over-capacity assignments are dropped by position.
+            Default None: dropless, as transformers.
+
+    Supported blocks: :data:`SUPPORTED_BLOCKS`. A model with any other MoE block raises
+    NotImplementedError before anything is changed; a model with none raises ValueError.
+    """
+    found = list(_owned_blocks(model))
+    unsupported = sorted({type(b).__name__ for *_, b in found
+                          if type(b).__name__ not in SUPPORTED_BLOCKS})
+    if unsupported:
+        raise NotImplementedError(
+            f"replace_moe cannot reproduce {', '.join(unsupported)} (supported: "
+            f"{', '.join(SUPPORTED_BLOCKS)}); model.set_experts_implementation('moeyard') runs the "
+            "experts of any model on moeyard and keeps its own routing")
+    if not found:
+        raise ValueError(f"replace_moe: {type(model).__name__} has no sparse MoE block")
+    new = [SparseMoeBlock(block, SUPPORTED_BLOCKS[type(block).__name__],
+                          bias_balancing=bias_balancing, capacity_factor=capacity_factor,
+                          eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity)
+           for *_, block in found]  # built first: a refusal leaves the model untouched
+    for (parent, name, _, block), moe in zip(found, new):
+        moe.train(block.training)
+        setattr(parent, name, moe)
+    _record_router_logits(model)
+    return [qual for _, _, qual, _ in found]
