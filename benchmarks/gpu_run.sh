@@ -6,10 +6,12 @@
 #   routing    benchmarks/bench_routing.py
 #   experts    benchmarks/bench_experts.py (BENCH_EXPERTS_ARGS, BENCH_EXPERTS_TIMEOUT, default 480 s)
 #   layers     benchmarks/bench_layers.py (BENCH_LAYERS_ARGS, BENCH_LAYERS_TIMEOUT, default 300 s)
+#   hf         benchmarks/bench_hf.py, a Qwen3-MoE-like transformers model (BENCH_HF_ARGS,
+#              BENCH_HF_TIMEOUT, default 300 s; --compile needs more)
 #   summary    the short table of whatever JSON is in $OUT (benchmarks/summary.py)
 # The device tool allows 600 s per command and keeps a warm machine's build between commands, so a
 # whole run is several calls, e.g. `gpu_run.sh test sanitize`, then `gpu_run.sh experts`, then
-# `gpu_run.sh routing layers summary`; the build step is a no-op when nothing changed.
+# `gpu_run.sh routing layers hf summary`; the build step is a no-op when nothing changed.
 # Logs and JSON go to $OUT (default ./out). The device tool gives each call a fresh, empty $OUT, so
 # over several calls write to the repository's out/ (kept on a warm machine) and copy it back:
 #   OUT=out bash benchmarks/gpu_run.sh experts; cp -r out/. "$OUT"/
@@ -17,7 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 export OUT PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
-stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(test sanitize routing experts layers summary)
+stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(test sanitize routing experts layers hf summary)
 status=0
 step() { echo "== $1"; }
 
@@ -63,10 +65,16 @@ for stage in "${stages[@]}"; do
     timeout "${BENCH_LAYERS_TIMEOUT:-300}" python3 benchmarks/bench_layers.py ${BENCH_LAYERS_ARGS:-} \
       2>&1 | tee "$OUT/bench_layers.log" | tail -40
     rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "bench_layers rc=$rc"; status=1; } ;;
+  hf)
+    step "bench_hf"
+    # shellcheck disable=SC2086
+    timeout "${BENCH_HF_TIMEOUT:-300}" python3 benchmarks/bench_hf.py ${BENCH_HF_ARGS:-} \
+      2>&1 | tee "$OUT/bench_hf.log" | tail -30
+    rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "bench_hf rc=$rc"; status=1; } ;;
   summary)
     python3 benchmarks/summary.py "$OUT" ;;
   *)
-    echo "unknown stage $stage (test sanitize routing experts layers summary)"; exit 2 ;;
+    echo "unknown stage $stage (test sanitize routing experts layers hf summary)"; exit 2 ;;
   esac
 done
 exit $status

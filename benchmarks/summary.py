@@ -1,6 +1,6 @@
 """The short table that ends benchmarks/gpu_run.sh: the key rows of bench_routing.json,
-bench_experts.json and bench_layers.json in $OUT (or the folder given), and the expert targets. A missing or partial file
-prints what it has.
+bench_experts.json, bench_layers.json and bench_hf.json in $OUT (or the folder given), and the
+expert targets. A missing or partial file prints what it has.
 
     python benchmarks/summary.py [OUT]
 """
@@ -81,6 +81,28 @@ def layer_rows(doc):
         print("correctness WARNINGS: " + ", ".join(warned))
 
 
+def hf_rows(doc):
+    rows = doc.get("rows", [])
+    m, tokens = doc.get("model", {}), doc.get("tokens", "?")
+    print(f"\n| HF Qwen3-MoE-like model ({m.get('num_hidden_layers', '?')} layers, "
+          f"{m.get('num_experts', '?')} experts top-{m.get('num_experts_per_tok', '?')}, "
+          f"{tokens} tokens) | fwd ms | fwd+bwd ms | tokens/s | peak MiB | vs grouped_mm |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        vs = r.get("vs_grouped_mm")
+        print(f"| {r['impl']} | {bx.fmt(r['fwd_ms'], '.2f')} | {bx.fmt(r['step_ms'], '.2f')} | "
+              f"{bx.fmt(r['tokens_per_s'], '.0f')} | {bx.fmt(r['peak_mib'], '.0f')} | "
+              f"{bx.fmt(vs, '.2f')}{'x' if vs else ''} |")
+    skipped = [r["impl"] for r in rows if r["step_ms"] is None]
+    if skipped:
+        print("not timed: " + ", ".join(skipped) + " (see the notes in bench_hf.json)")
+    warned = [r["impl"] for r in rows if r.get("warning")]
+    if warned:
+        print("correctness WARNINGS (vs grouped_mm): " + ", ".join(warned))
+    if not doc.get("complete"):
+        print("(hf run incomplete)")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     out = argv[0] if argv else os.environ.get("OUT", "out")
@@ -96,6 +118,11 @@ def main(argv=None):
     la = load(out, "bench_layers.json")
     if la:
         layer_rows(la)
+    h = load(out, "bench_hf.json")
+    if h:
+        print(f"\n(hf: {h.get('device', '?')}, torch {h.get('torch', '?')}, "
+              f"transformers {h.get('transformers', '?')}, {h.get('dtype', '?')})")
+        hf_rows(h)
 
 
 if __name__ == "__main__":

@@ -42,3 +42,18 @@ def test_bench_experts_smoke(tmp_path):
     impls = {r["impl"] for r in doc["rows"]}
     assert {"moeyard layer", "stock pipeline", "moeyard grouped_mm"} <= impls
     assert (tmp_path / "bench_experts_errors.txt").read_text() == ""
+
+
+def test_bench_hf_smoke(tmp_path):
+    impls = ("eager", "grouped_mm", "moeyard")  # + "moeyard-block" once hf.replace_moe exists
+    proc = run_smoke("bench_hf.py", tmp_path, "--impls", ",".join(impls))
+    doc = json.loads((tmp_path / "bench_hf.json").read_text())
+    assert doc["complete"] and doc["transformers"] and doc["device"] == "cpu"
+    assert [r["impl"] for r in doc["rows"]] == list(impls), proc.stdout[-2000:]
+    for r in doc["rows"]:
+        # fp32: the same routing and the same math as grouped_mm, up to summation order
+        assert not r["warning"] and len(r["check"]) == 5, r
+        assert all(v < 1e-4 for v in r["check"].values()), r
+        assert r["step_ms"] > 0 and r["fwd_ms"] > 0 and r["tokens_per_s"] > 0, r
+    assert doc["rows"][1]["vs_grouped_mm"] == 1.0
+    assert (tmp_path / "bench_hf_errors.txt").read_text() == ""
