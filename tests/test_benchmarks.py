@@ -45,7 +45,7 @@ def test_bench_experts_smoke(tmp_path):
 
 
 def test_bench_hf_smoke(tmp_path):
-    impls = ("eager", "grouped_mm", "moeyard")  # + "moeyard-block" once hf.replace_moe exists
+    impls = ("eager", "grouped_mm", "moeyard", "moeyard-block")
     proc = run_smoke("bench_hf.py", tmp_path, "--impls", ",".join(impls))
     doc = json.loads((tmp_path / "bench_hf.json").read_text())
     assert doc["complete"] and doc["transformers"] and doc["device"] == "cpu"
