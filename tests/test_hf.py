@@ -25,7 +25,8 @@ TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_h
             max_position_embeddings=128)
 _MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
             v_head_dim=16, num_key_value_heads=4, head_dim=8)
-_DSA = dict(layer_types=["indexed_attention"] * 2, mlp_layer_types=["sparse"] * 2,
+# (the pre-5.18 names of the indexer attentions; newer transformers map them to the new ones)
+_DSA = dict(layer_types=["deepseek_sparse_attention"] * 2, mlp_layer_types=["sparse"] * 2,
             index_n_heads=2, index_head_dim=16, index_topk=4)
 _E8 = dict(num_experts_per_tok=2)
 FAMILIES = {
@@ -58,7 +59,7 @@ FAMILIES = {
     "qwen4_exp": ("Qwen4ExpTextConfig", "Qwen4ExpForCausalLM", dict(
         num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
         shared_expert_intermediate_size=32, num_experts=8,
-        layer_types=["linear_attention", "indexed_attention"], indexer_n_heads=2,
+        layer_types=["linear_attention", "qwen_sparse_attention"], indexer_n_heads=2,
         indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=4,
         linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
         linear_num_value_heads=4, **_E8)),

@@ -238,10 +238,10 @@ class HFRouter(TopKRouter):
     ``forward(x [T, d]) -> (logits [T, E], weights [T, k] fp32, experts [T, k] int32)``.
     """
 
-    def __init__(self, hf_router: nn.Module, routing: _Routing, *, bias_balancing: bool = False):
+    def __init__(self, hf_router: nn.Module, routing: _Routing, k: int, *,
+                 bias_balancing: bool = False):
         weight = hf_router.weight
         num_experts, hidden_size = weight.shape
-        k = hf_router.top_k
         renormalize = routing.renormalize
         if renormalize is None:
             renormalize = bool(getattr(hf_router, "norm_topk_prob", True))
@@ -290,8 +290,13 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.source = type(block).__name__
         self.router_name = "gate" if hasattr(block, "gate") else "router"
-        router = HFRouter(getattr(block, self.router_name), routing,
-                          bias_balancing=bias_balancing)
+        hf_router = getattr(block, self.router_name)
+        # the router holds k (transformers 5.17's Jamba: a plain nn.Linear, k on the block)
+        k = getattr(hf_router, "top_k", None) or getattr(block, "top_k", None)
+        if k is None or getattr(hf_router, "weight", None) is None:
+            raise NotImplementedError(f"replace_moe cannot read the router of {self.source} in "
+                                      f"transformers {transformers.__version__}")
+        router = HFRouter(hf_router, routing, k, bias_balancing=bias_balancing)
         setattr(self, self.router_name, router)
         self.experts = block.experts
         experts_activation(self.experts)  # refuse now, not at the first forward
