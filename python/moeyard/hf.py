@@ -229,6 +229,10 @@ SUPPORTED_BLOCKS = {
 }
 
 
+# Blocks whose forward returns (out, router_scores [T, k]) instead of out
+_RETURNS_ROUTER_SCORES = {"GptOssMLP"}
+
+
 class HFRouter(TopKRouter):
     """A transformers router run by :func:`moeyard.route`: it holds the original router's
     parameters and buffers under their names (``weight``, ``bias``, ``e_score_correction_bias``)
@@ -306,7 +310,7 @@ class SparseMoeBlock(nn.Module):
         self.num_experts, self.k = router.num_experts, router.k
         self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
         self.weights_to_hidden = routing.weights_to_hidden
-        self.returns_weights = routing.topk_before_score  # GPT-OSS returns (out, router_scores)
+        self.returns_weights = self.source in _RETURNS_ROUTER_SCORES
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.min_capacity = min_capacity
         self.aux_losses: dict[str, Tensor] = {}
