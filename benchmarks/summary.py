@@ -82,23 +82,12 @@ def layer_rows(doc):
 
 
 def hf_rows(doc):
-    rows = doc.get("rows", [])
-    m, tokens = doc.get("model", {}), doc.get("tokens", "?")
-    print(f"\n| HF Qwen3-MoE-like model ({m.get('num_hidden_layers', '?')} layers, "
+    import bench_hf  # its own report table, with the check errors and notes of each row
+    m = doc.get("model", {})
+    print(f"\nHF Qwen3-MoE-like model ({m.get('num_hidden_layers', '?')} layers, "
           f"{m.get('num_experts', '?')} experts top-{m.get('num_experts_per_tok', '?')}, "
-          f"{tokens} tokens) | fwd ms | fwd+bwd ms | tokens/s | peak MiB | vs grouped_mm |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        vs = r.get("vs_grouped_mm")
-        print(f"| {r['impl']} | {bx.fmt(r['fwd_ms'], '.2f')} | {bx.fmt(r['step_ms'], '.2f')} | "
-              f"{bx.fmt(r['tokens_per_s'], '.0f')} | {bx.fmt(r['peak_mib'], '.0f')} | "
-              f"{bx.fmt(vs, '.2f')}{'x' if vs else ''} |")
-    skipped = [r["impl"] for r in rows if r["step_ms"] is None]
-    if skipped:
-        print("not timed: " + ", ".join(skipped) + " (see the notes in bench_hf.json)")
-    warned = [r["impl"] for r in rows if r.get("warning")]
-    if warned:
-        print("correctness WARNINGS (vs grouped_mm): " + ", ".join(warned))
+          f"{doc.get('tokens', '?')} tokens)")
+    bench_hf.print_report(doc.get("rows", []))
     if not doc.get("complete"):
         print("(hf run incomplete)")
 
