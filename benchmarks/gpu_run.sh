@@ -22,6 +22,15 @@ export OUT PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" TORCH_CUDA_ARCH_L
 stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(test sanitize routing experts layers hf summary)
 status=0
 step() { echo "== $1"; }
+# bench NAME LIMIT_S TAIL [ARGS...]: benchmarks/bench_NAME.py under a timeout, its log in $OUT
+bench() {
+  local name=$1 limit=$2 lines=$3; shift 3
+  step "bench_$name"
+  timeout "$limit" python3 "benchmarks/bench_$name.py" "$@" 2>&1 | tee "$OUT/bench_$name.log" \
+    | tail -"$lines"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || { echo "bench_$name rc=$rc"; status=1; }
+}
 
 step "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
 start=$(date +%s)
@@ -32,6 +41,8 @@ echo "built in $(( $(date +%s) - start )) s"
 python3 -m moeyard info
 
 for stage in "${stages[@]}"; do
+  # word splitting of BENCH_*_ARGS below is intended (several options)
+  # shellcheck disable=SC2086
   case "$stage" in
   test)
     step "GPU tests"
@@ -52,25 +63,9 @@ for stage in "${stages[@]}"; do
     step "bench_routing"
     python3 benchmarks/bench_routing.py 2>&1 | tee "$OUT/bench_routing.log" | tail -30
     rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "bench_routing rc=$rc"; status=1; } ;;
-  experts)
-    step "bench_experts"
-    # word splitting of BENCH_EXPERTS_ARGS is intended (several options)
-    # shellcheck disable=SC2086
-    timeout "${BENCH_EXPERTS_TIMEOUT:-480}" python3 benchmarks/bench_experts.py ${BENCH_EXPERTS_ARGS:-} \
-      2>&1 | tee "$OUT/bench_experts.log" | tail -65
-    rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "bench_experts rc=$rc"; status=1; } ;;
-  layers)
-    step "bench_layers"
-    # shellcheck disable=SC2086
-    timeout "${BENCH_LAYERS_TIMEOUT:-300}" python3 benchmarks/bench_layers.py ${BENCH_LAYERS_ARGS:-} \
-      2>&1 | tee "$OUT/bench_layers.log" | tail -40
-    rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "bench_layers rc=$rc"; status=1; } ;;
-  hf)
-    step "bench_hf"
-    # shellcheck disable=SC2086
-    timeout "${BENCH_HF_TIMEOUT:-300}" python3 benchmarks/bench_hf.py ${BENCH_HF_ARGS:-} \
-      2>&1 | tee "$OUT/bench_hf.log" | tail -30
-    rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "bench_hf rc=$rc"; status=1; } ;;
+  experts) bench experts "${BENCH_EXPERTS_TIMEOUT:-480}" 65 ${BENCH_EXPERTS_ARGS:-} ;;
+  layers) bench layers "${BENCH_LAYERS_TIMEOUT:-300}" 40 ${BENCH_LAYERS_ARGS:-} ;;
+  hf) bench hf "${BENCH_HF_TIMEOUT:-300}" 30 ${BENCH_HF_ARGS:-} ;;
   summary)
     python3 benchmarks/summary.py "$OUT" ;;
   *)
