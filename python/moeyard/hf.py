@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import expert_capacity, expert_ffn, load_stats, plan
+from .layers import TopKMoE
+from .ops import expert_ffn, load_stats, plan
 from .reference import OSS_ALPHA, OSS_LIMIT
 from .routers import TopKRouter
 
@@ -320,12 +321,8 @@ class SparseMoeBlock(nn.Module):
         """The router (``gate`` or ``router``, as the original block names it)."""
         return self._modules[self.router_name]
 
-    def capacity(self, num_tokens: int) -> Optional[int]:
-        """Capacity per expert for ``num_tokens`` tokens in the current mode (None: dropless)."""
-        cf = self.capacity_factor if self.training else self.eval_capacity_factor
-        if cf is None:
-            return None
-        return expert_capacity(num_tokens, self.num_experts, self.k, cf, self.min_capacity)
+    # the same capacity rule as TopKMoE's, over the same attributes
+    capacity = TopKMoE.capacity
 
     def forward(self, hidden_states: Tensor):
         shape = hidden_states.shape
