@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "experts/backend.h"
 #include "merge/merge.h"
 
 #ifndef MOEYARD_CUDA_ARCHS
@@ -71,26 +72,30 @@ TORCH_LIBRARY(moeyard, m) {
   // out[r] = a[a_index ? a_index[r] : r] @ b[e] for the rows r of expert e (offsets [E+1] int32,
   // or with a capacity C rows e*C .. e*C + offsets[e+1]-offsets[e]; other rows zero); b [E,K,N]
   // in either memory order; fp32 accumulation.
-  m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets, Tensor? a_index=None, int? capacity=None) "
-        "-> Tensor");
+  // backend: "auto" (the table in csrc/experts/backend.cpp), "grouped_mm" (torch's grouped GEMM /
+  // bmm with moeyard's gather, activation and combine) or "moeyard" (moeyard's own grouped GEMM).
+  m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets, Tensor? a_index=None, int? capacity=None, "
+        "str backend=\"auto\") -> Tensor");
   // Gradients of grouped_mm; an output not asked for is an empty [0] tensor.
   m.def("grouped_mm_backward(Tensor grad, Tensor a, Tensor b, Tensor offsets, Tensor? a_index, "
-        "int? capacity, bool need_a, bool need_b) -> (Tensor grad_a, Tensor grad_b)");
+        "int? capacity, bool need_a, bool need_b, str backend=\"auto\") -> (Tensor grad_a, "
+        "Tensor grad_b)");
   // The routed experts' MLP and combine: y[t] = sum_j weights[t,j] * (act(x[t] @ w1[e] + b1[e]) @
   // w2[e] + b2[e]) over the slots with a row; w1 [E,H,N1], w2 [E,I,H] (logical, either order).
   m.def("expert_ffn(Tensor x, Tensor row_source, Tensor token_row, Tensor offsets, int? capacity, "
         "Tensor weights, Tensor w1, Tensor w2, Tensor? b1=None, Tensor? b2=None, "
-        "str activation=\"swiglu\") -> Tensor");
+        "str activation=\"swiglu\", str backend=\"auto\") -> Tensor");
   // expert_ffn that also returns the first product's pre-activation h [R,N1] (for the backward).
   m.def("_expert_ffn_forward(Tensor x, Tensor row_source, Tensor token_row, Tensor offsets, "
         "int? capacity, Tensor weights, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, "
-        "str activation) -> (Tensor out, Tensor h)");
+        "str activation, str backend=\"auto\") -> (Tensor out, Tensor h)");
   // Gradients of expert_ffn w.r.t. (x, weights, w1, w2, b1, b2) where output_mask says so (else
   // empty [0]); recomputes the activation from h.
   m.def("_expert_ffn_backward(Tensor grad, Tensor x, Tensor row_source, Tensor token_row, "
         "Tensor offsets, int? capacity, Tensor weights, Tensor w1, Tensor w2, Tensor? b1, "
-        "Tensor? b2, str activation, Tensor h, bool[6] output_mask) -> (Tensor grad_x, "
-        "Tensor grad_weights, Tensor grad_w1, Tensor grad_w2, Tensor grad_b1, Tensor grad_b2)");
+        "Tensor? b2, str activation, Tensor h, bool[6] output_mask, str backend=\"auto\") -> "
+        "(Tensor grad_x, Tensor grad_weights, Tensor grad_w1, Tensor grad_w2, Tensor grad_b1, "
+        "Tensor grad_b2)");
 
   // --- SMEAR merged experts (csrc/merge) ---
   // y[b] = x[b] @ (sum_e probs[b,e] W_e)^T + sum_e probs[b,e] bias_e: x [B,S,K], probs [B,E] fp32,
@@ -101,6 +106,9 @@ TORCH_LIBRARY(moeyard, m) {
   m.def("_merged_linear_backward(Tensor grad, Tensor x, Tensor probs, Tensor weight, "
         "Tensor? bias, bool[4] output_mask) -> (Tensor grad_x, Tensor grad_probs, "
         "Tensor grad_weight, Tensor grad_bias)");
+  // JSON: the expert-compute backends' "auto" table and its choice per dtype on each device.
+  m.def("_experts_backend_table() -> str", &moeyard::experts_backend_table);
+
   // Sets merged_linear's bytes of merged weights per chunk (process-wide); returns the previous.
   m.def("_set_merge_budget(int bytes) -> int", &moeyard::set_merge_budget);
 }

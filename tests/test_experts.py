@@ -1,5 +1,6 @@
-"""grouped_mm and expert_ffn: kernels vs reference.py in every dtype and layout, gradients,
-gradcheck, opcheck, torch.compile, CUDA graphs (forward and backward) and bad input."""
+"""grouped_mm and expert_ffn on both backends (moeyard's kernel, torch's grouped GEMM): kernels vs
+reference.py in every dtype and layout, gradients, gradcheck, opcheck, torch.compile, CUDA graphs
+(forward and backward), the backend choice and bad input."""
 import math
 
 import pytest
@@ -19,6 +20,7 @@ GRAD_TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, tor
 
 
 I32 = torch.int32
+BACKENDS = ["moeyard", "grouped_mm"]
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -106,6 +108,30 @@ def gmm_inputs(R, E, K, N, load, mode, order, dtype, device):
     return torch.randn(T, K, device=device).to(dtype), b, p.offsets, a_index, C
 
 
+def grouped_mm_serves(device, dtype, capacity, *widths):
+    """Whether backend="grouped_mm" computes products with these row widths, the rule of
+    csrc/experts/backend.cpp stated independently: never float64; 16-byte aligned rows; on CUDA,
+    dropless plans only where torch's grouped GEMM is sync-free (bf16 on compute capability 9.x
+    and 10.x)."""
+    if dtype == torch.float64:
+        return False
+    if device == "cuda" and capacity is None and (
+            dtype != torch.bfloat16 or torch.cuda.get_device_capability()[0] not in (9, 10)):
+        return False
+    align = 16 // dtype.itemsize
+    return all(w > 0 and w % align == 0 for w in widths)
+
+
+def refused(backend, device, dtype, capacity, widths, call):
+    """True, after checking that ``call()`` raises the backend's refusal, where ``backend`` cannot
+    compute these products; False where it can (then the test goes on)."""
+    if backend == "grouped_mm" and not grouped_mm_serves(device, dtype, capacity, *widths):
+        with pytest.raises(RuntimeError, match="backend 'grouped_mm' .*cannot compute"):
+            call()
+        return True
+    return False
+
+
 def unused_rows(offsets, capacity, R):
     """Bool [R]: rows no expert owns (their output must be exactly zero)."""
     return ~ref.expert_rows(offsets, capacity, R)[1]
@@ -153,14 +179,21 @@ def logical(gate_up, down, layout):
     return gate_up.transpose(1, 2), down.transpose(1, 2)
 
 
-def ffn_ref(x, p, weights, gate_up, down, b1, b2, activation, layout):
+def ffn_ref(x, p, weights, gate_up, down, b1, b2, activation, layout, backend="moeyard"):
+    """reference.expert_ffn with the numerics of ``backend`` (see its round_first_product)."""
     w1, w2 = logical(gate_up, down, layout)
     return ref.expert_ffn(x, p.row_source, p.token_row, p.offsets, p.capacity, weights, w1, w2,
-                          b1, b2, activation)
+                          b1, b2, activation, round_first_product=backend == "grouped_mm")
 
 
-def ffn(x, p, weights, gate_up, down, b1, b2, activation, layout):
-    return moeyard.expert_ffn(x, p, weights, gate_up, down, b1, b2, activation, layout)
+def ffn(x, p, weights, gate_up, down, b1, b2, activation, layout, backend="auto"):
+    return moeyard.expert_ffn(x, p, weights, gate_up, down, b1, b2, activation, layout,
+                              backend=backend)
+
+
+def ffn_widths(H, I, activation):
+    """Row widths of expert_ffn's products: H, N1 and I."""
+    return (H, 2 * I if activation in ("swiglu", "swiglu_oss") else I, I)
 
 
 # Plans for expert_ffn: (T, k, E, H, I, capacity, p_none, zipf).
@@ -188,10 +221,14 @@ LAYOUT_BIAS = [pytest.param(l, b, id=f"{l}-{'bias' if b else 'nobias'}")
 @pytest.mark.parametrize("R,E,K,N,load", GMM_SHAPES)
 @pytest.mark.parametrize("mode", GMM_MODES)
 @pytest.mark.parametrize("order", ["kn", "nk"])
-def test_grouped_mm_matches_reference(device, dtype, R, E, K, N, load, mode, order):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_mm_matches_reference(backend, device, dtype, R, E, K, N, load, mode, order):
     """Every layout and load matches the reference; rows no expert owns are exactly zero."""
     a, b, offsets, a_index, C = gmm_inputs(R, E, K, N, load, mode, order, dtype, device)
-    out = moeyard.grouped_mm(a, b, offsets, a_index, C)
+    call = lambda: moeyard.grouped_mm(a, b, offsets, a_index, C, backend=backend)  # noqa: E731
+    if refused(backend, device, dtype, C, (K, N), call):
+        return
+    out = call()
     want = ref.grouped_mm(a, b, offsets, a_index, C)
     assert out.shape == want.shape and out.device == a.device
     assert_close(out, want, TOL[dtype])
@@ -201,7 +238,8 @@ def test_grouped_mm_matches_reference(device, dtype, R, E, K, N, load, mode, ord
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["capacity", "plan", "plan_capacity"])
-def test_grouped_mm_unused_rows_ignore_nan(device, mode):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_mm_unused_rows_ignore_nan(backend, device, mode):
     """Rows no expert owns are zero even when the a rows they would read hold NaN, and a NaN in an
     unread row of a never reaches the output."""
     a, b, offsets, a_index, C = gmm_inputs(90, 6, 24, 16, "random", mode, "kn", torch.float32,
@@ -216,14 +254,18 @@ def test_grouped_mm_unused_rows_ignore_nan(device, mode):
         read[used_idx[used_idx >= 0].long()] = True
         a[~read] = float("nan")
     assert unused.any()
-    out = moeyard.grouped_mm(a, b, offsets, a_index, C)
+    call = lambda: moeyard.grouped_mm(a, b, offsets, a_index, C, backend=backend)  # noqa: E731
+    if refused(backend, device, torch.float32, C, (24, 16), call):
+        return
+    out = call()
     assert (out[unused] == 0).all()
     assert not out.isnan().any()
     torch.testing.assert_close(out, ref.grouped_mm(a.nan_to_num(), b, offsets, a_index, C))
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
-def test_grouped_mm_strided_views(device, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_mm_strided_views(backend, device, dtype):
     """a as a column slice (row stride > K) and b as a slice of a wider weight are still read
     correctly (copied or not)."""
     R, E, K, N = 60, 5, 24, 40
@@ -232,17 +274,24 @@ def test_grouped_mm_strided_views(device, dtype):
     for b in ((torch.randn(E, K, N + 16, device=device) / 5).to(dtype)[:, :, :N],
               (torch.randn(E, N + 16, K, device=device) / 5).to(dtype)[:, 8:8 + N].transpose(1, 2)):
         assert not b.is_contiguous() and not b.transpose(1, 2).is_contiguous()
-        assert_close(moeyard.grouped_mm(a, b, offsets), ref.grouped_mm(a, b, offsets), TOL[dtype])
+        call = lambda: moeyard.grouped_mm(a, b, offsets, backend=backend)  # noqa: E731
+        if not refused(backend, device, dtype, None, (K, N), call):
+            assert_close(call(), ref.grouped_mm(a, b, offsets), TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_grouped_mm_index_all_minus_one(device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_mm_index_all_minus_one(backend, device):
     """An a_index of only -1 reads zero rows, also from an empty a (A = 0), forward and backward."""
     a = torch.randn(0, 8, device=device, requires_grad=True)
-    b = torch.randn(3, 8, 5, device=device, requires_grad=True)
+    b = torch.randn(3, 8, 4, device=device, requires_grad=True)
     offsets = offsets_of(torch.tensor([2, 0, 3]), device)
-    out = moeyard.grouped_mm(a, b, offsets, torch.full((6,), -1, dtype=I32, device=device))
-    assert out.shape == (6, 5) and (out == 0).all()
+    index = torch.full((6,), -1, dtype=I32, device=device)
+    call = lambda: moeyard.grouped_mm(a, b, offsets, index, backend=backend)  # noqa: E731
+    if refused(backend, device, torch.float32, None, (8, 4), call):
+        return
+    out = call()
+    assert out.shape == (6, 4) and (out == 0).all()
     ga, gb = torch.autograd.grad(out, (a, b), torch.randn_like(out))
     assert ga.shape == a.shape and (gb == 0).all()
 
@@ -254,14 +303,18 @@ def test_grouped_mm_index_all_minus_one(device):
 @pytest.mark.parametrize("R,E,K,N,load", [GMM_SHAPES[i] for i in (0, 3, 4, 5)])
 @pytest.mark.parametrize("mode", GMM_MODES)
 @pytest.mark.parametrize("order", ["kn", "nk"])
-def test_grouped_mm_grads_match_reference(device, dtype, R, E, K, N, load, mode, order):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_mm_grads_match_reference(backend, device, dtype, R, E, K, N, load, mode, order):
     """grad_a and grad_b match the reference's autograd; grad_b has b's strides."""
     a, b, offsets, a_index, C = gmm_inputs(R, E, K, N, load, mode, order, dtype, device)
     a.requires_grad_()
     b.requires_grad_()
     R_out = a.shape[0] if a_index is None else a_index.shape[0]
     g = torch.randn(R_out, N, device=device).to(dtype)
-    got = torch.autograd.grad(moeyard.grouped_mm(a, b, offsets, a_index, C), (a, b), g)
+    call = lambda: moeyard.grouped_mm(a, b, offsets, a_index, C, backend=backend)  # noqa: E731
+    if refused(backend, device, dtype, C, (K, N), call):
+        return
+    got = torch.autograd.grad(call(), (a, b), g)
     want = grads(ref.grouped_mm(a, b, offsets, a_index, C), (a, b), g)
     assert got[1].stride() == b.stride()
     for x, y in zip(got, want):
@@ -270,7 +323,8 @@ def test_grouped_mm_grads_match_reference(device, dtype, R, E, K, N, load, mode,
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("need_a,need_b", [(True, False), (False, True)])
-def test_grouped_mm_one_sided_grads(device, need_a, need_b):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_mm_one_sided_grads(backend, device, need_a, need_b):
     """Asking for only grad_a or only grad_b gives the same values as asking for both."""
     a, b, offsets, a_index, C = gmm_inputs(70, 5, 24, 16, "random", "gathered", "nk",
                                            torch.float32, device)
@@ -278,7 +332,10 @@ def test_grouped_mm_one_sided_grads(device, need_a, need_b):
     b.requires_grad_(need_b)
     g = torch.randn(a_index.shape[0], 16, device=device)
     inp = a if need_a else b
-    got = torch.autograd.grad(moeyard.grouped_mm(a, b, offsets, a_index, C), inp, g)[0]
+    call = lambda: moeyard.grouped_mm(a, b, offsets, a_index, C, backend=backend)  # noqa: E731
+    if refused(backend, device, torch.float32, C, (24, 16), call):
+        return
+    got = torch.autograd.grad(call(), inp, g)[0]
     want = grads(ref.grouped_mm(a, b, offsets, a_index, C), (inp,), g)[0]
     assert_close(got, want, GRAD_TOL[torch.float32], scaled=True)
 
@@ -286,12 +343,14 @@ def test_grouped_mm_one_sided_grads(device, need_a, need_b):
 @pytest.mark.parametrize("mode", GMM_MODES)
 @pytest.mark.parametrize("order", ["kn", "nk"])
 def test_grouped_mm_gradcheck(mode, order):
+    """fp64 gradcheck of the backward formulas (moeyard's backend: torch's grouped GEMM has no
+    float64; its gradients are held to the reference's autograd in fp32 above)."""
     a, b, offsets, a_index, C = gmm_inputs(14, 3, 5, 4, "random", mode, order, torch.float64,
                                            "cpu")
     a.requires_grad_()
     b.requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: moeyard.grouped_mm(a, b, offsets, a_index, C),
-                                    (a, b))
+    assert torch.autograd.gradcheck(
+        lambda a, b: moeyard.grouped_mm(a, b, offsets, a_index, C, backend="moeyard"), (a, b))
 
 
 # ------------------------------------------------------------------------- expert_ffn forward
@@ -301,20 +360,25 @@ def test_grouped_mm_gradcheck(mode, order):
 @pytest.mark.parametrize("T,k,E,H,I,capacity,p_none,zipf", FFN_PLANS)
 @pytest.mark.parametrize("activation", ref.ACTIVATIONS)
 @pytest.mark.parametrize("layout,bias", LAYOUT_BIAS)
-def test_expert_ffn_matches_reference(device, dtype, T, k, E, H, I, capacity, p_none, zipf,
-                                      activation, layout, bias):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expert_ffn_matches_reference(backend, device, dtype, T, k, E, H, I, capacity, p_none,
+                                      zipf, activation, layout, bias):
     """Every activation, layout, bias and plan kind matches reference.expert_ffn."""
     x, p, weights, params = ffn_setup(T, k, E, H, I, activation, dtype, device, capacity=capacity,
                                       p_none=p_none, zipf=zipf, bias=bias, layout=layout)
-    out = ffn(x, p, weights, *params, activation, layout)
-    want = ffn_ref(x, p, weights, *params, activation, layout)
+    call = lambda: ffn(x, p, weights, *params, activation, layout, backend)  # noqa: E731
+    if refused(backend, device, dtype, capacity, ffn_widths(H, I, activation), call):
+        return
+    out = call()
+    want = ffn_ref(x, p, weights, *params, activation, layout, backend)
     assert out.shape == (T, H) and out.device == x.device
     assert_close(out, want, TOL[dtype], scaled=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", ref.ACTIVATIONS)
-def test_expert_ffn_dropped_tokens_are_zero_and_never_nan(device, activation):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expert_ffn_dropped_tokens_are_zero_and_never_nan(backend, device, activation):
     """A token with no kept slot (dropped by the capacity or routed nowhere) gets an exactly zero
     row even with biases, and NaN in its x row reaches neither the output nor any gradient."""
     T, k, E, H, I = 40, 2, 4, 16, 8
@@ -326,10 +390,10 @@ def test_expert_ffn_dropped_tokens_are_zero_and_never_nan(device, activation):
     leaves = [x, weights, *params]
     for t in leaves:
         t.requires_grad_()
-    out = ffn(x, p, weights, *params, activation, "linear")
+    out = ffn(x, p, weights, *params, activation, "linear", backend)
     assert (out[dead] == 0).all()
     assert not out.isnan().any()
-    want = ffn_ref(x.detach().nan_to_num(), p, weights, *params, activation, "linear")
+    want = ffn_ref(x.detach().nan_to_num(), p, weights, *params, activation, "linear", backend)
     assert_close(out, want, TOL[torch.float32], scaled=True)
     grads = torch.autograd.grad(out, leaves, torch.randn_like(out))
     for g in grads:
@@ -359,7 +423,8 @@ def transposed_copy(t):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_expert_ffn_strided_inputs(device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expert_ffn_strided_inputs(backend, device):
     """x as a column slice, weights [T,k] and both biases as transposed views give the same
     outputs and gradients (with the views' strides) as contiguous copies."""
     T, k, E, H, I = 30, 2, 4, 16, 8
@@ -369,9 +434,12 @@ def test_expert_ffn_strided_inputs(device):
     strided = (xs, transposed_copy(weights), transposed_copy(b1), transposed_copy(b2))
     assert not any(t.is_contiguous() for t in strided)
     outs = []
+    call = lambda: ffn(x, p, weights, gu, dn, b1, b2, "swiglu", "linear", backend)  # noqa: E731
+    if refused(backend, device, torch.float32, None, (H, 2 * I, I), call):
+        return
     for xi, wi, b1i, b2i in ((x, weights, b1, b2), strided):
         leaves = [t.detach().requires_grad_() for t in (xi, wi, b1i, b2i)]
-        out = ffn(leaves[0], p, leaves[1], gu, dn, *leaves[2:], "swiglu", "linear")
+        out = ffn(leaves[0], p, leaves[1], gu, dn, *leaves[2:], "swiglu", "linear", backend)
         got = torch.autograd.grad(out, leaves, torch.ones_like(out))
         assert all(g.stride() == t.stride() for g, t in zip(got[2:], leaves[2:]))
         outs.append((out, *got))
@@ -387,8 +455,9 @@ def test_expert_ffn_strided_inputs(device):
                          [p for p in FFN_PLANS if p.id in GRAD_PLANS])
 @pytest.mark.parametrize("activation", ref.ACTIVATIONS)
 @pytest.mark.parametrize("layout,bias", LAYOUT_BIAS)
-def test_expert_ffn_grads_match_reference(device, dtype, T, k, E, H, I, capacity, p_none, zipf,
-                                          activation, layout, bias):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expert_ffn_grads_match_reference(backend, device, dtype, T, k, E, H, I, capacity, p_none,
+                                          zipf, activation, layout, bias):
     """Gradients w.r.t. x, weights, gate_up, down and the biases match the reference's autograd;
     weight gradients keep the parameters' strides."""
     x, p, weights, params = ffn_setup(T, k, E, H, I, activation, dtype, device, capacity=capacity,
@@ -397,8 +466,11 @@ def test_expert_ffn_grads_match_reference(device, dtype, T, k, E, H, I, capacity
     for t in leaves:
         t.requires_grad_()
     g = torch.randn(T, H, device=device).to(dtype)
-    got = torch.autograd.grad(ffn(x, p, weights, *params, activation, layout), leaves, g)
-    want = grads(ffn_ref(x, p, weights, *params, activation, layout), leaves, g)
+    call = lambda: ffn(x, p, weights, *params, activation, layout, backend)  # noqa: E731
+    if refused(backend, device, dtype, capacity, ffn_widths(H, I, activation), call):
+        return
+    got = torch.autograd.grad(call(), leaves, g)
+    want = grads(ffn_ref(x, p, weights, *params, activation, layout, backend), leaves, g)
     for leaf, a, b in zip(leaves, got, want):
         assert a.stride() == leaf.stride() or leaf.numel() == 0
         assert_close(a, b, GRAD_TOL[dtype], scaled=True)
@@ -406,16 +478,20 @@ def test_expert_ffn_grads_match_reference(device, dtype, T, k, E, H, I, capacity
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("given", ["b1", "b2"])
-def test_expert_ffn_one_bias_grads(device, given):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expert_ffn_one_bias_grads(backend, device, given):
     """Only one of the two biases given (the other None): its gradient and the rest still match
     (the autograd maps gradients to the inputs that exist)."""
-    x, p, weights, (gu, dn, b1, b2) = ffn_setup(20, 2, 4, 8, 6, "swiglu", torch.float32, device,
+    x, p, weights, (gu, dn, b1, b2) = ffn_setup(20, 2, 4, 8, 8, "swiglu", torch.float32, device,
                                                 p_none=0.1, bias=True)
     b1, b2 = (b1, None) if given == "b1" else (None, b2)
     leaves = [t.requires_grad_() for t in (x, weights, gu, dn, b1 if given == "b1" else b2)]
     g = torch.randn(20, 8, device=device)
-    got = torch.autograd.grad(ffn(x, p, weights, gu, dn, b1, b2, "swiglu", "linear"), leaves, g)
-    want = grads(ffn_ref(x, p, weights, gu, dn, b1, b2, "swiglu", "linear"), leaves, g)
+    call = lambda: ffn(x, p, weights, gu, dn, b1, b2, "swiglu", "linear", backend)  # noqa: E731
+    if refused(backend, device, torch.float32, None, (8, 16, 8), call):
+        return
+    got = torch.autograd.grad(call(), leaves, g)
+    want = grads(ffn_ref(x, p, weights, gu, dn, b1, b2, "swiglu", "linear", backend), leaves, g)
     for a, b in zip(got, want):
         assert_close(a, b, GRAD_TOL[torch.float32], scaled=True)
 
@@ -424,21 +500,24 @@ def test_expert_ffn_one_bias_grads(device, given):
 @pytest.mark.parametrize("capacity,p_none", [(None, 0.3), (3, 0.0)], ids=["dropless", "capacity"])
 @pytest.mark.parametrize("layout", ["linear", "matmul"])
 def test_expert_ffn_gradcheck(activation, capacity, p_none, layout):
-    """fp64 gradcheck of every input. Pre-activations stay far below swiglu_oss's clamp at 7 and
-    away from relu's kink with probability ~1."""
+    """fp64 gradcheck of every input (moeyard's backend: torch's grouped GEMM has no float64; its
+    gradients are held to the reference's autograd in fp32 above). Pre-activations stay far below
+    swiglu_oss's clamp at 7 and away from relu's kink with probability ~1."""
     x, p, weights, params = ffn_setup(7, 2, 3, 5, 3, activation, torch.float64, "cpu",
                                       capacity=capacity, p_none=p_none, bias=True, layout=layout)
     weights = weights.double()
     inputs = tuple(t.requires_grad_() for t in (x, weights, *params))
     assert torch.autograd.gradcheck(
-        lambda x, w, gu, dn, b1, b2: ffn(x, p, w, gu, dn, b1, b2, activation, layout), inputs)
+        lambda x, w, gu, dn, b1, b2: ffn(x, p, w, gu, dn, b1, b2, activation, layout, "moeyard"),
+        inputs)
 
 
 # ------------------------------------------------------------------------------ determinism
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bitwise_deterministic(device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bitwise_deterministic(backend, device):
     """Two runs give bitwise equal outputs and gradients (grad_a sums repeats in row order; the
     combine gathers)."""
     a, b, offsets, a_index, _ = gmm_inputs(300, 8, 64, 48, "zipf", "gathered", "nk",
@@ -452,11 +531,13 @@ def test_bitwise_deterministic(device):
         t.requires_grad_()
 
     def run():
-        out = moeyard.grouped_mm(a, b, offsets, a_index)
-        y = ffn(x, p, weights, *params, "swiglu", "linear")
+        out = moeyard.grouped_mm(a, b, offsets, a_index, backend=backend)
+        y = ffn(x, p, weights, *params, "swiglu", "linear", backend)
         grads = torch.autograd.grad((out.float().sum(), y.float().square().sum()), (a, b, *leaves))
         return (out, y, *grads)
 
+    if refused(backend, device, torch.bfloat16, None, (64, 48), run):
+        return
     for u, v in zip(run(), run()):
         assert torch.equal(u, v)
 
@@ -465,27 +546,33 @@ def test_bitwise_deterministic(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_grouped_mm(device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_grouped_mm(backend, device):
     ops = torch.ops.moeyard
     for mode, order in (("plain", "kn"), ("gathered", "nk"), ("capacity", "nk"),
                         ("plan_capacity", "kn")):
         a, b, offsets, a_index, C = gmm_inputs(30, 4, 12, 8, "random", mode, order, torch.float32,
                                                device)
+        if not (backend == "moeyard" or grouped_mm_serves(device, torch.float32, C, 12, 8)):
+            continue  # refusals: test_grouped_mm_matches_reference
         for rg in (False, True):
             ar, br = a.clone().requires_grad_(rg), b.clone().requires_grad_(rg)
-            torch.library.opcheck(ops.grouped_mm.default, (ar, br, offsets, a_index, C))
+            torch.library.opcheck(ops.grouped_mm.default, (ar, br, offsets, a_index, C, backend))
         g = torch.randn(a.shape[0] if a_index is None else a_index.shape[0], 8, device=device)
         for need_a, need_b in ((True, True), (True, False), (False, True)):
             torch.library.opcheck(ops.grouped_mm_backward.default,
-                                  (g, a, b, offsets, a_index, C, need_a, need_b))
+                                  (g, a, b, offsets, a_index, C, need_a, need_b, backend))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("capacity", [None, 9])
-def test_opcheck_expert_ffn(device, activation, capacity):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_expert_ffn(backend, device, activation, capacity):
     ops = torch.ops.moeyard
-    x, p, weights, (gu, dn, b1, b2) = ffn_setup(20, 2, 4, 8, 6, activation, torch.float32, device,
+    if not (backend == "moeyard" or grouped_mm_serves(device, torch.float32, capacity, 8)):
+        pytest.skip("refusals: test_expert_ffn_matches_reference")
+    x, p, weights, (gu, dn, b1, b2) = ffn_setup(20, 2, 4, 8, 8, activation, torch.float32, device,
                                                 capacity=capacity, p_none=0.1, bias=True)
     w1, w2 = logical(gu, dn, "linear")
     plan_args = (p.row_source, p.token_row, p.offsets, capacity)
@@ -493,29 +580,31 @@ def test_opcheck_expert_ffn(device, activation, capacity):
         xr, wr, w1r, w2r, b1r, b2r = (t.clone().requires_grad_(rg)
                                       for t in (x, weights, w1, w2, b1, b2))
         torch.library.opcheck(ops.expert_ffn.default,
-                              (xr, *plan_args, wr, w1r, w2r, b1r, b2r, activation))
+                              (xr, *plan_args, wr, w1r, w2r, b1r, b2r, activation, backend))
         torch.library.opcheck(ops.expert_ffn.default,
-                              (xr, *plan_args, wr, w1r, w2r, None, None, activation))
+                              (xr, *plan_args, wr, w1r, w2r, None, None, activation, backend))
     fwd_args = (x, *plan_args, weights, w1, w2, b1, b2, activation)
-    torch.library.opcheck(ops._expert_ffn_forward.default, fwd_args)
+    torch.library.opcheck(ops._expert_ffn_forward.default, (*fwd_args, backend))
     torch.library.opcheck(ops._expert_ffn_forward.default,
-                          (x, *plan_args, weights, w1, w2, None, None, activation))
-    _, h = ops._expert_ffn_forward(*fwd_args)
+                          (x, *plan_args, weights, w1, w2, None, None, activation, backend))
+    _, h = ops._expert_ffn_forward(*fwd_args, backend)
     grad = torch.randn_like(x)
     for mask in ([True] * 6, [True, False, False, True, False, True],
                  [False, True, True, False, True, False]):
-        torch.library.opcheck(ops._expert_ffn_backward.default, (grad, *fwd_args, h, mask))
+        torch.library.opcheck(ops._expert_ffn_backward.default,
+                              (grad, *fwd_args, h, mask, backend))
 
 
 # ---------------------------------------------------------------------------- torch.compile
 
 
-def moe_layer(x, router_w, gate_up, down, b1, b2, k, capacity):
+def moe_layer(x, router_w, gate_up, down, b1, b2, k, capacity, backend="auto"):
     """Router -> route -> plan -> expert_ffn (GPT-OSS-like: biases, swiglu_oss, matmul layout)."""
     logits = x.float() @ router_w.t()
     weights, experts = moeyard.route(logits, k, topk_before_score=True)
     p = moeyard.plan(experts, router_w.shape[0], capacity)
-    return moeyard.expert_ffn(x, p, weights, gate_up, down, b1, b2, "swiglu_oss", "matmul")
+    return moeyard.expert_ffn(x, p, weights, gate_up, down, b1, b2, "swiglu_oss", "matmul",
+                              backend=backend)
 
 
 def _layer_params(T, H, I, E, device, dtype=torch.float32):
@@ -526,23 +615,27 @@ def _layer_params(T, H, I, E, device, dtype=torch.float32):
             (0.1 * torch.randn(E, H, device=device)).to(dtype))
 
 
-def _fwd_bwd(fn, inputs, k, capacity):
+def _fwd_bwd(fn, inputs, k, capacity, backend="auto"):
     inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    out = fn(*inputs, k, capacity)
+    out = fn(*inputs, k, capacity, backend)
     out.float().square().sum().backward()
     return (out, *(t.grad for t in inputs))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("capacity", [None, 12])
-def test_compile_fullgraph_matches_eager(device, capacity):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_matches_eager(backend, device, capacity):
     torch._dynamo.reset()
     inputs = _layer_params(48, 16, 8, 6, device)
-    eager = _fwd_bwd(moe_layer, inputs, 2, capacity)
+    if refused(backend, device, torch.float32, capacity, (16, 16, 8),
+               lambda: _fwd_bwd(moe_layer, inputs, 2, capacity, backend)):
+        return
+    eager = _fwd_bwd(moe_layer, inputs, 2, capacity, backend)
     compiled = torch.compile(moe_layer, fullgraph=True, backend="aot_eager")
-    got = _fwd_bwd(compiled, inputs, 2, capacity)
+    got = _fwd_bwd(compiled, inputs, 2, capacity, backend)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        _fwd_bwd(compiled, [torch.randn_like(inputs[0]), *inputs[1:]], 2, capacity)
+        _fwd_bwd(compiled, [torch.randn_like(inputs[0]), *inputs[1:]], 2, capacity, backend)
     for a, b in zip(got, eager):
         torch.testing.assert_close(a, b)
 
@@ -553,16 +646,20 @@ def test_compile_fullgraph_matches_eager(device, capacity):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("capacity", [None, 80])
-def test_cuda_graph_layer_forward_backward(dtype, capacity):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_layer_forward_backward(backend, dtype, capacity):
     """A whole layer (router, route, plan, expert_ffn) forward and backward, captured once and
     replayed on new inputs, equals eager."""
     T, H, I, E, k = 256, 64, 32, 8, 2
     static = [t.requires_grad_() for t in _layer_params(T, H, I, E, "cuda", dtype)]
+    if refused(backend, "cuda", dtype, capacity, (H, 2 * I, I),
+               lambda: moe_layer(*static, k, capacity, backend)):
+        return
 
     def step():
         for t in static:
             t.grad = None
-        out = moe_layer(*static, k, capacity)
+        out = moe_layer(*static, k, capacity, backend)
         out.float().square().sum().backward()
         return out
 
@@ -584,7 +681,7 @@ def test_cuda_graph_layer_forward_backward(dtype, capacity):
                 t.copy_(torch.randn_like(t) / (t.shape[-2] ** 0.5 if t.dim() == 3 else 1))
         graph.replay()
         torch.cuda.synchronize()
-        want = _fwd_bwd(moe_layer, static, k, capacity)
+        want = _fwd_bwd(moe_layer, static, k, capacity, backend)
         for a, b in zip((static_out, *static_grads), want):
             torch.testing.assert_close(a, b)
 
@@ -704,3 +801,128 @@ def test_bad_devices():
     for fn, msg in cases:
         with pytest.raises(RuntimeError, match=msg):
             fn()
+
+
+# ----------------------------------------------------------------------------- backend choice
+
+
+def _aligned_ffn(dtype, H=16, I=8, T=40):
+    x, p, weights, params = ffn_setup(T, 2, 4, H, I, "swiglu", dtype, "cpu", p_none=0.1)
+    return lambda backend: ffn(x, p, weights, *params, "swiglu", "linear", backend)
+
+
+def test_auto_takes_the_table_entry():
+    """On the CPU "auto" is the backend the table names for the dtype (bf16, where the two
+    backends round differently, so the output tells them apart) and moeyard's for float64."""
+    table = moeyard.experts_backend_table()
+    cpu = next(d for d in table["devices"] if d["device"] == "cpu")
+    run = _aligned_ffn(torch.bfloat16)
+    outs = {b: run(b) for b in BACKENDS}
+    assert not torch.equal(outs["moeyard"], outs["grouped_mm"])
+    assert torch.equal(run("auto"), outs[cpu["auto"]["bfloat16"]])
+    assert cpu["auto"]["float64"] == "moeyard"
+    run64 = _aligned_ffn(torch.float64)
+    assert torch.equal(run64("auto"), run64("moeyard"))
+    assert all(r["evidence"] for r in table["rules"])
+
+
+def _python(code, **env):
+    """Runs ``code`` in a fresh interpreter (process-wide state: environment, warn-once)."""
+    import subprocess
+    import sys
+    full_env = {**__import__("os").environ, **env}
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
+                          text=True, timeout=300)
+
+
+_SETUP = """
+import torch, moeyard
+torch.manual_seed(0)
+x = torch.randn(40, {H}).bfloat16(); w = torch.rand(40, 2)
+p = moeyard.plan(torch.rand(40, 4).argsort(1)[:, :2].int(), 4)
+gu = (torch.randn(4, 16, {H}) / 4).bfloat16(); dn = (torch.randn(4, {H}, 8) / 3).bfloat16()
+f = lambda b: moeyard.expert_ffn(x, p, w, gu, dn, backend=b)
+"""
+
+
+def test_env_var_replaces_auto_only():
+    """MOEYARD_EXPERTS_BACKEND replaces "auto"; a backend named in the call still wins; an
+    unknown value is refused naming the variable."""
+    code = _SETUP.format(H=16) + (
+        "assert torch.equal(f('auto'), f('moeyard'))\n"
+        "assert not torch.equal(f('grouped_mm'), f('moeyard'))\n"
+        "print('ok')")
+    proc = _python(code, MOEYARD_EXPERTS_BACKEND="moeyard")
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+    proc = _python(_SETUP.format(H=16) + "f('auto')", MOEYARD_EXPERTS_BACKEND="cutlass")
+    assert proc.returncode != 0
+    assert "MOEYARD_EXPERTS_BACKEND must be 'auto', 'grouped_mm' or 'moeyard', got 'cutlass'" in \
+        proc.stderr
+
+
+def test_auto_falls_back_to_moeyard_once_with_a_warning():
+    """Where the table's backend cannot serve the inputs (a row width torch's GEMM cannot take),
+    "auto" computes on moeyard's kernel and says why, once per process."""
+    code = _SETUP.format(H=13) + (
+        "for _ in range(3): assert torch.equal(f('auto'), f('moeyard'))\n"
+        "print('ok')")
+    proc = _python(code, MOEYARD_EXPERTS_BACKEND="")
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+    warnings = [ln for ln in proc.stderr.splitlines() if "instead of torch's grouped GEMM" in ln]
+    assert len(warnings) == 1, proc.stderr
+    assert "row width of 13 elements" in warnings[0]
+
+
+def test_grouped_mm_backend_refusals():
+    """backend="grouped_mm" refuses, saying why, what torch's grouped GEMM cannot compute."""
+    x, p, weights, (gu, dn, _, _) = ffn_setup(20, 2, 4, 16, 8, "swiglu", torch.float64, "cpu")
+    with pytest.raises(RuntimeError, match="no float64 kernel"):
+        moeyard.expert_ffn(x, p, weights, gu, dn, backend="grouped_mm")
+    x, gu, dn = x.float(), gu.float(), dn.float()
+    wide = torch.randn(4, 16, 17)  # gate_up as a view whose rows are 17 elements apart
+    with pytest.raises(RuntimeError, match=r"strides \[272, 1, 17\] is not 16-byte aligned"):
+        moeyard.expert_ffn(x, p, weights, wide[:, :, :16], dn, backend="grouped_mm")
+    with pytest.raises(RuntimeError, match="row width of 6 elements"):
+        moeyard.grouped_mm(torch.randn(5, 6), torch.randn(2, 6, 8), offsets_of(torch.tensor([2, 3])),
+                           backend="grouped_mm")
+    # the moeyard backend takes them all
+    moeyard.expert_ffn(x, p, weights, wide[:, :, :16], dn, backend="moeyard")
+
+
+def test_bad_backend_name_on_every_path():
+    x, p, weights, (gu, dn, _, _) = ffn_setup(10, 2, 4, 8, 8, "swiglu", torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="backend must be 'auto', 'grouped_mm' or 'moeyard'"):
+        moeyard.expert_ffn(x, p, weights, gu, dn, backend="cublas")
+    meta = [t.to("meta") for t in (x, p.row_source, p.token_row, p.offsets)]
+    w1, w2 = (t.to("meta").transpose(1, 2) for t in (gu, dn))
+    args = (*meta, None, weights.to("meta"), w1, w2, None, None, "swiglu")
+    assert torch.ops.moeyard.expert_ffn(*args, "auto").shape == x.shape
+    with pytest.raises(Exception, match="backend must be one of"):
+        torch.ops.moeyard.expert_ffn(*args, "cublas")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        moeyard.Experts(4, 8, 8, backend="cublas")
+
+
+def test_layer_backend_attribute():
+    """A layer's backend= reaches its experts, can be changed later, and both backends give the
+    same layer output and gradients (fp32)."""
+    layer = moeyard.TopKMoE(16, 8, 4, k=2, backend="moeyard")
+    assert layer.experts.backend == "moeyard" and "backend='moeyard'" in repr(layer)
+    x = torch.randn(2, 10, 16)
+    results = []
+    for backend in BACKENDS:
+        layer.experts.backend = backend
+        xr = x.clone().requires_grad_()
+        out = layer(xr)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (xr, *layer.parameters()))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        layer.experts.backend = "triton"
+
+
+def test_info_prints_the_backend_table():
+    proc = _python("from moeyard.__main__ import main; main(['info'])")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'experts backend "auto" picks' in proc.stdout
+    assert "cpu              bfloat16" in proc.stdout and "-> grouped_mm" in proc.stdout

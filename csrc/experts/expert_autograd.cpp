@@ -32,40 +32,41 @@ class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
  public:
   static tensor_list forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b,
                              const at::Tensor& offsets, const std::optional<at::Tensor>& a_index,
-                             std::optional<int64_t> capacity) {
+                             std::optional<int64_t> capacity, c10::string_view backend) {
     static auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const std::optional<at::Tensor>&, std::optional<int64_t>)>(
-        "moeyard::grouped_mm");
+                                         const std::optional<at::Tensor>&, std::optional<int64_t>,
+                                         c10::string_view)>("moeyard::grouped_mm");
     at::Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      out = op.call(a, b, offsets, a_index, capacity);
+      out = op.call(a, b, offsets, a_index, capacity, backend);
     }
     ctx->save_for_backward({a, b, offsets, a_index.value_or(at::Tensor())});
     ctx->saved_data["capacity"] = capacity ? c10::IValue(*capacity) : c10::IValue();
+    ctx->saved_data["backend"] = std::string(backend);
     return {out};
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     static auto op = typed_op<std::tuple<at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-        const std::optional<at::Tensor>&, std::optional<int64_t>, bool, bool)>(
+        const std::optional<at::Tensor>&, std::optional<int64_t>, bool, bool, c10::string_view)>(
         "moeyard::grouped_mm_backward");
     const bool need_a = ctx->needs_input_grad(0), need_b = ctx->needs_input_grad(1);
-    if (!grads[0].defined() || !(need_a || need_b)) return {{}, {}, {}, {}, {}};
+    if (!grads[0].defined() || !(need_a || need_b)) return {{}, {}, {}, {}, {}, {}};
     const auto saved = ctx->get_saved_variables();
     const auto cap = ctx->saved_data["capacity"];
     auto [ga, gb] = op.call(grads[0], saved[0], saved[1], saved[2], opt(saved[3]),
                             cap.isNone() ? std::nullopt : std::optional<int64_t>(cap.toInt()),
-                            need_a, need_b);
-    return {grad_or_none(need_a, ga), grad_or_none(need_b, gb), {}, {}, {}};
+                            need_a, need_b, ctx->saved_data["backend"].toStringRef());
+    return {grad_or_none(need_a, ga), grad_or_none(need_b, gb), {}, {}, {}, {}};
   }
 };
 
 at::Tensor grouped_mm_autograd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
                                const std::optional<at::Tensor>& a_index,
-                               std::optional<int64_t> capacity) {
-  return GroupedMmFunction::apply(a, b, offsets, a_index, capacity)[0];
+                               std::optional<int64_t> capacity, c10::string_view backend) {
+  return GroupedMmFunction::apply(a, b, offsets, a_index, capacity, backend)[0];
 }
 
 class ExpertFfnFunction : public torch::autograd::Function<ExpertFfnFunction> {
@@ -77,22 +78,24 @@ class ExpertFfnFunction : public torch::autograd::Function<ExpertFfnFunction> {
                              const std::optional<at::Tensor>& b1,
                              const std::optional<at::Tensor>& b2, const at::Tensor& row_source,
                              const at::Tensor& token_row, const at::Tensor& offsets,
-                             std::optional<int64_t> capacity, c10::string_view activation) {
+                             std::optional<int64_t> capacity, c10::string_view activation,
+                             c10::string_view backend) {
     static auto op = typed_op<std::tuple<at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
         std::optional<int64_t>, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::string_view)>(
-        "moeyard::_expert_ffn_forward");
+        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::string_view,
+        c10::string_view)>("moeyard::_expert_ffn_forward");
     at::Tensor out, pre;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(out, pre) = op.call(x, row_source, token_row, offsets, capacity, weights, w1, w2,
-                                   b1, b2, activation);
+                                   b1, b2, activation, backend);
     }
     ctx->save_for_backward({x, weights, w1, w2, b1.value_or(at::Tensor()),
                             b2.value_or(at::Tensor()), row_source, token_row, offsets, pre});
     ctx->saved_data["capacity"] = capacity ? c10::IValue(*capacity) : c10::IValue();
     ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["backend"] = std::string(backend);
     return {out};
   }
 
@@ -102,8 +105,9 @@ class ExpertFfnFunction : public torch::autograd::Function<ExpertFfnFunction> {
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
         const at::Tensor&, std::optional<int64_t>, const at::Tensor&, const at::Tensor&,
         const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-        c10::string_view, const at::Tensor&, std::array<bool, 6>)>("moeyard::_expert_ffn_backward");
-    constexpr int kInputs = 11;
+        c10::string_view, const at::Tensor&, std::array<bool, 6>, c10::string_view)>(
+        "moeyard::_expert_ffn_backward");
+    constexpr int kInputs = 12;
     tensor_list result(kInputs);
     const auto s = ctx->get_saved_variables();
     // needs_input_grad counts the graph's edges, which exist only for the biases that were given:
@@ -121,7 +125,8 @@ class ExpertFfnFunction : public torch::autograd::Function<ExpertFfnFunction> {
     const auto activation = ctx->saved_data["activation"].toStringRef();
     auto grads_out = op.call(grads[0], s[0], s[6], s[7], s[8],
                              cap.isNone() ? std::nullopt : std::optional<int64_t>(cap.toInt()),
-                             s[1], s[2], s[3], opt(s[4]), opt(s[5]), activation, s[9], mask);
+                             s[1], s[2], s[3], opt(s[4]), opt(s[5]), activation, s[9], mask,
+                             ctx->saved_data["backend"].toStringRef());
     const at::Tensor all[6] = {std::get<0>(grads_out), std::get<1>(grads_out),
                                std::get<2>(grads_out), std::get<3>(grads_out),
                                std::get<4>(grads_out), std::get<5>(grads_out)};
@@ -135,7 +140,8 @@ at::Tensor expert_ffn_autograd(const at::Tensor& x, const at::Tensor& row_source
                                std::optional<int64_t> capacity, const at::Tensor& weights,
                                const at::Tensor& w1, const at::Tensor& w2,
                                const std::optional<at::Tensor>& b1,
-                               const std::optional<at::Tensor>& b2, c10::string_view activation) {
+                               const std::optional<at::Tensor>& b2, c10::string_view activation,
+                               c10::string_view backend) {
   const bool needs_grad =
       at::GradMode::is_enabled() &&
       (x.requires_grad() || weights.requires_grad() || w1.requires_grad() || w2.requires_grad() ||
@@ -144,14 +150,14 @@ at::Tensor expert_ffn_autograd(const at::Tensor& x, const at::Tensor& row_source
     static auto op = typed_op<at::Tensor(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
         std::optional<int64_t>, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::string_view)>(
-        "moeyard::expert_ffn");
+        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::string_view,
+        c10::string_view)>("moeyard::expert_ffn");
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1, b2,
-                   activation);
+                   activation, backend);
   }
   return ExpertFfnFunction::apply(x, weights, w1, w2, b1, b2, row_source, token_row, offsets,
-                                  capacity, activation)[0];
+                                  capacity, activation, backend)[0];
 }
 
 }  // namespace

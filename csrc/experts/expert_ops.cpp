@@ -173,21 +173,9 @@ FfnShape check_expert_ffn_args(const at::Tensor& x, const at::Tensor& row_source
   return s;
 }
 
-// -------------------------------------------------------------------------- device dispatch
+// ------------------------------------------------------------------------------ helpers
 
 namespace {
-
-#ifdef MOEYARD_WITH_CUDA
-#define MOEYARD_DISPATCH(fn, p, device_tensor) \
-  ((device_tensor).is_cuda() ? fn##_cuda(p) : fn##_cpu(p))
-#else
-#define MOEYARD_DISPATCH(fn, p, device_tensor) fn##_cpu(p)
-#endif
-
-void rows_gemm(const RowsGemm& p) { MOEYARD_DISPATCH(rows_gemm, p, p.a); }
-void weight_grad(const WeightGrad& p) { MOEYARD_DISPATCH(weight_grad, p, p.lhs); }
-void segment_sum(const SegmentSum& p) { MOEYARD_DISPATCH(segment_sum, p, p.src); }
-void act_backward(const ActBackward& p) { MOEYARD_DISPATCH(act_backward, p, p.pre); }
 
 // [begin, end) of each expert's used rows, int64 on offsets' device.
 std::pair<at::Tensor, at::Tensor> expert_ranges(const at::Tensor& offsets, const Segments& seg) {
@@ -208,49 +196,60 @@ at::Tensor unpermute(const at::Tensor& y, const at::Tensor& row_source,
   return op.call(y, row_source, token_row, weights);
 }
 
+// The products of grouped_mm (a [A,K] through a_index, b [E,K,N]) on the backend asked for.
+Products grouped_products(const std::string& backend, const at::Tensor& a, const at::Tensor& b,
+                          const at::Tensor& offsets, const GroupedShape& s) {
+  const ProductInputs in{&a, s.seg.E, s.seg.capacity.has_value(), {s.K, s.N}, {&b}};
+  return Products{resolve_backend(backend, in), offsets.contiguous(), s.seg};
+}
+
+// The products of expert_ffn (x [T,H], w1 [E,H,N1], w2 [E,I,H]) on the backend asked for.
+Products ffn_products(const std::string& backend, const at::Tensor& x, const at::Tensor& w1,
+                      const at::Tensor& w2, const at::Tensor& offsets, const FfnShape& s) {
+  const ProductInputs in{&x, s.up.seg.E, s.up.seg.capacity.has_value(), {s.H, s.N1, s.I},
+                         {&w1, &w2}};
+  return Products{resolve_backend(backend, in), offsets.contiguous(), s.up.seg};
+}
+
 // ------------------------------------------------------------------------------- grouped_mm
 
 at::Tensor grouped_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
-                      const std::optional<at::Tensor>& a_index, std::optional<int64_t> capacity) {
+                      const std::optional<at::Tensor>& a_index, std::optional<int64_t> capacity,
+                      c10::string_view backend) {
   const GroupedShape s = check_grouped_mm_args(a, b, offsets, a_index, capacity);
   if (a.is_cpu()) {
     check_offsets_values_cpu(offsets, s.seg);
     if (a_index) check_index_values_cpu(*a_index, s.A, "a_index");
   }
   const c10::OptionalDeviceGuard guard(a.device());
-  const auto index = a_index ? a_index->contiguous() : at::Tensor();
-  auto out = at::empty({s.seg.R, s.N}, a.options());
-  if (s.seg.R == 0 || s.N == 0) return out;
-  rows_gemm(RowsGemm{a.contiguous(), {a_index ? &index : nullptr, 1}, b, offsets.contiguous(), s.seg,
-                     std::nullopt, Activation::None, out, at::Tensor()});
-  return out;
+  const Products pr = grouped_products(std::string(backend), a, b, offsets, s);
+  const auto a_rows = pr.operand(a, a_index.value_or(at::Tensor()));
+  return pr.rows(a_rows, b, std::nullopt, Activation::None, false).first;
 }
 
 std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(
-    const at::Tensor& grad_in, const at::Tensor& a_in, const at::Tensor& b,
-    const at::Tensor& offsets_in, const std::optional<at::Tensor>& a_index,
-    std::optional<int64_t> capacity, bool need_a, bool need_b) {
-  const GroupedShape s = check_grouped_mm_args(a_in, b, offsets_in, a_index, capacity);
+    const at::Tensor& grad_in, const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
+    const std::optional<at::Tensor>& a_index, std::optional<int64_t> capacity, bool need_a,
+    bool need_b, c10::string_view backend) {
+  const GroupedShape s = check_grouped_mm_args(a, b, offsets, a_index, capacity);
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == s.seg.R && grad_in.size(1) == s.N &&
-                  grad_in.scalar_type() == a_in.scalar_type(),
+                  grad_in.scalar_type() == a.scalar_type(),
               "moeyard: grad must be [R, N] = [", s.seg.R, ", ", s.N, "] in a's dtype, got ",
               grad_in.sizes(), " ", grad_in.scalar_type());
-  const c10::OptionalDeviceGuard guard(a_in.device());
-  const auto grad = grad_in.contiguous(), a = a_in.contiguous(), offsets = offsets_in.contiguous();
-  const auto index = a_index ? a_index->contiguous() : at::Tensor();
-  const RowIndex a_rows{a_index ? &index : nullptr, 1};
+  check_same_device(a, grad_in, "a", "grad");
+  const c10::OptionalDeviceGuard guard(a.device());
+  const Products pr = grouped_products(std::string(backend), a, b, offsets, s);
+  const auto grad = pr.operand(grad_in);
   at::Tensor grad_a = a.new_empty({0}), grad_b = b.new_empty({0});
   if (need_a) {
-    auto grad_rows = at::empty({s.seg.R, s.K}, a.options());
-    if (s.seg.R > 0 && s.K > 0)
-      rows_gemm(RowsGemm{grad, {}, b.transpose(1, 2), offsets, s.seg, std::nullopt,
-                         Activation::None, grad_rows, at::Tensor()});
+    auto grad_rows =
+        pr.rows(grad, b.transpose(1, 2), std::nullopt, Activation::None, false).first;
     if (!a_index) {
       grad_a = grad_rows;
     } else {
       // Each source row sums the rows that read it, in row order: a stable sort of a_index
       // lists them, a binary search finds each source's run (no host sync, no atomics).
-      const auto [sorted, order] = at::sort(index.to(at::kLong), /*stable=*/true, 0, false);
+      const auto [sorted, order] = at::sort(a_index->to(at::kLong), /*stable=*/true, 0, false);
       const auto sources = at::arange(s.A, sorted.options());
       const auto order32 = order.to(at::kInt);
       grad_a = at::empty({s.A, s.K}, a.options());
@@ -262,10 +261,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(
                                grad_a});
     }
   }
-  if (need_b) {
-    grad_b = at::empty_like(b);  // b's memory order (dense views keep their strides)
-    if (grad_b.numel() > 0) weight_grad(WeightGrad{a, a_rows, grad, {}, offsets, s.seg, grad_b});
-  }
+  if (need_b)
+    grad_b = pr.weight_grad(pr.operand(a, a_index.value_or(at::Tensor())), grad, b,
+                            /*unused_rows_zero=*/false);
   return {grad_a, grad_b};
 }
 
@@ -273,26 +271,20 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(
 
 std::tuple<at::Tensor, at::Tensor> ffn_forward(
     const at::Tensor& x_in, const at::Tensor& row_source_in, const at::Tensor& token_row,
-    const at::Tensor& offsets_in, std::optional<int64_t> capacity, const at::Tensor& weights,
+    const at::Tensor& offsets, std::optional<int64_t> capacity, const at::Tensor& weights,
     const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& b1,
-    const std::optional<at::Tensor>& b2, const std::string& activation, bool keep_pre) {
-  const FfnShape s = check_expert_ffn_args(x_in, row_source_in, token_row, offsets_in, capacity,
+    const std::optional<at::Tensor>& b2, const std::string& activation, bool keep_pre,
+    const std::string& backend) {
+  const FfnShape s = check_expert_ffn_args(x_in, row_source_in, token_row, offsets, capacity,
                                            weights, w1, w2, b1, b2, activation);
   const c10::OptionalDeviceGuard guard(x_in.device());
-  const auto x = x_in.contiguous(), row_source = row_source_in.contiguous();
-  const auto offsets = offsets_in.contiguous();
-  const int64_t R = s.up.seg.R;
-  auto act = at::empty({R, s.I}, x.options());
-  auto pre = keep_pre ? at::empty({R, s.N1}, x.options()) : at::Tensor();
-  auto y = at::empty({R, s.H}, x.options());
-  if (R > 0 && s.H > 0) {
-    rows_gemm(RowsGemm{x, {&row_source, s.k}, w1, offsets, s.up.seg, b1, s.act, act, pre});
-    rows_gemm(RowsGemm{act, {}, w2, offsets, s.up.seg, b2, Activation::None, y, at::Tensor()});
-  } else if (keep_pre) {
-    pre.zero_();
-  }
+  const Products pr = ffn_products(backend, x_in, w1, w2, offsets, s);
+  const auto row_source = row_source_in.contiguous();
+  auto [act, pre] = pr.rows(pr.operand(x_in, row_source, s.k), w1, b1, s.act, keep_pre);
+  const auto y = pr.rows(pr.operand(act), w2, b2, Activation::None, false).first;
+  act.reset();
   auto out = unpermute(y, row_source, token_row, weights);
-  return {out, keep_pre ? pre : x.new_empty({0})};
+  return {out, keep_pre ? pre : x_in.new_empty({0})};
 }
 
 at::Tensor expert_ffn(const at::Tensor& x, const at::Tensor& row_source,
@@ -300,43 +292,44 @@ at::Tensor expert_ffn(const at::Tensor& x, const at::Tensor& row_source,
                       std::optional<int64_t> capacity, const at::Tensor& weights,
                       const at::Tensor& w1, const at::Tensor& w2,
                       const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2,
-                      c10::string_view activation) {
+                      c10::string_view activation, c10::string_view backend) {
   return std::get<0>(ffn_forward(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1,
-                                 b2, std::string(activation), false));
+                                 b2, std::string(activation), false, std::string(backend)));
 }
 
 std::tuple<at::Tensor, at::Tensor> expert_ffn_forward(
     const at::Tensor& x, const at::Tensor& row_source, const at::Tensor& token_row,
     const at::Tensor& offsets, std::optional<int64_t> capacity, const at::Tensor& weights,
     const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& b1,
-    const std::optional<at::Tensor>& b2, c10::string_view activation) {
+    const std::optional<at::Tensor>& b2, c10::string_view activation, c10::string_view backend) {
   return ffn_forward(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1, b2,
-                     std::string(activation), true);
+                     std::string(activation), true, std::string(backend));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-expert_ffn_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
+expert_ffn_backward(const at::Tensor& grad_in, const at::Tensor& x,
                     const at::Tensor& row_source_in, const at::Tensor& token_row,
-                    const at::Tensor& offsets_in, std::optional<int64_t> capacity,
+                    const at::Tensor& offsets, std::optional<int64_t> capacity,
                     const at::Tensor& weights, const at::Tensor& w1, const at::Tensor& w2,
                     const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2,
                     c10::string_view activation, const at::Tensor& pre_in,
-                    std::array<bool, 6> mask) {
-  const FfnShape s = check_expert_ffn_args(x_in, row_source_in, token_row, offsets_in, capacity,
+                    std::array<bool, 6> mask, c10::string_view backend) {
+  const FfnShape s = check_expert_ffn_args(x, row_source_in, token_row, offsets, capacity,
                                            weights, w1, w2, b1, b2, std::string(activation));
   const Segments& seg = s.up.seg;
   const int64_t R = seg.R;
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type(),
+  TORCH_CHECK(grad_in.sizes() == x.sizes() && grad_in.scalar_type() == x.scalar_type(),
               "moeyard: grad must have x's shape and dtype");
   TORCH_CHECK(pre_in.dim() == 2 && pre_in.size(0) == R && pre_in.size(1) == s.N1,
               "moeyard: the saved pre-activation must be [R, N1] = [", R, ", ", s.N1, "], got ",
               pre_in.sizes());
-  const c10::OptionalDeviceGuard guard(x_in.device());
-  const auto grad = grad_in.contiguous(), x = x_in.contiguous(), pre = pre_in.contiguous();
-  const auto row_source = row_source_in.contiguous(), offsets = offsets_in.contiguous();
+  check_same_device(x, grad_in, "x", "grad");
+  check_same_device(x, pre_in, "x", "the saved pre-activation");
+  const c10::OptionalDeviceGuard guard(x.device());
+  const Products pr = ffn_products(std::string(backend), x, w1, w2, offsets, s);
+  const auto pre = pre_in.contiguous(), row_source = row_source_in.contiguous();
   const auto acc = acc_dtype(x.scalar_type());
   const auto none = [&] { return x.new_empty({0}); };
-  const RowIndex token_of_row{&row_source, s.k};
   const auto used = row_source.ge(0);
   // Routing weight of each row (0 for unused rows; every row is unused in an empty batch).
   const auto row_weight =
@@ -344,17 +337,14 @@ expert_ffn_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
                : at::where(used, weights.reshape(-1).to(acc).index_select(
                                      0, row_source.clamp_min(0).to(at::kLong)), 0);
 
+  // grad's rows in plan order (the grouped_mm backend copies them once, for g, grad_w2, grad_b2).
+  Operand grad_rows = pr.operand(grad_in, row_source, s.k);
   // g = grad[t] @ w2[e]^T, then the activation's backward.
-  auto g = at::empty({R, s.I}, x.options());
+  auto g = pr.rows(grad_rows, w2.transpose(1, 2), std::nullopt, Activation::None, false).first;
   auto grad_pre = at::empty({R, s.N1}, x.options());
   auto act_w = at::empty({R, s.I}, x.options());
   auto grad_w_rows = at::empty({R}, x.options().dtype(acc));
-  if (R > 0) {
-    if (s.I > 0)
-      rows_gemm(RowsGemm{grad, token_of_row, w2.transpose(1, 2), offsets, seg, std::nullopt,
-                         Activation::None, g, at::Tensor()});
-    act_backward(ActBackward{g, pre, row_weight, s.act, grad_pre, act_w, grad_w_rows});
-  }
+  if (R > 0) act_backward(ActBackward{g, pre, row_weight, s.act, grad_pre, act_w, grad_w_rows});
   // Temporaries go as soon as they are consumed: the peak is pre + grad_pre + the weight
   // gradients + one [R, H] buffer.
   g.reset();
@@ -367,7 +357,7 @@ expert_ffn_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
       const auto rows = at::arange(R, off.options());
       const auto expert = seg.capacity ? at::floor_divide(rows, std::max<int64_t>(*seg.capacity, 1))
                                        : at::searchsorted(off.slice(0, 1), rows, false, true);
-      const auto gb = at::mm(grad.to(acc), b2->to(acc).t());
+      const auto gb = at::mm(grad_in.to(acc), b2->to(acc).t());
       const auto token = at::floor_divide(row_source.clamp_min(0), s.k).to(at::kLong);
       grad_w_rows.add_(at::where(used, gb.index({token, expert.clamp_max(seg.E - 1)}), 0));
     }
@@ -380,29 +370,22 @@ expert_ffn_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
   // Row ranges of the experts, for the bias gradients only.
   at::Tensor begin, end;
   if ((mask[4] && b1) || (mask[5] && b2)) std::tie(begin, end) = expert_ranges(offsets, seg);
-  if (mask[3]) {
-    grad_w2 = at::empty_like(w2);
-    if (grad_w2.numel() > 0)
-      weight_grad(WeightGrad{act_w, {}, grad, token_of_row, offsets, seg, grad_w2});
-  }
+  if (mask[3]) grad_w2 = pr.weight_grad(pr.operand(act_w), grad_rows, w2, /*unused_rows_zero=*/true);
   act_w.reset();
   if (mask[5] && b2) {
     grad_b2 = at::empty_like(*b2);
     if (grad_b2.numel() > 0)
-      segment_sum(SegmentSum{grad, token_of_row, row_weight, begin, end, grad_b2});
+      segment_sum(SegmentSum{grad_rows.src, grad_rows.rows(), row_weight, begin, end, grad_b2});
   }
+  grad_rows = Operand{};
   if (mask[0]) {
-    auto rows_dx = at::empty({R, s.H}, x.options());
-    if (R > 0 && s.H > 0)
-      rows_gemm(RowsGemm{grad_pre, {}, w1.transpose(1, 2), offsets, seg, std::nullopt,
-                         Activation::None, rows_dx, at::Tensor()});
+    const auto rows_dx = pr.rows(pr.operand(grad_pre), w1.transpose(1, 2), std::nullopt,
+                                 Activation::None, false).first;
     grad_x = unpermute(rows_dx, row_source, token_row, std::nullopt);
   }
-  if (mask[2]) {
-    grad_w1 = at::empty_like(w1);
-    if (grad_w1.numel() > 0)
-      weight_grad(WeightGrad{x, token_of_row, grad_pre, {}, offsets, seg, grad_w1});
-  }
+  if (mask[2])
+    grad_w1 = pr.weight_grad(pr.operand(x, row_source, s.k), pr.operand(grad_pre), w1,
+                             /*unused_rows_zero=*/true);
   if (mask[4] && b1) {
     grad_b1 = at::empty_like(*b1);
     if (grad_b1.numel() > 0) segment_sum(SegmentSum{grad_pre, {}, std::nullopt, begin, end, grad_b1});

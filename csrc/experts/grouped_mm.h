@@ -20,6 +20,7 @@
 #include <string>
 
 #include "common/checks.h"
+#include "experts/backend.h"
 
 #ifdef __CUDACC__
 #define MOEYARD_HD __host__ __device__ __forceinline__
@@ -140,6 +141,16 @@ MOEYARD_HD int64_t up_col(Activation a, int64_t j, int64_t n1) {
   return a == Activation::SwiGLU ? n1 / 2 + j : 2 * j + 1;
 }
 
+// out[j] = act(v)[j] for the out_width output columns of one row whose pre-activation is v (the
+// CPU loops; the CUDA kernels work on vectors of columns instead).
+template <typename acc_t, typename T>
+inline void act_row(Activation act, const acc_t* v, int64_t width, T* out, int64_t out_width) {
+  for (int64_t j = 0; j < out_width; ++j)
+    out[j] = static_cast<T>(is_gated(act) ? glu_value<acc_t>(act, v[gate_col(act, j, width)],
+                                                             v[up_col(act, j, width)])
+                                          : act_value<acc_t>(act, v[j]));
+}
+
 // Backward of the activation at output column j of one row, given wg = d loss / d act(pre)[j]:
 // writes the gradient of the one (ungated) or two (gated) pre-activation columns feeding j and
 // returns act(pre)[j]. Shared by the CPU loop and the CUDA kernel.
@@ -252,6 +263,38 @@ struct SegmentSum {
   at::Tensor out;                   // [S, N]
 };
 
+// Bias and activation of a product computed by torch's GEMMs (the grouped_mm backend), in one pass
+// over its rows, in fp32: for the used rows r of expert e
+//   v = pre[r] + bias[e];  pre[r] = v (rounded, only with a bias);  out[r] = act(v)
+// (out defined: [R, I], gated activations read two columns of pre per output column, see
+// gate_col / up_col), and for the unused rows pre[r] = 0 and out[r] = 0. Without a bias and an out
+// it only zeroes the unused rows (a product whose unused rows are read later).
+struct ActForward {
+  at::Tensor pre;  // [R, N1] contiguous, updated in place
+  std::optional<at::Tensor> bias;  // [E, N1]
+  at::Tensor offsets;              // [E+1] int32
+  Segments seg;
+  Activation act = Activation::None;
+  at::Tensor out;  // [R, I] contiguous, or undefined
+};
+
+// Expert that owns row r (offsets on the same side as the caller), or -1 for an unused row.
+MOEYARD_HD int64_t row_expert(const int32_t* offsets, int64_t E, int64_t capacity, int64_t r) {
+  if (capacity >= 0) {  // fixed stride: row r is slot r % C of expert r / C
+    if (capacity == 0) return -1;
+    const int64_t e = r / capacity;
+    return r % capacity < offsets[e + 1] - offsets[e] ? e : -1;
+  }
+  if (r >= offsets[E]) return -1;
+  int64_t lo = 0, hi = E - 1;  // the last e with offsets[e] <= r (offsets never decrease)
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (offsets[mid] <= r) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
 // Backward of the activation for every row r (w = row_weight[r], fp32; 0 for unused rows):
 //   grad_pre[r] = act'(pre[r]) * (w * grad_act[r]),  act_w[r] = w * act(pre[r]),
 //   grad_w[r] = dot(grad_act[r], act(pre[r]))  (fp32).
@@ -269,11 +312,54 @@ void rows_gemm_cpu(const RowsGemm& p);
 void weight_grad_cpu(const WeightGrad& p);
 void segment_sum_cpu(const SegmentSum& p);
 void act_backward_cpu(const ActBackward& p);
+void act_forward_cpu(const ActForward& p);
+// Device dispatch of the primitives both backends share.
+void segment_sum(const SegmentSum& p);
+void act_backward(const ActBackward& p);
 #ifdef MOEYARD_WITH_CUDA
 void rows_gemm_cuda(const RowsGemm& p);
 void weight_grad_cuda(const WeightGrad& p);
 void segment_sum_cuda(const SegmentSum& p);
 void act_backward_cuda(const ActBackward& p);
+void act_forward_cuda(const ActForward& p);
+// out[e] = 0 for every expert that owns no row (offsets[e+1] == offsets[e]); out [E, ...].
+void zero_empty_experts_cuda(const at::Tensor& out, const at::Tensor& offsets);
 #endif
+
+// ------------------------------------------------------------------------------- products
+//
+// The two products every expert op is made of, computed by one backend (products.cpp); the ops
+// (expert_ops.cpp) are written once in terms of them.
+
+// An operand of a product: row r is src[index[r] / div] (a zero row where index[r] < 0), or
+// src[r] without an index. The moeyard backend reads through the index inside its GEMM; the
+// grouped_mm backend gathers the rows once (Products::operand) and reuses the copy.
+struct Operand {
+  at::Tensor src;    // [*, width]
+  at::Tensor index;  // [R] int32, or undefined
+  int64_t div = 1;
+  RowIndex rows() const { return RowIndex{index.defined() ? &index : nullptr, div}; }
+};
+
+struct Products {
+  ExpertsBackend backend = ExpertsBackend::Moeyard;
+  at::Tensor offsets;  // [E+1] int32, contiguous, on the data's device
+  Segments seg;
+
+  Operand operand(const at::Tensor& src, const at::Tensor& index = at::Tensor(),
+                  int64_t div = 1) const;
+  // (out, pre): out[r] = act(a(r) @ b[e] + bias[e]) [R, N or N/2] and, with keep_pre, the
+  // pre-activation [R, N] (the same tensor as out when act is None); unused rows are zero.
+  // b: logical [E, K, N], either memory order.
+  std::pair<at::Tensor, at::Tensor> rows(const Operand& a, const at::Tensor& b,
+                                         const std::optional<at::Tensor>& bias, Activation act,
+                                         bool keep_pre) const;
+  // out[e] = sum over the used rows r of expert e of lhs(r)^T rhs(r), [E, M, N] in the memory
+  // order of `like` (a weight's gradient gets that weight's order). unused_rows_zero: the caller
+  // knows the unused rows of lhs or rhs are zero (and the other's finite), so capacity plans need
+  // no masking.
+  at::Tensor weight_grad(const Operand& lhs, const Operand& rhs, const at::Tensor& like,
+                         bool unused_rows_zero) const;
+};
 
 }  // namespace moeyard

@@ -36,14 +36,7 @@ void apply_activation(const at::Tensor& v, Activation act, at::Tensor& out) {
   const acc_t* pv = v.const_data_ptr<acc_t>();
   acc_t* po = out.mutable_data_ptr<acc_t>();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const acc_t* row = pv + r * width;
-      acc_t* o = po + r * out_width;
-      for (int64_t j = 0; j < out_width; ++j)
-        o[j] = is_gated(act) ? glu_value<acc_t>(act, row[gate_col(act, j, width)],
-                                                row[up_col(act, j, width)])
-                             : act_value<acc_t>(act, row[j]);
-    }
+    for (int64_t r = begin; r < end; ++r) act_row(act, pv + r * width, width, po + r * out_width, out_width);
   });
 }
 
@@ -102,37 +95,6 @@ void segment_sum_cpu(const SegmentSum& p) {
     if (p.scale) rows.mul_(p.scale->narrow(0, begin[s], n).to(acc).unsqueeze(1));
     p.out[s].copy_(rows.sum(0));
   }
-}
-
-void act_backward_cpu(const ActBackward& p) {
-  const int64_t R = p.pre.size(0), width = p.pre.size(1), I = p.grad_act.size(1);
-  const auto grad_act = p.grad_act.contiguous(), pre = p.pre.contiguous();
-  const auto row_weight = p.row_weight.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre.scalar_type(), "act_backward_cpu", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    const scalar_t* g = grad_act.const_data_ptr<scalar_t>();
-    const scalar_t* h = pre.const_data_ptr<scalar_t>();
-    const acc_t* w = row_weight.const_data_ptr<acc_t>();
-    scalar_t* gp = p.grad_pre.mutable_data_ptr<scalar_t>();
-    scalar_t* aw = p.act_w.mutable_data_ptr<scalar_t>();
-    acc_t* gw = p.grad_w.mutable_data_ptr<acc_t>();
-    const Activation act = p.act;
-    at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* gr = g + r * I;
-        const scalar_t* hr = h + r * width;
-        scalar_t* gpr = gp + r * width;
-        acc_t dot = 0;
-        for (int64_t j = 0; j < I; ++j) {
-          const acc_t go = static_cast<acc_t>(gr[j]);
-          const acc_t a = act_backward_at<acc_t>(act, hr, gpr, width, j, w[r] * go);
-          aw[r * I + j] = static_cast<scalar_t>(w[r] * a);
-          dot += go * a;
-        }
-        gw[r] = dot;
-      }
-    });
-  });
 }
 
 }  // namespace moeyard

@@ -105,6 +105,16 @@ inline void check_plan_values_cpu(const at::Tensor& row_source, const at::Tensor
                 "] = ", tr[i], " is out of range [-1, R=", s.R, ")");
 }
 
+// out[r] = x[index[r] / div] where 0 <= index[r] < x.size(0) * div, a zero row elsewhere: the row
+// copy of permute (index = row_source, div = k) and of the grouped_mm backend's operand gathers.
+// x [*, d], index [R] int32, out [R, d], all contiguous and on one device; no host sync on CUDA.
+void gather_rows_cpu(const at::Tensor& x, const at::Tensor& index, int64_t div,
+                     const at::Tensor& out);
+#ifdef MOEYARD_WITH_CUDA
+void gather_rows_cuda(const at::Tensor& x, const at::Tensor& index, int64_t div,
+                      const at::Tensor& out);
+#endif
+
 // Weights in the accumulation type of the data (as the reference does), contiguous; undefined
 // when there are none.
 inline at::Tensor weights_as_acc(const std::optional<at::Tensor>& weights, at::ScalarType data) {

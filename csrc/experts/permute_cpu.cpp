@@ -19,6 +19,26 @@
 #include "experts/permute.h"
 
 namespace moeyard {
+
+void gather_rows_cpu(const at::Tensor& x, const at::Tensor& index, int64_t div,
+                     const at::Tensor& out) {
+  const int64_t R = out.size(0), n = x.size(0) * div;
+  if (R == 0 || out.size(1) == 0) return;
+  const size_t row_bytes = static_cast<size_t>(out.size(1)) * x.element_size();
+  const char* src = static_cast<const char*>(x.const_data_ptr());
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  const int32_t* idx = index.const_data_ptr<int32_t>();
+  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      char* o = dst + r * row_bytes;
+      if (idx[r] < 0 || idx[r] >= n)
+        std::memset(o, 0, row_bytes);  // all-zero bits are +0 in every floating dtype
+      else
+        std::memcpy(o, src + (idx[r] / div) * row_bytes, row_bytes);
+    }
+  });
+}
+
 namespace {
 
 at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& row_source_in,
@@ -26,24 +46,9 @@ at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& row_source_in,
   const PermuteShape s = check_permute_args(x_in, row_source_in, token_row_in);
   auto x = x_in.contiguous();
   auto row_source = row_source_in.contiguous();
-  auto token_row = token_row_in.contiguous();
-  check_plan_values_cpu(row_source, token_row, s);
+  check_plan_values_cpu(row_source, token_row_in.contiguous(), s);
   auto out = at::empty({s.R, s.d}, x.options());
-  if (s.R == 0 || s.d == 0) return out;
-  const size_t row_bytes = static_cast<size_t>(s.d) * x.element_size();
-  const char* src = static_cast<const char*>(x.const_data_ptr());
-  char* dst = static_cast<char*>(out.mutable_data_ptr());
-  const int32_t* rs = row_source.const_data_ptr<int32_t>();
-  const int64_t k = s.k;
-  at::parallel_for(0, s.R, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      char* o = dst + r * row_bytes;
-      if (rs[r] < 0)
-        std::memset(o, 0, row_bytes);  // all-zero bits are +0 in every floating dtype
-      else
-        std::memcpy(o, src + (rs[r] / k) * row_bytes, row_bytes);
-    }
-  });
+  gather_rows_cpu(x, row_source, s.k, out);
   return out;
 }
 

@@ -59,12 +59,12 @@ __global__ void permute_kernel(const W* __restrict__ x, const int32_t* __restric
 }
 
 template <typename W>
-void launch_permute(const void* x, const int32_t* row_source, void* out, const PermuteShape& s,
-                    int64_t row_bytes) {
+void launch_permute(const void* x, const int32_t* index, void* out, int64_t R, int64_t n_valid,
+                    int64_t div, int64_t row_bytes) {
   const int64_t words = row_bytes / static_cast<int64_t>(sizeof(W));
-  permute_kernel<W><<<static_cast<unsigned>(s.R), row_threads(words), 0,
+  permute_kernel<W><<<static_cast<unsigned>(R), row_threads(words), 0,
                       at::cuda::getCurrentCUDAStream()>>>(
-      static_cast<const W*>(x), row_source, static_cast<W*>(out), s.T * s.k, s.k, words);
+      static_cast<const W*>(x), index, static_cast<W*>(out), n_valid, div, words);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -73,22 +73,8 @@ at::Tensor permute_cuda(const at::Tensor& x_in, const at::Tensor& row_source_in,
   const PermuteShape s = check_permute_args(x_in, row_source_in, token_row_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   auto x = x_in.contiguous();
-  auto row_source = row_source_in.contiguous();
   auto out = at::empty({s.R, s.d}, x.options());
-  if (s.R == 0 || s.d == 0) return out;
-  const int64_t row_bytes = s.d * x.element_size();
-  const void* xp = x.const_data_ptr();
-  void* op = out.mutable_data_ptr();
-  const int32_t* rs = row_source.const_data_ptr<int32_t>();
-  auto fits = [&](int64_t b) { return row_bytes % b == 0 && aligned(xp, b) && aligned(op, b); };
-  if (fits(16))
-    launch_permute<uint4>(xp, rs, op, s, row_bytes);
-  else if (fits(8))
-    launch_permute<uint2>(xp, rs, op, s, row_bytes);
-  else if (fits(4))
-    launch_permute<uint32_t>(xp, rs, op, s, row_bytes);
-  else
-    launch_permute<uint16_t>(xp, rs, op, s, row_bytes);
+  gather_rows_cuda(x, row_source_in.contiguous(), s.k, out);
   return out;
 }
 
@@ -272,6 +258,28 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
 }
 
 }  // namespace
+
+void gather_rows_cuda(const at::Tensor& x, const at::Tensor& index, int64_t div,
+                      const at::Tensor& out) {
+  const int64_t R = out.size(0);
+  if (R == 0 || out.size(1) == 0) return;
+  TORCH_CHECK(R < (int64_t(1) << 31), "moeyard: at most 2^31 - 1 rows, got ", R);
+  const int64_t row_bytes = out.size(1) * x.element_size();
+  const void* xp = x.const_data_ptr();
+  void* op = out.mutable_data_ptr();
+  const int32_t* idx = index.const_data_ptr<int32_t>();
+  const int64_t n = x.size(0) * div;
+  auto fits = [&](int64_t b) { return row_bytes % b == 0 && aligned(xp, b) && aligned(op, b); };
+  if (fits(16))
+    launch_permute<uint4>(xp, idx, op, R, n, div, row_bytes);
+  else if (fits(8))
+    launch_permute<uint2>(xp, idx, op, R, n, div, row_bytes);
+  else if (fits(4))
+    launch_permute<uint32_t>(xp, idx, op, R, n, div, row_bytes);
+  else
+    launch_permute<uint16_t>(xp, idx, op, R, n, div, row_bytes);
+}
+
 
 TORCH_LIBRARY_IMPL(moeyard, CUDA, m) {
   m.impl("permute", &permute_cuda);

@@ -24,6 +24,16 @@ def info() -> None:
         print(f"GPU            {torch.cuda.get_device_name()} (sm {cap})")
     else:
         print("GPU            none visible")
+    table = moeyard.experts_backend_table()
+    env = table["env_value"]
+    print(f'experts backend "auto" picks ({table["env"]}: {env or "unset"}):')
+    for dev in table["devices"]:
+        where = dev["device"] + (f" (sm {dev['cc'] // 10}.{dev['cc'] % 10})" if dev["cc"] else "")
+        print(f"  {where:<16} " + ", ".join(f"{dt} {b}" for dt, b in dev["auto"].items()))
+    print("  from the rules (first match; none: moeyard):")
+    for r in table["rules"]:
+        cc = f"sm {r['min_cc'] / 10:.1f}-{r['max_cc'] / 10:.1f} " if r["device"] == "cuda" else ""
+        print(f"    {r['device']} {cc}{r['dtype']} -> {r['backend']}: {r['evidence']}")
 
 
 def example(device: str) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import RoutingPlan, expert_ffn, merged_linear
+from .ops import EXPERTS_BACKENDS, RoutingPlan, expert_ffn, merged_linear
 from .reference import ACTIVATIONS
 
 __all__ = ["Experts", "SwiGLUMLP", "MergedExperts"]
@@ -82,11 +82,36 @@ class Experts(_StackedExperts):
         bias: add ``gate_up_proj_bias`` and ``down_proj_bias`` (initialized to zero). Default False.
         initializer_range: std of the normal init of the weights, as Hugging Face's
             ``_init_weights`` (``config.initializer_range``, default 0.02).
+        backend: which code computes the experts: ``"auto"`` (default), ``"grouped_mm"``
+            (torch's grouped GEMM) or ``"moeyard"`` (moeyard's own); see
+            :func:`moeyard.expert_ffn`. An attribute: set ``experts.backend`` to switch later.
     """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 activation: str = "swiglu", bias: bool = False, initializer_range: float = 0.02,
+                 device=None, dtype=None, *, backend: str = "auto"):
+        super().__init__(num_experts, hidden_size, intermediate_size, activation, bias,
+                         initializer_range, device, dtype)
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in EXPERTS_BACKENDS:
+            raise ValueError(f"backend must be one of {EXPERTS_BACKENDS}, got {value!r}")
+        self._backend = value
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", backend={self.backend!r}" if self.backend != "auto"
+                                       else "")
 
     def forward(self, x: Tensor, plan: RoutingPlan, weights: Tensor) -> Tensor:
         return expert_ffn(x, plan, weights, self.gate_up_proj, self.down_proj,
-                          self.gate_up_proj_bias, self.down_proj_bias, self.activation)
+                          self.gate_up_proj_bias, self.down_proj_bias, self.activation,
+                          backend=self.backend)
 
 
 class SwiGLUMLP(nn.Module):

@@ -68,6 +68,8 @@ class TopKMoE(nn.Module):
         activation, expert_bias: the routed experts' activation (default ``"swiglu"``) and
             whether they have biases (default False).
         initializer_range: std of the normal init of every weight (default 0.02, Hugging Face).
+        backend: the expert-compute backend, ``"auto"`` (default), ``"grouped_mm"`` or
+            ``"moeyard"`` (:func:`moeyard.expert_ffn`; ``layer.experts.backend`` changes it later).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, k: int = 2, *,
@@ -79,7 +81,8 @@ class TopKMoE(nn.Module):
                  bias_balancing: bool = False, jitter_eps: float = 0.0,
                  shared_intermediate_size: Optional[int] = None, shared_gate: bool = False,
                  activation: str = "swiglu", expert_bias: bool = False,
-                 initializer_range: float = 0.02, device=None, dtype=None):
+                 initializer_range: float = 0.02, backend: str = "auto", device=None,
+                 dtype=None):
         super().__init__()
         for name, cf in (("capacity_factor", capacity_factor),
                          ("eval_capacity_factor", eval_capacity_factor)):
@@ -103,7 +106,7 @@ class TopKMoE(nn.Module):
                                  bias_balancing=bias_balancing, jitter_eps=jitter_eps,
                                  initializer_range=initializer_range, **kw)
         self.experts = Experts(num_experts, hidden_size, intermediate_size, activation,
-                               expert_bias, initializer_range, **kw)
+                               expert_bias, initializer_range, **kw, backend=backend)
         self.shared_expert = self.shared_expert_gate = None
         if shared_intermediate_size is not None:
             self.shared_expert = SwiGLUMLP(hidden_size, shared_intermediate_size,
@@ -243,13 +246,14 @@ class ReMoE(nn.Module):
             (default) = E, exactly ReMoE.
         l1_coef_init: lambda_0 (default 1e-8, ReMoE's ``moe_relu_l1_reg_coeff_init``).
         jitter_eps: multiplicative router input jitter in training (default 0).
-        activation, expert_bias, initializer_range: the experts, as :class:`TopKMoE`.
+        activation, expert_bias, initializer_range, backend: the experts, as :class:`TopKMoE`.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, k: int = 1, *,
                  k_max: Optional[int] = None, l1_coef_init: float = 1e-8,
                  jitter_eps: float = 0.0, activation: str = "swiglu", expert_bias: bool = False,
-                 initializer_range: float = 0.02, device=None, dtype=None):
+                 initializer_range: float = 0.02, backend: str = "auto", device=None,
+                 dtype=None):
         super().__init__()
         if not 1 <= k <= num_experts:
             raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
@@ -260,7 +264,7 @@ class ReMoE(nn.Module):
         self.router = ReLURouter(hidden_size, num_experts, k_max, jitter_eps=jitter_eps,
                                  initializer_range=initializer_range, **kw)
         self.experts = Experts(num_experts, hidden_size, intermediate_size, activation,
-                               expert_bias, initializer_range, **kw)
+                               expert_bias, initializer_range, **kw, backend=backend)
         self.register_buffer("l1_reg_coeff",
                              torch.tensor(float(l1_coef_init), device=device, dtype=torch.float32))
         self.register_buffer("sparsity_since_update",
@@ -329,13 +333,13 @@ class ExpertChoiceMoE(nn.Module):
     Args:
         hidden_size, intermediate_size, num_experts: d, I, E.
         capacity_factor: c, the average experts per token (default 2, as the paper).
-        activation, expert_bias, initializer_range: the experts, as :class:`TopKMoE`.
+        activation, expert_bias, initializer_range, backend: the experts, as :class:`TopKMoE`.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  capacity_factor: float = 2.0, *, activation: str = "swiglu",
-                 expert_bias: bool = False, initializer_range: float = 0.02, device=None,
-                 dtype=None):
+                 expert_bias: bool = False, initializer_range: float = 0.02,
+                 backend: str = "auto", device=None, dtype=None):
         super().__init__()
         if not capacity_factor > 0:
             raise ValueError(f"capacity_factor={capacity_factor} must be > 0")
@@ -345,7 +349,7 @@ class ExpertChoiceMoE(nn.Module):
         self.router = RouterLinear(hidden_size, num_experts,
                                    initializer_range=initializer_range, **kw)
         self.experts = Experts(num_experts, hidden_size, intermediate_size, activation,
-                               expert_bias, initializer_range, **kw)
+                               expert_bias, initializer_range, **kw, backend=backend)
         self.aux_losses: dict[str, Tensor] = {}
         self.last_stats: dict[str, Tensor] = {}
 
@@ -412,12 +416,13 @@ class BaseMoE(nn.Module):
         residual: return ``x + delta`` instead of the delta (default False).
         norm_eps: LayerNorm epsilon (default 1e-5).
         initializer_range: std of the expert weights' normal init (default 0.02).
+        backend: the expert-compute backend, as :class:`TopKMoE`.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, *,
                  activation: str = "relu", expert_bias: bool = True, residual: bool = False,
-                 norm_eps: float = 1e-5, initializer_range: float = 0.02, device=None,
-                 dtype=None):
+                 norm_eps: float = 1e-5, initializer_range: float = 0.02,
+                 backend: str = "auto", device=None, dtype=None):
         super().__init__()
         check_sizes(hidden_size, num_experts)
         if not norm_eps > 0:
@@ -429,7 +434,7 @@ class BaseMoE(nn.Module):
         self.norm_weight = nn.Parameter(torch.empty(num_experts, hidden_size, **kw))
         self.norm_bias = nn.Parameter(torch.empty(num_experts, hidden_size, **kw))
         self.experts = Experts(num_experts, hidden_size, intermediate_size, activation,
-                               expert_bias, initializer_range, **kw)
+                               expert_bias, initializer_range, **kw, backend=backend)
         self.reset_parameters()
         self.aux_losses: dict[str, Tensor] = {}
         self.last_stats: dict[str, Tensor] = {}

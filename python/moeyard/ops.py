@@ -13,6 +13,7 @@ Plan encoding (shared by every op that consumes a routing):
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import NamedTuple, Optional
 
@@ -37,6 +38,8 @@ __all__ = [
     "expert_ffn",
     "merged_linear",
     "ACTIVATIONS",
+    "EXPERTS_BACKENDS",
+    "experts_backend_table",
 ]
 
 _ops = torch.ops.moeyard
@@ -366,9 +369,24 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int = 1, capacity_fact
 
 from .reference import ACTIVATIONS  # noqa: E402  (one list of the activation names)
 
+EXPERTS_BACKENDS = ("auto", "grouped_mm", "moeyard")
+
+
+def experts_backend_table() -> dict:
+    """How ``backend="auto"`` picks the expert-compute backend of :func:`grouped_mm` and
+    :func:`expert_ffn`: ``rules`` (device, compute-capability range, dtype -> backend, with the run
+    that decided each), ``devices`` (the choice per dtype on the CPU and each visible GPU) and the
+    ``MOEYARD_EXPERTS_BACKEND`` override. The table lives in csrc/experts/backend.cpp."""
+    return json.loads(_ops._experts_backend_table())
+
+
+def _check_backend(backend):
+    torch._check(backend in EXPERTS_BACKENDS,
+                 lambda: f"backend must be one of {EXPERTS_BACKENDS}, got {backend!r}")
+
 
 def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor, a_index: Optional[Tensor] = None,
-               capacity: Optional[int] = None) -> Tensor:
+               capacity: Optional[int] = None, *, backend: str = "auto") -> Tensor:
     """Grouped matrix product: ``out[r] = a[src(r)] @ b[e]`` for the rows r of expert e; ``[R, N]``.
 
     Args:
@@ -383,11 +401,12 @@ def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor, a_index: Optional[Tensor] 
         capacity: fixed-stride layout (``plan.capacity``): expert e owns rows
             ``e*C .. e*C + offsets[e+1] - offsets[e]``; R must be ``E*C``; the rows past each
             expert's count are zero in the output.
+        backend: ``"auto"`` (default), ``"grouped_mm"`` or ``"moeyard"``: see :func:`expert_ffn`.
 
     Accumulates in fp32. Differentiable w.r.t. ``a`` and ``b``: ``grad_a`` sums the rows that read
     the same source row in fp32 in row order (deterministic), ``grad_b`` has b's memory order.
     """
-    return _ops.grouped_mm.default(a, b, offsets, a_index, capacity)
+    return _ops.grouped_mm.default(a, b, offsets, a_index, capacity, backend)
 
 
 def _grouped_rows(a, a_index):
@@ -395,14 +414,17 @@ def _grouped_rows(a, a_index):
 
 
 @torch.library.register_fake("moeyard::grouped_mm")
-def _grouped_mm_fake(a, b, offsets, a_index=None, capacity=None):
+def _grouped_mm_fake(a, b, offsets, a_index=None, capacity=None, backend="auto"):
+    _check_backend(backend)
     torch._check(a.dim() == 2 and b.dim() == 3, lambda: "a must be 2-D and b 3-D")
     torch._check(a.shape[1] == b.shape[1], lambda: f"a has K={a.shape[1]}, b has K={b.shape[1]}")
     return a.new_empty((_grouped_rows(a, a_index), b.shape[2]))
 
 
 @torch.library.register_fake("moeyard::grouped_mm_backward")
-def _grouped_mm_backward_fake(grad, a, b, offsets, a_index, capacity, need_a, need_b):
+def _grouped_mm_backward_fake(grad, a, b, offsets, a_index, capacity, need_a, need_b,
+                              backend="auto"):
+    _check_backend(backend)
     return (a.new_empty(a.shape if need_a else (0,)),
             torch.empty_like(b) if need_b else b.new_empty((0,)))
 
@@ -417,6 +439,8 @@ def expert_ffn(
     down_bias: Optional[Tensor] = None,
     activation: str = "swiglu",
     layout: str = "linear",
+    *,
+    backend: str = "auto",
 ) -> Tensor:
     """The routed experts' MLP and the combine, as one op:
     ``y[t] = sum_j weights[t,j] * (act(x[t] @ W1[e] + b1[e]) @ W2[e] + b2[e])`` over token t's
@@ -432,6 +456,18 @@ def expert_ffn(
         activation: ``"swiglu"`` (gate and up as the two halves of N1), ``"swiglu_oss"`` (GPT-OSS:
             interleaved gate/up, clamped at 7, ``(up + 1) * gate * sigmoid(1.702 gate)``),
             ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"none"``.
+        backend: which code computes the products (the result is the same up to rounding):
+            ``"moeyard"``: moeyard's own grouped GEMM (any dtype, any GPU, any width; reads x's
+            rows through the plan inside the GEMM, activation in its epilogue).
+            ``"grouped_mm"``: torch's grouped GEMM (CUTLASS, bf16 on compute capability 9.x/10.x
+            for dropless plans; ``bmm`` for capacity plans; a loop of ``mm`` on the CPU) around
+            moeyard's gather, activation and combine kernels. Needs rows that are 16-byte aligned
+            (widths a multiple of 8 in bf16/fp16, 4 in fp32); never float64.
+            ``"auto"`` (default): the table :func:`experts_backend_table` names for the device
+            and dtype; moeyard's kernel, with a one-time warning, where torch's cannot serve the
+            inputs. ``MOEYARD_EXPERTS_BACKEND`` replaces ``"auto"`` process-wide. A backend named
+            explicitly that cannot serve the inputs (e.g. ``"grouped_mm"`` where torch's kernel
+            would synchronize with the host) raises an error that says why.
 
     Rows are read from x through the plan (no permuted copy of x). Products accumulate in fp32;
     the activation's output is kept in x's dtype; the combine sums in fp32 in slot order (a
@@ -446,7 +482,7 @@ def expert_ffn(
     else:
         raise ValueError(f"layout must be 'linear' or 'matmul', got {layout!r}")
     return _ops.expert_ffn.default(x, plan.row_source, plan.token_row, plan.offsets, plan.capacity,
-                                   weights, w1, w2, gate_up_bias, down_bias, activation)
+                                   weights, w1, w2, gate_up_bias, down_bias, activation, backend)
 
 
 def _ffn_width(w1, activation):
@@ -456,7 +492,8 @@ def _ffn_width(w1, activation):
 
 @torch.library.register_fake("moeyard::expert_ffn")
 def _expert_ffn_fake(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1=None,
-                     b2=None, activation="swiglu"):
+                     b2=None, activation="swiglu", backend="auto"):
+    _check_backend(backend)
     torch._check(x.dim() == 2 and w1.dim() == 3 and w2.dim() == 3,
                  lambda: "x must be 2-D, w1 and w2 3-D")
     torch._check(activation in ACTIVATIONS, lambda: f"unknown activation {activation!r}")
@@ -465,15 +502,16 @@ def _expert_ffn_fake(x, row_source, token_row, offsets, capacity, weights, w1, w
 
 @torch.library.register_fake("moeyard::_expert_ffn_forward")
 def _expert_ffn_forward_fake(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1,
-                             b2, activation):
+                             b2, activation, backend="auto"):
     out = _expert_ffn_fake(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1, b2,
-                           activation)
+                           activation, backend)
     return out, x.new_empty((row_source.shape[0], w1.shape[2]))
 
 
 @torch.library.register_fake("moeyard::_expert_ffn_backward")
 def _expert_ffn_backward_fake(grad, x, row_source, token_row, offsets, capacity, weights, w1, w2,
-                              b1, b2, activation, h, output_mask):
+                              b1, b2, activation, h, output_mask, backend="auto"):
+    _check_backend(backend)
     def like(t, need):
         return torch.empty_like(t) if need and t is not None else x.new_empty((0,))
     return (like(x, output_mask[0]), like(weights, output_mask[1]), like(w1, output_mask[2]),

@@ -438,13 +438,18 @@ def grouped_mm(a, b, offsets, a_index=None, capacity=None):
 
 
 def expert_ffn(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1=None, b2=None,
-               activation_name="swiglu"):
+               activation_name="swiglu", round_first_product=False):
     """The routed expert MLP: y[t] = sum_j weights[t,j] * f_e(x[t]) over the slots j with a row,
     f_e(v) = act(v @ w1[e] + b1[e]) @ w2[e] + b2[e], e the expert owning that row.
 
     w1 logical [E, H, N1] (N1 = 2I for the SwiGLU kinds, else I), w2 logical [E, I, H]. The first
     GEMM's activation output is rounded to x's dtype before the second GEMM (as the kernels keep
-    it); the combine accumulates in fp32. Returns [T, H] in x's dtype."""
+    it); the combine accumulates in fp32. Returns [T, H] in x's dtype.
+
+    round_first_product: the grouped_mm backend's numerics: torch's grouped GEMM has no bias, so
+    its first product is rounded to x's dtype before b1 is added (moeyard's kernel adds b1 to the
+    fp32 accumulator). The two differ by one rounding of the product; with a bias in bf16/fp16 a
+    pre-activation within that rounding of ReLU's kink can land on its other side."""
     acc = _acc_dtype(x)
     k = token_row.shape[1]
     R = row_source.shape[0]
@@ -452,6 +457,8 @@ def expert_ffn(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1=
     expert = expert.to(x.device)
     src = torch.where(row_source >= 0, row_source // k, -1)
     h = grouped_mm(x.to(acc), w1.to(acc), offsets, src, capacity)
+    if round_first_product:
+        h = h.to(x.dtype).to(acc)
     if b1 is not None:
         h = h + torch.where((expert >= 0)[:, None], b1.to(acc)[expert.clamp(min=0)], 0)
     a = activation(h, activation_name).to(x.dtype)
