@@ -22,7 +22,7 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q
 
-# On a GPU machine (no network, torch preinstalled): build for the visible GPU, run the GPU tests,
-# compute-sanitizer and the benchmarks.
+# On a GPU machine (no network, torch preinstalled): the one-call check (load or build, expert
+# correctness, GPU tests, compute-sanitizer, the expert benchmark, a short table).
 gpu:
-	bash benchmarks/gpu_run.sh
+	$(PYTHON) benchmarks/gpu_check.py

@@ -22,7 +22,7 @@ modules and config, so the numbers compare):
   moeyard-block  moeyard.hf.replace_moe(model): every sparse MoE block swapped for moeyard's, which
                  routes with moeyard.route / moeyard.plan too (default options: same routing)
   <impl>+compile the same under torch.compile(model) (--compile adds them for every chosen impl but
-                 eager; compiling takes minutes: raise BENCH_HF_TIMEOUT in gpu_run.sh)
+                 eager; compiling takes minutes: give gpu_check.py's hf stage the time)
 Before timing each implementation, one fwd+bwd step on the benchmark batch is compared with a
 grouped_mm step: the loss and the gradients of layer 0's gate_up_proj, the last layer's down_proj,
 layer 0's router weight and the token embedding (relative Frobenius error; a WARNING line if above

@@ -1,4 +1,4 @@
-"""The short table that ends benchmarks/gpu_run.sh: the key rows of bench_routing.json,
+"""The short table that ends benchmarks/gpu_check.py: the key rows of bench_routing.json,
 bench_experts.json, bench_layers.json and bench_hf.json in $OUT (or the folder given), and the
 expert targets. A missing or partial file prints what it has.
 

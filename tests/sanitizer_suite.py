@@ -36,8 +36,9 @@ for cap in (None, 7):
     for b in (torch.randn(E, d, 2 * I + 3, device=dev, dtype=torch.bfloat16),
               torch.randn(E, 2 * I + 3, d, device=dev, dtype=torch.bfloat16).transpose(1, 2)):
         b.requires_grad_()
-        y = moeyard.grouped_mm(xb, b, p.offsets, src, cap)
-        y = y + moeyard.grouped_mm(moeyard.permute(xb, p), b, p.offsets, None, cap)
+        y = moeyard.grouped_mm(xb, b, p.offsets, src, cap, backend="moeyard")
+        y = y + moeyard.grouped_mm(moeyard.permute(xb, p), b, p.offsets, None, cap,
+                                   backend="moeyard")
         y.float().sum().backward()
     for act, layout in (("swiglu", "linear"), ("gelu", "matmul")):
         n1 = 2 * I if act == "swiglu" else I
@@ -46,8 +47,26 @@ for cap in (None, 7):
         params = [t.to(dev, torch.bfloat16).requires_grad_() for t in
                   (gu / d**0.5, dn / I**0.5, torch.randn(E, n1), torch.randn(E, d))]
         wt = w.clone().requires_grad_()
-        out = moeyard.expert_ffn(xb, p, wt, *params, act, layout)
+        out = moeyard.expert_ffn(xb, p, wt, *params, act, layout, backend="moeyard")
         out.float().square().sum().backward()
+
+# the grouped_mm backend (torch's grouped GEMM / bmm around moeyard's gather, activation and
+# combine): aligned bf16 widths, dropless and capacity, both layouts, biases, forward and backward
+xa = torch.randn(T, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+for cap in (None, 7):
+    p = moeyard.plan(e, E, cap)
+    for act, layout in (("swiglu", "linear"), ("swiglu_oss", "matmul"), ("gelu", "linear")):
+        n1 = 64 if act != "gelu" else 32
+        gu = torch.randn(E, n1, 64) if layout == "linear" else torch.randn(E, 64, n1)
+        dn = torch.randn(E, 64, 32) if layout == "linear" else torch.randn(E, 32, 64)
+        params = [t.to(dev, torch.bfloat16).requires_grad_() for t in
+                  (gu / 8, dn / 6, torch.randn(E, n1), torch.randn(E, 64))]
+        wt = w.clone().requires_grad_()
+        out = moeyard.expert_ffn(xa, p, wt, *params, act, layout, backend="grouped_mm")
+        out.float().square().sum().backward()
+    src = torch.where(p.row_source >= 0, p.row_source // k, -1).to(torch.int32)
+    b = torch.randn(E, 48, 64, device=dev, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    moeyard.grouped_mm(xa, b, p.offsets, src, cap, backend="grouped_mm").float().sum().backward()
 
 # SMEAR: merged_linear in bf16 (both weight memory orders, with a bias) and fp32, forward and
 # backward, in one chunk and one example per chunk (budget 0), and a SmearMoE layer.

@@ -57,3 +57,18 @@ def test_bench_hf_smoke(tmp_path):
         assert r["step_ms"] > 0 and r["fwd_ms"] > 0 and r["tokens_per_s"] > 0, r
     assert doc["rows"][1]["vs_grouped_mm"] == 1.0
     assert (tmp_path / "bench_hf_errors.txt").read_text() == ""
+
+
+def test_gpu_check_cpu_smoke(tmp_path):
+    """The one-call GPU check runs every stage's code path on the CPU (small shapes; the sanitizer
+    needs a GPU) and reports each stage; its expert correctness check passes."""
+    proc = run_smoke("gpu_check.py", tmp_path)
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["stage"] for r in rows] == ["load", "check", "pytest", "sanitize", "bench"]
+    assert {r["stage"]: r["status"] for r in rows} == {
+        "load": "ok", "check": "ok", "pytest": "ok", "sanitize": "skipped", "bench": "ok"}, rows
+    check = json.loads((tmp_path / "check_experts.json").read_text())
+    assert check["failures"] == 0 and check["checks"] > check["refusals"] > 0
+    assert {r["backend"] for r in check["rows"]} == {"moeyard", "grouped_mm", "auto"}
+    assert "| stage | status | s | found |" in proc.stdout
+    assert (tmp_path / "gpu_check.log").stat().st_size > 0
