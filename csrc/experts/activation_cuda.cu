@@ -46,17 +46,18 @@ __device__ __forceinline__ void store(T* row, int64_t c, const float* v) {
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kRowThreads) act_forward_kernel(
-    T* __restrict__ pre, int64_t width, const T* __restrict__ bias,
-    const int32_t* __restrict__ offsets, int64_t E, int64_t capacity, Activation act,
-    T* __restrict__ out, int64_t out_width) {
+__global__ void __launch_bounds__(kRowThreads)
+    act_forward_kernel(T* __restrict__ pre, int64_t width, const T* __restrict__ bias,
+                       const int32_t* __restrict__ offsets, int64_t E, int64_t capacity,
+                       Activation act, T* __restrict__ out, int64_t out_width) {
   const int64_t r = blockIdx.x;
   const int64_t e = row_expert(offsets, E, capacity, r);
   T* row = pre + r * width;
   T* o = out ? out + r * out_width : nullptr;
   if (e < 0) {  // unused row: zeros
     const float zeros[VEC] = {};
-    for (int64_t c = threadIdx.x * VEC; c < width; c += kRowThreads * VEC) store<T, VEC>(row, c, zeros);
+    for (int64_t c = threadIdx.x * VEC; c < width; c += kRowThreads * VEC)
+      store<T, VEC>(row, c, zeros);
     if (o)
       for (int64_t c = threadIdx.x * VEC; c < out_width; c += kRowThreads * VEC)
         store<T, VEC>(o, c, zeros);
@@ -116,7 +117,9 @@ __global__ void zero_empty_experts_kernel(T* __restrict__ out, const int32_t* __
     o[i] = T(0);
 }
 
-inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+inline bool aligned16(const void* p) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
 
 }  // namespace
 
@@ -141,10 +144,10 @@ void act_forward_cuda(const ActForward& p) {
                      aligned16(out) && aligned16(b);
     auto launch = [&](auto vec_const) {
       constexpr int VEC = decltype(vec_const)::value;
-      act_forward_kernel<T, VEC><<<static_cast<unsigned>(R), kRowThreads, 0,
-                                   at::cuda::getCurrentCUDAStream()>>>(
-          pre, width, b, offsets.const_data_ptr<int32_t>(), p.seg.E, capacity, p.act, out,
-          out_width);
+      act_forward_kernel<T, VEC>
+          <<<static_cast<unsigned>(R), kRowThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              pre, width, b, offsets.const_data_ptr<int32_t>(), p.seg.E, capacity, p.act, out,
+              out_width);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vec)
@@ -153,11 +156,18 @@ void act_forward_cuda(const ActForward& p) {
       launch(std::integral_constant<int, 1>{});
   };
   switch (p.pre.scalar_type()) {  // fp32 math: the 16- and 32-bit dtypes the GPU backends serve
-    case at::kFloat: run(float{}); break;
-    case at::kHalf: run(c10::Half{}); break;
-    case at::kBFloat16: run(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "moeyard: act_forward on CUDA takes float32, float16 or bfloat16, got ",
-                         p.pre.scalar_type());
+    case at::kFloat:
+      run(float{});
+      break;
+    case at::kHalf:
+      run(c10::Half{});
+      break;
+    case at::kBFloat16:
+      run(c10::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, "moeyard: act_forward on CUDA takes float32, float16 or bfloat16, got ",
+                  p.pre.scalar_type());
   }
 }
 
@@ -170,11 +180,12 @@ void zero_empty_experts_cuda(const at::Tensor& out, const at::Tensor& offsets_in
   const int64_t per_expert = out.numel() / E;
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(per_expert, 256), 1024)),
                   static_cast<unsigned>(E));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "zero_empty_experts", [&] {
-    zero_empty_experts_kernel<scalar_t><<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
-        out.mutable_data_ptr<scalar_t>(), offsets.const_data_ptr<int32_t>(), per_expert);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, out.scalar_type(), "zero_empty_experts", [&] {
+        zero_empty_experts_kernel<scalar_t><<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+            out.mutable_data_ptr<scalar_t>(), offsets.const_data_ptr<int32_t>(), per_expert);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 }  // namespace moeyard

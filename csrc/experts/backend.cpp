@@ -62,11 +62,16 @@ const AutoRule* rule_for(c10::DeviceType device, int cc, at::ScalarType dtype) {
 // torch's name of the dtypes the table keys on.
 const char* dtype_name(at::ScalarType t) {
   switch (t) {
-    case at::kBFloat16: return "bfloat16";
-    case at::kHalf: return "float16";
-    case at::kFloat: return "float32";
-    case at::kDouble: return "float64";
-    default: return c10::toString(t);
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kHalf:
+      return "float16";
+    case at::kFloat:
+      return "float32";
+    case at::kDouble:
+      return "float64";
+    default:
+      return c10::toString(t);
   }
 }
 
@@ -157,9 +162,13 @@ ExpertsBackend resolve_backend(const std::string& requested, const ProductInputs
   const AutoRule* rule = rule_for(x.device().type(), capability_of(x.device()), x.scalar_type());
   if (rule == nullptr || rule->backend == ExpertsBackend::Moeyard) return ExpertsBackend::Moeyard;
   if (const auto why = grouped_mm_refusal(in)) {
-    TORCH_WARN_ONCE("moeyard: expert compute runs on moeyard's own kernel instead of torch's "
-                    "grouped GEMM (the faster choice for ", dtype_name(x.scalar_type()), " on this device) "
-                    "because ", *why, ". Pass backend='moeyard' to silence this.");
+    TORCH_WARN_ONCE(
+        "moeyard: expert compute runs on moeyard's own kernel instead of torch's "
+        "grouped GEMM (the faster choice for ",
+        dtype_name(x.scalar_type()),
+        " on this device) "
+        "because ",
+        *why, ". Pass backend='moeyard' to silence this.");
     return ExpertsBackend::Moeyard;
   }
   return rule->backend;
@@ -168,15 +177,18 @@ ExpertsBackend resolve_backend(const std::string& requested, const ProductInputs
 std::string experts_backend_table() {
   std::ostringstream js;
   js << "{\"env\": \"" << kEnv << "\", \"env_value\": ";
-  if (const char* env = std::getenv(kEnv)) js << "\"" << env << "\"";
-  else js << "null";
+  if (const char* env = std::getenv(kEnv))
+    js << "\"" << env << "\"";
+  else
+    js << "null";
   js << ", \"rules\": [";
   bool first = true;
   for (const AutoRule& r : kAutoTable) {
-    js << (first ? "" : ", ") << "{\"device\": \"" << (r.device == c10::DeviceType::CUDA ? "cuda" : "cpu")
-       << "\", \"min_cc\": " << r.min_cc << ", \"max_cc\": " << r.max_cc << ", \"dtype\": \""
-       << dtype_name(r.dtype) << "\", \"backend\": \"" << backend_name(r.backend) << "\", \"evidence\": \""
-       << r.evidence << "\"}";
+    js << (first ? "" : ", ") << "{\"device\": \""
+       << (r.device == c10::DeviceType::CUDA ? "cuda" : "cpu") << "\", \"min_cc\": " << r.min_cc
+       << ", \"max_cc\": " << r.max_cc << ", \"dtype\": \"" << dtype_name(r.dtype)
+       << "\", \"backend\": \"" << backend_name(r.backend) << "\", \"evidence\": \"" << r.evidence
+       << "\"}";
     first = false;
   }
   js << "], \"devices\": [";

@@ -32,8 +32,8 @@ const char* backend_name(ExpertsBackend b);
 struct ProductInputs {
   const at::Tensor* data = nullptr;  // the activations (x or a): device and dtype
   int64_t experts = 0;
-  bool capacity = false;              // fixed-stride capacity layout (at::bmm) or dropless
-  std::vector<int64_t> widths;        // row widths of every operand and output (K, N, ...)
+  bool capacity = false;                   // fixed-stride capacity layout (at::bmm) or dropless
+  std::vector<int64_t> widths;             // row widths of every operand and output (K, N, ...)
   std::vector<const at::Tensor*> weights;  // logical [E, K, N] weights, either memory order
 };
 

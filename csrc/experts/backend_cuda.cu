@@ -5,8 +5,8 @@
 namespace moeyard {
 
 int cuda_capability(c10::DeviceIndex device) {
-  const cudaDeviceProp* p = at::cuda::getDeviceProperties(device < 0 ? at::cuda::current_device()
-                                                                     : device);
+  const cudaDeviceProp* p =
+      at::cuda::getDeviceProperties(device < 0 ? at::cuda::current_device() : device);
   return p->major * 10 + p->minor;
 }
 

@@ -85,8 +85,8 @@ std::pair<at::Tensor, at::Tensor> Products::rows(const Operand& a, const at::Ten
   // One pass: bias, activation, zeros in the unused rows (rows past offsets[E] hold whatever
   // torch's grouped GEMM left there; capacity padding rows hold products of whatever a has there).
   if (R > 0)
-    act_forward(ActForward{prod, bias, offsets, seg, act,
-                           act == Activation::None ? at::Tensor() : out});
+    act_forward(
+        ActForward{prod, bias, offsets, seg, act, act == Activation::None ? at::Tensor() : out});
   return {out, keep_pre ? prod : at::Tensor()};
 }
 
