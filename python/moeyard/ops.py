@@ -230,7 +230,9 @@ def balanced_assignment(scores: Tensor, max_rounds: int = 1 << 16) -> Tensor:
             reached, the tokens still unassigned take, in ascending order, their best expert (at
             the current prices) that has room left, ties to the lowest expert: still exactly
             balanced, no longer guaranteed optimal. ``0`` gives greedy-with-capacity in token
-            order.
+            order, for all-equal scores too (token t to the lowest expert with room: expert 0
+            takes the first tokens, then expert 1, ...; the ``t mod E'`` below is the auction's
+            first round, which needs ``max_rounds >= 1``).
 
     Algorithm: forward auction with epsilon-scaling (Bertsekas), tokens bidding for experts with
     one price per expert, on the scores rounded to a grid of 2^24 steps of their range
