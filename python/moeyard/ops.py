@@ -157,7 +157,8 @@ def plan(
     drop_policy: str = "position",
     weights: Optional[Tensor] = None,
 ) -> RoutingPlan:
-    """Dispatch plan of a routing ``experts [T,k]`` (int32, ``-1`` = no expert).
+    """Dispatch plan of a routing ``experts [T,k]`` (int32, or int64 as Hugging Face's routers
+    return it: read as it is, never converted; ``-1`` = no expert). The plan is int32.
 
     ``capacity=None`` is dropless (``T*k`` rows). With a capacity C each expert keeps at most C
     assignments (``E*C`` rows, fixed stride), chosen by ``drop_policy``: ``"position"`` (every
@@ -172,6 +173,11 @@ def plan(
     return RoutingPlan(counts, offsets, row_source, token_row, capacity)
 
 
+def _check_expert_ids(experts):
+    torch._check(experts.dtype in (torch.int32, torch.int64),
+                 lambda: f"experts must be int32 or int64 expert ids, got {experts.dtype}")
+
+
 def _plan_shapes(experts, num_experts, capacity):
     T, k = experts.shape
     R = T * k if capacity is None else num_experts * capacity
@@ -183,6 +189,7 @@ def _plan_shapes(experts, num_experts, capacity):
 @torch.library.register_fake("moeyard::plan")
 def _plan_fake(experts, num_experts, capacity=None, drop_policy="position", weights=None):
     torch._check(experts.dim() == 2, lambda: "experts must be 2-D")
+    _check_expert_ids(experts)
     torch._check(num_experts >= 1, lambda: f"num_experts={num_experts} must be >= 1")
     torch._check(capacity is None or capacity >= 0, lambda: f"capacity={capacity} must be >= 0")
     return _plan_shapes(experts, num_experts, capacity)
@@ -330,15 +337,16 @@ def _router_losses_fake(logits, counts, k):
 def sequence_balance_loss(scores: Tensor, experts: Tensor, num_sequences: int) -> Tensor:
     """DeepSeek-V3's complementary sequence-wise balance loss, without its alpha (V3: 1e-4).
 
-    ``scores [N,E]`` are the affinities (sigmoid), ``experts [N,k]`` the plain top-k of them
-    (DeepSeek/Megatron use no bias and no group limit here), tokens grouped as ``num_sequences``
-    consecutive sequences. 1 at perfect balance with uniform scores. Differentiable w.r.t.
-    ``scores``."""
+    ``scores [N,E]`` are the affinities (sigmoid), ``experts [N,k]`` (int32 or int64) the plain
+    top-k of them (DeepSeek/Megatron use no bias and no group limit here), tokens grouped as
+    ``num_sequences`` consecutive sequences. 1 at perfect balance with uniform scores.
+    Differentiable w.r.t. ``scores``."""
     return _ops.sequence_balance_loss.default(scores, experts, num_sequences)
 
 
 @torch.library.register_fake("moeyard::sequence_balance_loss")
 def _sequence_balance_loss_fake(scores, experts, num_sequences):
+    _check_expert_ids(experts)
     return scores.new_empty((), dtype=_acc_dtype(scores))
 
 
