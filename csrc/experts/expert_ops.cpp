@@ -231,6 +231,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(
     const at::Tensor& offsets_in, const std::optional<at::Tensor>& a_index,
     std::optional<int64_t> capacity, bool need_a, bool need_b) {
   const GroupedShape s = check_grouped_mm_args(a_in, b, offsets_in, a_index, capacity);
+  check_same_device(a_in, grad_in, "a", "grad");
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == s.seg.R && grad_in.size(1) == s.N &&
                   grad_in.scalar_type() == a_in.scalar_type(),
               "moeyard: grad must be [R, N] = [", s.seg.R, ", ", s.N, "] in a's dtype, got ",
@@ -326,6 +327,8 @@ expert_ffn_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
                                            weights, w1, w2, b1, b2, std::string(activation));
   const Segments& seg = s.up.seg;
   const int64_t R = seg.R;
+  check_same_device(x_in, grad_in, "x", "grad");
+  check_same_device(x_in, pre_in, "x", "h (the saved pre-activation)");
   TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type(),
               "moeyard: grad must have x's shape and dtype");
   TORCH_CHECK(pre_in.dim() == 2 && pre_in.size(0) == R && pre_in.size(1) == s.N1,

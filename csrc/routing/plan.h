@@ -47,13 +47,14 @@ inline PlanParams check_plan_args(const at::Tensor& experts, int64_t num_experts
   } else {
     p.R = p.T * p.k;
   }
+  // weights are read only for 'score', but are an argument like any other: on experts' device.
+  if (weights.has_value()) check_same_device(experts, *weights, "experts", "weights");
   if (p.policy == DropPolicy::Score) {
     TORCH_CHECK(weights.has_value(),
                 "moeyard: drop_policy='score' needs the routing weights [T,k], got weights=None");
     const auto& w = *weights;
     check_rank(w, 2, "weights");
     check_float(w, "weights");
-    check_same_device(experts, w, "experts", "weights");
     TORCH_CHECK(w.size(0) == p.T && w.size(1) == p.k, "moeyard: weights must have the shape of "
                 "experts ", experts.sizes(), ", got ", w.sizes());
   }
