@@ -154,6 +154,42 @@ def test_equal_scores_go_round_robin(device):
             assert torch.equal(ref.balanced_assignment(scores.cpu()), want)  # the auction's result
 
 
+def _scores_of_kind(kind, T, E):
+    """[T, E] scores: "constant", "nan" (all NaN), "nonfinite" (NaN and +-inf: all count as
+    equal) or "randn"."""
+    if kind == "constant":
+        return torch.full((T, E), 2.5)
+    if kind == "nan":
+        return torch.full((T, E), float("nan"))
+    if kind == "nonfinite":
+        values = torch.tensor([float("nan"), float("inf"), -float("inf")])
+        return values[torch.randint(0, 3, (T, E))]
+    return torch.randn(T, E)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("max_rounds", [0, 1, ref.ASSIGNMENT_MAX_ROUNDS])
+@pytest.mark.parametrize("kind", ["constant", "nan", "nonfinite", "randn"])
+def test_one_rule_for_equal_scores_and_max_rounds(device, kind, max_rounds):
+    """Kernels and reference agree, also where two rules meet: all-equal scores give
+    t -> t mod min(T, E) because that is the auction's first round, so with max_rounds = 0 (no
+    round) they get greedy-with-capacity in token order like any scores: expert 0 takes the first
+    tokens up to its capacity, then expert 1, ..."""
+    for T, E in [(12, 4), (14, 4), (3, 5), (40, 40)]:
+        scores = _scores_of_kind(kind, T, E)
+        want = ref.balanced_assignment(scores, max_rounds)
+        got = moeyard.balanced_assignment(scores.to(device), max_rounds)
+        check_balanced(got, T, E)
+        assert torch.equal(got.cpu(), want)
+        if kind == "randn":
+            continue
+        if max_rounds == 0:
+            rule = torch.repeat_interleave(torch.arange(E), capacities(T, E))
+        else:
+            rule = torch.arange(T) % min(T, E)
+        assert torch.equal(want, rule.int().view(T, 1))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_equal_rows(device):
     """All tokens alike: every balanced assignment is optimal; the result is one of them, the

@@ -106,6 +106,40 @@ def test_sequence_balance_loss_oracle_and_grad():
     torch.library.opcheck(torch.ops.moeyard.sequence_balance_loss.default, (scores, ex, 3))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sequence_balance_loss_int64_ids_same_as_int32(device, dtype):
+    """int64 ids (Hugging Face) give the loss and the gradient of the same ids in int32."""
+    scores = torch.sigmoid(torch.randn(4 * 40, 8, device=device)).to(dtype).requires_grad_()
+    experts = random_experts(4 * 40, 3, 8, device, p_none=0.2)
+    losses, grads = [], []
+    for ex in (experts, experts.long()):
+        loss = moeyard.sequence_balance_loss(scores, ex, 4)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, scores)[0])
+    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
+    torch.library.opcheck(torch.ops.moeyard.sequence_balance_loss.default,
+                          (scores, experts.long(), 4))
+
+
+@pytest.mark.parametrize("bad", [8, -2, 2**31, 2**32 - 1, 2**32 + 1])
+def test_sequence_balance_loss_bad_int64_ids(bad):
+    experts = torch.zeros(6, 2, dtype=torch.int64)
+    experts[4, 1] = bad
+    with pytest.raises(RuntimeError, match=rf"experts\[4, 1\] = {bad} is out of range"):
+        moeyard.sequence_balance_loss(torch.rand(6, 8), experts, 2)
+
+
+def test_sequence_balance_loss_meta_takes_int32_and_int64_ids_only():
+    """The fake kernel (shape propagation, torch.compile) accepts what the kernels accept."""
+    scores = torch.rand(4, 3, device="meta")
+    for dtype in (torch.int32, torch.int64):
+        loss = moeyard.sequence_balance_loss(scores, torch.zeros(4, 1, dtype=dtype, device="meta"), 2)
+        assert loss.shape == () and loss.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="int32 or int64"):
+        moeyard.sequence_balance_loss(scores, torch.zeros(4, 1, device="meta"), 2)
+
+
 def test_load_stats():
     experts = zipf_experts(1000, 2, 8)
     p = moeyard.plan(experts, 8, capacity=200)
@@ -123,6 +157,7 @@ def test_load_stats():
     (lambda: moeyard.router_losses(torch.randn(4, 3), torch.zeros(3, dtype=torch.int32), 0), "k"),
     (lambda: moeyard.sequence_balance_loss(torch.rand(6, 3), torch.zeros(6, 1, dtype=torch.int32), 4), "num_sequences|divide"),
     (lambda: moeyard.sequence_balance_loss(torch.rand(6, 3), torch.zeros(5, 1, dtype=torch.int32), 2), "experts"),
+    (lambda: moeyard.sequence_balance_loss(torch.rand(6, 3), torch.zeros(6, 1), 2), "int32 or int64"),
 ])
 def test_balance_bad_input(fn, msg):
     with pytest.raises(RuntimeError, match=msg):

@@ -117,6 +117,34 @@ def test_strided_inputs(device):
     torch.testing.assert_close(moeyard.merged_linear(x, probs, weight, b), want)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunks", ["one", "each"])
+def test_bias_is_rounded_once_with_the_output(device, dtype, chunks):
+    """y = round(x @ Wbar^T + probs @ bias) with the sum in fp32, as the reference: on inputs
+    where every step but that last rounding is exact (small integers, dyadic probs, biases with
+    all of the dtype's significant bits) kernel and reference agree bit for bit, and rounding the
+    merged bias to the dtype first (a second rounding) gives a different output."""
+    B, S, K, E, N = 4, 16, 8, 4, 32
+    bits = 1 - int(math.log2(torch.finfo(dtype).eps))  # significant bits: 8 (bf16), 11 (fp16)
+    x = torch.randint(-1, 2, (B, S, K), device=device).to(dtype)
+    weight = torch.randint(-2, 3, (E, N, K), device=device).to(dtype)
+    dyadic = torch.tensor([0.5, 0.25, 0.125, 0.125], device=device)
+    probs = dyadic[torch.rand(B, E, device=device).argsort(dim=1)]  # exact in every dtype
+    bias = (torch.randint(1 - 2**bits, 2**bits, (E, N), device=device) * 2.0 ** (1 - bits))
+    bias = bias.to(dtype)  # exact: integers below 2^bits times a power of two
+    with chunking(chunks, N, K, dtype):
+        y = moeyard.merged_linear(x, probs, weight, bias)
+    want = ref.merged_linear(x, probs, weight, bias)
+    assert torch.equal(y, want)
+    # the inputs tell the two roundings apart: the merged bias needs more bits than the dtype has
+    product = torch.einsum("bsk,bnk->bsn", x.float(),
+                           torch.einsum("be,enk->bnk", probs, weight.float()))  # exact in fp32
+    bbar = probs @ bias.float()  # exact in fp32
+    rounded_twice = (product + bbar.to(dtype).float()[:, None, :]).to(dtype)
+    assert not torch.equal(rounded_twice, want)
+
+
 # ---------------------------------------------------------------------------------- gradients
 
 

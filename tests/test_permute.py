@@ -98,3 +98,68 @@ def _bad_plan():
 def test_bad_input(fn, msg):
     with pytest.raises(RuntimeError, match=msg):
         fn()
+
+
+# DeepSeek-V3 routes k = 8 of its experts with hidden size d = 7168: from T = 37,450 tokens the
+# permuted buffer has more than 2^31 elements (T*k*d). The kernels index in int64; only the row ids
+# (R, T*k: the plan maps hold them in int32) are limited to int32.
+DSV3_T, DSV3_K, DSV3_D = 37_450, 8, 7168
+
+
+def _maps(T, k, R, bad_row_source=False, bad_token_row=False):
+    """Plan maps [R] and [T, k], all -1 but one entry out of range: the CPU kernels check the
+    maps' values right after the shapes and before they allocate anything, so a call that gets
+    that error has passed every shape check without touching the data."""
+    row_source = torch.full((R,), -1, dtype=torch.int32)
+    token_row = torch.full((T, k), -1, dtype=torch.int32)
+    if bad_row_source:
+        row_source[0] = -2
+    if bad_token_row:
+        token_row[0, 0] = R
+    return row_source, token_row
+
+
+def test_hidden_size_products_beyond_int32_pass_the_checks():
+    """R*d and T*d beyond 2^31 are no error. No gigabytes: the data tensors come from
+    torch.empty (pages never touched, never read) and each call stops at a plan entry that is
+    out of range, after the shape checks."""
+    T, k, d = DSV3_T, DSV3_K, DSV3_D
+    assert T * k * d >= 2**31
+    x = torch.empty(T, d, dtype=torch.bfloat16)  # 0.5 GiB of address space, never touched
+    with pytest.raises(RuntimeError, match=r"row_source\[0\] = -2 is out of range"):
+        torch.ops.moeyard.permute(x, *_maps(T, k, T * k, bad_row_source=True))
+    # unpermute's output has T*d elements: 2^31 and more with one slot per token
+    T1 = T * k
+    assert T1 * d >= 2**31
+    y = torch.empty(4, d, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"token_row\[0, 0\] = 4 is out of range"):
+        torch.ops.moeyard.unpermute(y, *_maps(T1, 1, 4, bad_token_row=True))
+
+
+def test_row_ids_beyond_int32_are_refused():
+    """What the int32 plan maps cannot hold stays an error: R >= 2^31 rows, T*k >= 2^31
+    assignments. Zero-stride views of one element: nothing is allocated."""
+    i32 = dict(dtype=torch.int32)
+    x = torch.empty(0, 2)
+    with pytest.raises(RuntimeError, match="R = 2147483648 overflows int32"):
+        torch.ops.moeyard.permute(x, torch.empty(1, **i32).expand(2**31),
+                                  torch.empty(0, 1, **i32))
+    with pytest.raises(RuntimeError, match=r"T\*k = 2147483648 overflows int32"):
+        torch.ops.moeyard.permute(x, torch.empty(0, **i32),
+                                  torch.empty(1, 1, **i32).expand(2**30, 2))
+
+
+@pytest.mark.gpu
+def test_deepseek_v3_shapes_roundtrip_cuda():
+    """permute and unpermute at T*k*d > 2^31 elements on the GPU (4.4 GB of bf16 rows): the
+    weighted round trip with weights 1/k gives x back exactly, and the last rows are in place."""
+    T, k, d = DSV3_T, DSV3_K, DSV3_D
+    experts = torch.arange(T * k, device="cuda").view(T, k).remainder(256).int()
+    p = moeyard.plan(experts, 256)
+    x = torch.randn(T, d, device="cuda").bfloat16()
+    xp = moeyard.permute(x, p)
+    assert xp.shape == (T * k, d)
+    last = p.row_source[-1].long()
+    assert torch.equal(xp[-1], x[last // k])
+    out = moeyard.unpermute(xp, p, torch.full((T, k), 1 / k, device="cuda"))
+    assert torch.equal(out, x)

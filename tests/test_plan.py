@@ -99,7 +99,8 @@ def test_score_priority_keeps_most_confident(device):
 def test_plan_opcheck():
     experts = random_experts(40, 2, 8, "cpu", 0.1)
     w = torch.rand(40, 2)
-    for args in [(experts, 8, None, "position", None), (experts, 8, 6, "score", w)]:
+    for args in [(experts, 8, None, "position", None), (experts, 8, 6, "score", w),
+                 (experts.long(), 8, None, "score", w), (experts.long(), 8, 6, "position", None)]:
         torch.library.opcheck(torch.ops.moeyard.plan.default, args)
 
 
@@ -112,7 +113,8 @@ def test_plan_opcheck_cuda():
 PLAN_BAD = [
     (lambda: moeyard.plan(torch.tensor([[0, 4]], dtype=torch.int32), 4), "is not an expert id"),
     (lambda: moeyard.plan(torch.tensor([[0, -2]], dtype=torch.int32), 4), "is not an expert id"),
-    (lambda: moeyard.plan(torch.zeros(3, 2, dtype=torch.int64), 4), "int32|Int"),
+    (lambda: moeyard.plan(torch.zeros(3, 2), 4), "int32 or int64"),
+    (lambda: moeyard.plan(torch.zeros(3, 2, dtype=torch.int16), 4), "int32 or int64"),
     (lambda: moeyard.plan(torch.zeros(3, dtype=torch.int32), 4), "2 dimensions"),
     (lambda: moeyard.plan(torch.zeros(3, 2, dtype=torch.int32), 0), "num_experts"),
     (lambda: moeyard.plan(torch.zeros(3, 2, dtype=torch.int32), 4, -1), "capacity"),
@@ -127,6 +129,39 @@ PLAN_BAD = [
 def test_plan_bad_input(fn, msg):
     with pytest.raises(RuntimeError, match=msg):
         fn()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy", ["position", "score"])
+@pytest.mark.parametrize("capacity", [None, 0, 3, 50])
+def test_plan_int64_ids_give_the_int32_plan(device, policy, capacity):
+    """Hugging Face routers return int64 ids: the kernels read them as they are and give exactly
+    the plan of the same ids in int32 (-1 entries included), in int32."""
+    experts = random_experts(300, 4, 16, device, p_none=0.2)
+    weights = torch.randint(0, 4, (300, 4), device=device).float()  # tied scores too
+    want = moeyard.plan(experts, 16, capacity, policy, weights)
+    got = moeyard.plan(experts.long(), 16, capacity, policy, weights)
+    _assert_plans_equal(got, want)
+    _assert_plans_equal(got, ref.plan(experts.long(), 16, capacity, policy, weights))
+
+
+def test_plan_meta_takes_int32_and_int64_ids_only():
+    """The fake kernel (shape propagation, torch.compile) accepts what the kernels accept."""
+    for dtype in (torch.int32, torch.int64):
+        p = moeyard.plan(torch.zeros(5, 2, dtype=dtype, device="meta"), 4, 3)
+        assert p.token_row.dtype == torch.int32 and p.row_source.shape == (12,)
+    with pytest.raises(RuntimeError, match="int32 or int64"):
+        moeyard.plan(torch.zeros(5, 2, device="meta"), 4)
+
+
+@pytest.mark.parametrize("bad", [16, -2, 2**31, 2**32 - 1, 2**32 + 1, -2**40])
+def test_plan_bad_int64_ids(bad):
+    """int64 ids are checked as int64: values that an int32 conversion would wrap into a valid id
+    (2^32 - 1 -> -1, 2^32 + 1 -> 1) are refused like any other."""
+    experts = torch.zeros(3, 2, dtype=torch.int64)
+    experts[1, 1] = bad
+    with pytest.raises(RuntimeError, match=rf"experts\[1, 1\] = {bad} is not an expert id"):
+        moeyard.plan(experts, 16)
 
 
 # ------------------------------------------------------------------------------ expert choice

@@ -19,6 +19,15 @@ inline void check_dtype(const at::Tensor& t, at::ScalarType want, const char* na
               t.scalar_type());
 }
 
+// Expert ids: int32 (moeyard's routers) or int64 (torch.topk's, so Hugging Face's routers'). The
+// kernels that read ids are templates over the two (AT_DISPATCH_INDEX_TYPES: index_t), so neither
+// is converted on the way in; the plans and routings they return stay int32.
+inline void check_expert_ids(const at::Tensor& t, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kInt || st == at::kLong, "moeyard: ", name,
+              " must be int32 or int64 expert ids, got ", st);
+}
+
 // Floating-point data: one of the four dtypes every kernel is instantiated for.
 inline void check_float(const at::Tensor& t, const char* name) {
   const auto st = t.scalar_type();

@@ -34,7 +34,9 @@
 // size of the rounding of Wbar itself; one-hot probs stay exact. The bias terms (bbar, the bias
 // part of grad_probs, grad_bias) are fp32 products. grad_probs' <W_e, G_b> is an fp32-accumulated
 // GEMM rounded once to the input dtype. grad_weight accumulates over chunks in the weight's dtype
-// (one rounding per chunk; with one chunk, a single rounding).
+// (one rounding per chunk; with one chunk, a single rounding). With a bias, the product's output
+// stays fp32 until bbar is added, and the sum is rounded once (see add_product; this costs an fp32
+// [chunk, S, N] temporary, and on the CPU fp32 copies of the chunk's x and merged weights).
 //
 // Cost per example, P = N*K, s = bytes per element, c = examples per chunk:
 //   merging (this op)  2*E*P (merge) + 2*S*P (product) flops; reads the E experts once per chunk:
@@ -135,6 +137,26 @@ at::Tensor merge_chunk(const at::Tensor& probs_c, const ExpertRows& rows, int64_
   return as_nk(at::mm(probs_c, rows.flat), rows, N, K);
 }
 
+// y_c = x_c @ merged^T + bbar_c with the sum in the accumulation type (bbar_c [c, 1, N] in it) and
+// one rounding to x's dtype, as reference.merged_linear: the merged bias is never rounded on its
+// own. fp32/fp64 x: one baddbmm. fp16/bf16 x: the product's output must be fp32, which cuBLAS gives
+// (baddbmm's out_dtype overload: fp16/bf16 operands, fp32 C and D) and ATen's CPU GEMMs do not, so
+// the CPU widens the operands to fp32 (exactly) instead. Either way an fp32 [c, S, N] temporary.
+void add_product(at::Tensor& y_c, const at::Tensor& bbar_c, const at::Tensor& x_c,
+                 const at::Tensor& merged_t) {
+  const auto acc = bbar_c.scalar_type();
+  if (y_c.scalar_type() == acc) {
+    at::baddbmm_out(y_c, bbar_c, x_c, merged_t);
+    return;
+  }
+  auto sum = bbar_c.expand(y_c.sizes()).contiguous();
+  if (sum.is_cuda())
+    at::baddbmm_out(sum, sum, x_c, merged_t, acc);
+  else
+    sum.baddbmm_(x_c.to(acc), merged_t.to(acc));
+  y_c.copy_(sum);
+}
+
 // Examples per chunk: the budget over the bytes of one example's merged weight (>= 1).
 int64_t chunk_size(const MergeShape& s, int64_t itemsize) {
   const int64_t per_example = s.N * s.K * itemsize;
@@ -151,11 +173,9 @@ at::Tensor merged_linear(const at::Tensor& x, const at::Tensor& probs, const at:
   if (y.numel() == 0) return y;
   const ExpertRows rows = expert_rows(weight);
   const auto p = probs.to(x.scalar_type());  // the merge GEMM's operand
-  // bbar = probs @ bias (fp32), added inside the product (baddbmm: one rounding).
-  const auto bbar = bias ? at::mm(probs, bias->to(probs.scalar_type()))
-                               .to(x.scalar_type())
-                               .unsqueeze(1)
-                         : at::Tensor();
+  // bbar = probs @ bias in the accumulation type, added to the product before its one rounding.
+  const auto bbar =
+      bias ? at::mm(probs, bias->to(probs.scalar_type())).unsqueeze(1) : at::Tensor();
   const int64_t chunk = chunk_size(s, x.element_size());
   for (int64_t b0 = 0; b0 < s.B; b0 += chunk) {
     const int64_t c = std::min(chunk, s.B - b0);
@@ -163,7 +183,7 @@ at::Tensor merged_linear(const at::Tensor& x, const at::Tensor& probs, const at:
     auto y_c = y.narrow(0, b0, c);
     const auto x_c = x.narrow(0, b0, c);
     if (bias)
-      at::baddbmm_out(y_c, bbar.narrow(0, b0, c), x_c, merged.transpose(1, 2));
+      add_product(y_c, bbar.narrow(0, b0, c), x_c, merged.transpose(1, 2));
     else
       at::bmm_out(y_c, x_c, merged.transpose(1, 2));
   }

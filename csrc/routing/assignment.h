@@ -73,6 +73,14 @@ MOEYARD_HD Grid make_grid(double lo, double hi) {
   return g;
 }
 
+// All scores equal (Q = 0 everywhere: qmax == 0) and at least one round allowed: the auction's first
+// round sends token t to expert t mod E_eff (the first of its equal experts, cyclically), which
+// fills every expert exactly and ends the last phase (eps = 1), so the kernels write that result
+// directly. With max_rounds = 0 no round runs: the greedy completion decides, as for any scores.
+MOEYARD_HD bool all_equal_in_one_round(const Grid& g, const Params& p) {
+  return g.qmax == 0 && p.max_rounds >= 1;
+}
+
 inline Params check_assignment_args(const at::Tensor& scores, int64_t max_rounds) {
   check_rank(scores, 2, "scores");
   check_float(scores, "scores");

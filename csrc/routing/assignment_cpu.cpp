@@ -209,7 +209,7 @@ at::Tensor balanced_assignment_cpu(const at::Tensor& scores_in, int64_t max_roun
     });
   });
   int32_t* owner = out.mutable_data_ptr<int32_t>();
-  if (grid.qmax == 0) {  // all scores equal: the auction's one round sends token t to t mod E_eff
+  if (assignment::all_equal_in_one_round(grid, p)) {
     for (int64_t t = 0; t < p.T; ++t) owner[t] = static_cast<int32_t>(t % p.E_eff);
     return out;
   }

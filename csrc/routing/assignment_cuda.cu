@@ -341,7 +341,7 @@ auction_kernel(AuctionState st, Params p, int group) {
   int64_t* price = Ee <= kMaxSmemExperts ? smem_price : st.price_global;
 
   const Grid g = grid_from_partials(st.partial, st.num_partials);
-  if (g.qmax == 0) {  // all scores equal: the auction's one round sends token t to t mod E_eff
+  if (assignment::all_equal_in_one_round(g, p)) {
     for (int64_t t = tid; t < T; t += kThreads) st.owner[t] = static_cast<int32_t>(t % Ee);
     return;
   }

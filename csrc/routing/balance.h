@@ -92,7 +92,7 @@ inline SeqLossShape check_sequence_balance_loss_args(const at::Tensor& scores,
   check_rank(scores, 2, "scores");
   check_float(scores, "scores");
   check_rank(experts, 2, "experts");
-  check_dtype(experts, at::kInt, "experts");
+  check_expert_ids(experts, "experts");
   check_same_device(scores, experts, "scores", "experts");
   SeqLossShape s;
   s.N = scores.size(0);

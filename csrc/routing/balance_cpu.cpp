@@ -9,7 +9,8 @@
 // sequence_balance_loss: the same per-chunk scheme over scores [N,E], chunks never straddling a
 //   sequence: column sums of s / (sum_e s + 1e-20) and integer counts of the chosen experts; then
 //   per sequence sum_e f_e P_e, averaged over sequences in order. O(N*(E + k)).
-// Accumulation in fp32 (fp64 for fp64 inputs). Expert ids outside [-1, E) raise.
+// Accumulation in fp32 (fp64 for fp64 inputs). Expert ids (int32 or int64, read as they are)
+// outside [-1, E) raise.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -112,10 +113,10 @@ std::tuple<at::Tensor, at::Tensor> router_losses_cpu(const at::Tensor& logits_in
 
 // --------------------------------------------------------------------- sequence_balance_loss
 
-template <typename scalar_t>
+template <typename scalar_t, typename index_t>
 acc_type_t<scalar_t> sequence_balance_loss_cpu_kernel(const SeqLossShape& s,
                                                        const scalar_t* scores,
-                                                       const int32_t* experts) {
+                                                       const index_t* experts) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t E = s.E, k = s.k, S = s.S, B = s.B;
   const int64_t C = (S + kBalanceChunkRows - 1) / kBalanceChunkRows;  // chunks per sequence
@@ -135,7 +136,7 @@ acc_type_t<scalar_t> sequence_balance_loss_cpu_kernel(const SeqLossShape& s,
         z += acc_t(1e-20);
         for (int64_t e = 0; e < E; ++e) col[e] += static_cast<acc_t>(row[e]) / z;
         for (int64_t j = 0; j < k; ++j) {
-          const int32_t ex = experts[t * k + j];
+          const index_t ex = experts[t * k + j];
           if (ex >= 0) ++n[ex];
         }
       }
@@ -164,22 +165,22 @@ at::Tensor sequence_balance_loss_cpu(const at::Tensor& scores_in, const at::Tens
                                      int64_t num_sequences) {
   const SeqLossShape s = check_sequence_balance_loss_args(scores_in, experts_in, num_sequences);
   const auto acc = acc_dtype(scores_in.scalar_type());
-  auto opts = scores_in.options().dtype(acc);
+  auto out = at::zeros({}, scores_in.options().dtype(acc));
   auto experts = experts_in.contiguous();
-  const int32_t* ex = experts.const_data_ptr<int32_t>();
-  for (int64_t i = 0; i < s.N * s.k; ++i)
-    TORCH_CHECK(ex[i] >= -1 && ex[i] < s.E, "moeyard: experts[", i / s.k, ", ", i % s.k, "] = ",
-                ex[i], " is out of range [-1, E=", s.E, ")");
-  if (s.N == 0) return at::zeros({}, opts);
   auto scores = scores_in.contiguous();
-  auto out = at::empty({}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(),
-                                  "sequence_balance_loss_cpu", [&] {
-                                    using acc_t = acc_type_t<scalar_t>;
-                                    *out.mutable_data_ptr<acc_t>() =
-                                        sequence_balance_loss_cpu_kernel<scalar_t>(
-                                            s, scores.const_data_ptr<scalar_t>(), ex);
-                                  });
+  AT_DISPATCH_INDEX_TYPES(experts.scalar_type(), "sequence_balance_loss_cpu", [&] {
+    const index_t* ex = experts.const_data_ptr<index_t>();
+    for (int64_t i = 0; i < s.N * s.k; ++i)
+      TORCH_CHECK(ex[i] >= -1 && ex[i] < s.E, "moeyard: experts[", i / s.k, ", ", i % s.k,
+                  "] = ", ex[i], " is out of range [-1, E=", s.E, ")");
+    if (s.N == 0) return;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(),
+                                    "sequence_balance_loss_cpu", [&] {
+      using acc_t = acc_type_t<scalar_t>;
+      *out.mutable_data_ptr<acc_t>() =
+          sequence_balance_loss_cpu_kernel(s, scores.const_data_ptr<scalar_t>(), ex);
+    });
+  });
   return out;
 }
 

@@ -18,7 +18,8 @@
 //   sequence, as above with s / (sum_e s + 1e-20) and an integer histogram of the chosen experts
 //   (shared-memory int atomics: exact, order-free); kernel 2, one block per sequence: sum_e
 //   f_e P_e over its chunks in order; kernel 3, one block: mean over sequences in order.
-//   Expert ids outside [-1, E) are ignored here (as -1); the CPU kernel raises on them.
+//   Expert ids (int32 or int64, read as they are) outside [-1, E) are ignored here (as -1); the
+//   CPU kernel raises on them.
 // Accumulation in fp32 (fp64 for fp64 inputs).
 #include <torch/library.h>
 
@@ -217,9 +218,9 @@ std::tuple<at::Tensor, at::Tensor> router_losses_cuda(const at::Tensor& logits_i
 // --------------------------------------------------------------------- sequence_balance_loss
 
 // Block idx = b * C + c: rows [b*S + c*kBalanceChunkRows, b*S + min(S, (c+1)*kBalanceChunkRows)).
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void seq_loss_partial_kernel(const scalar_t* __restrict__ scores,
-                                        const int32_t* __restrict__ experts, int64_t S, int E,
+                                        const index_t* __restrict__ experts, int64_t S, int E,
                                         int k, int64_t C, acc_t* __restrict__ part,
                                         int32_t* __restrict__ cpart) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -241,7 +242,7 @@ __global__ void seq_loss_partial_kernel(const scalar_t* __restrict__ scores,
     z = warp_sum(z) + acc_t(1e-20);
     for (int e = lane; e < E; e += 32) mine[e] += static_cast<acc_t>(to_float(row[e])) / z;
     for (int j = lane; j < k; j += 32) {
-      const int32_t ex = experts[t * k + j];
+      const index_t ex = experts[t * k + j];
       if (ex >= 0 && ex < E) atomicAdd(&hist[ex], 1);  // integer: exact in any order
     }
   }
@@ -307,12 +308,14 @@ at::Tensor sequence_balance_loss_cuda(const at::Tensor& scores_in, const at::Ten
     using acc_t = acc_type_t<scalar_t>;
     const int W = warps_for(s.E, sizeof(acc_t), 4, "sequence_balance_loss");
     const size_t smem = static_cast<size_t>(W) * s.E * sizeof(acc_t) + s.E * 4;
-    seq_loss_partial_kernel<scalar_t, acc_t>
-        <<<static_cast<unsigned>(nblocks), W * 32, smem, stream>>>(
-            scores.const_data_ptr<scalar_t>(), experts.const_data_ptr<int32_t>(), s.S,
-            static_cast<int>(s.E), static_cast<int>(s.k), C, part.mutable_data_ptr<acc_t>(),
-            cpart.mutable_data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    AT_DISPATCH_INDEX_TYPES(experts.scalar_type(), "sequence_balance_loss_cuda", [&] {
+      seq_loss_partial_kernel<scalar_t, acc_t, index_t>
+          <<<static_cast<unsigned>(nblocks), W * 32, smem, stream>>>(
+              scores.const_data_ptr<scalar_t>(), experts.const_data_ptr<index_t>(), s.S,
+              static_cast<int>(s.E), static_cast<int>(s.k), C, part.mutable_data_ptr<acc_t>(),
+              cpart.mutable_data_ptr<int32_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     const acc_t f_scale =
         static_cast<acc_t>(static_cast<double>(s.E) / static_cast<double>(s.k * s.S));
     seq_loss_sequence_kernel<acc_t><<<static_cast<unsigned>(s.B), kReduceThreads, 0, stream>>>(

@@ -5,7 +5,7 @@
 // A plan maps each assignment (token t, slot j) of a routing to one row of the expert-ordered
 // buffer: counts [E] (assignments per expert before drops), offsets [E+1] (exclusive cumsum of the
 // kept rows), row_source [R] (t*k + j of each row, -1 unused) and token_row [T,k] (row of each
-// assignment, -1 dropped or no expert), all int32.
+// assignment, -1 dropped or no expert), all int32. The routing itself may be int32 or int64.
 #pragma once
 #include <algorithm>
 #include <optional>
@@ -28,7 +28,7 @@ inline PlanParams check_plan_args(const at::Tensor& experts, int64_t num_experts
                                   std::optional<int64_t> capacity, const std::string& drop_policy,
                                   const std::optional<at::Tensor>& weights) {
   check_rank(experts, 2, "experts");
-  check_dtype(experts, at::kInt, "experts");
+  check_expert_ids(experts, "experts");
   PlanParams p;
   p.T = experts.size(0);
   p.k = experts.size(1);
@@ -47,13 +47,14 @@ inline PlanParams check_plan_args(const at::Tensor& experts, int64_t num_experts
   } else {
     p.R = p.T * p.k;
   }
+  // weights are read only for 'score', but are an argument like any other: on experts' device.
+  if (weights.has_value()) check_same_device(experts, *weights, "experts", "weights");
   if (p.policy == DropPolicy::Score) {
     TORCH_CHECK(weights.has_value(),
                 "moeyard: drop_policy='score' needs the routing weights [T,k], got weights=None");
     const auto& w = *weights;
     check_rank(w, 2, "weights");
     check_float(w, "weights");
-    check_same_device(experts, w, "experts", "weights");
     TORCH_CHECK(w.size(0) == p.T && w.size(1) == p.k, "moeyard: weights must have the shape of "
                 "experts ", experts.sizes(), ", got ", w.sizes());
   }

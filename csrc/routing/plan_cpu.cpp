@@ -7,6 +7,7 @@
 // Each visit takes the expert's next free position p: dropless row = seg_start[e] + p (seg_start =
 // exclusive cumsum of counts); with capacity C row = e*C + p if p < C, else dropped.
 // Every expert id must be in [-1, E); the first one that is not is reported with its position.
+// Ids are int32 or int64, read as they are (an int64 id is never narrowed before its check).
 // Work O(T*k + E), plus O(T log T) for the score sort; serial (memory-bound, one pass).
 #include <torch/library.h>
 
@@ -21,8 +22,8 @@ namespace moeyard {
 namespace {
 
 // Token order for drop_policy 'score' (see the file comment).
-template <typename scalar_t>
-std::vector<int32_t> score_order(const PlanParams& p, const int32_t* experts,
+template <typename scalar_t, typename index_t>
+std::vector<int32_t> score_order(const PlanParams& p, const index_t* experts,
                                  const scalar_t* weights) {
   const int64_t T = p.T, k = p.k;
   std::vector<uint64_t> keys(T);
@@ -41,27 +42,18 @@ std::vector<int32_t> score_order(const PlanParams& p, const int32_t* experts,
   return order;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_cpu(
-    const at::Tensor& experts_in, int64_t num_experts, std::optional<int64_t> capacity,
-    c10::string_view drop_policy, const std::optional<at::Tensor>& weights_in) {
-  const PlanParams p =
-      check_plan_args(experts_in, num_experts, capacity, std::string(drop_policy), weights_in);
-  auto experts = experts_in.contiguous();
-  auto [counts, offsets, row_source, token_row] = plan_outputs(experts, p);
+// Fills the plan of experts [T,k] (int32 or int64 ids, read as they are).
+template <typename index_t>
+void fill_plan(const PlanParams& p, const index_t* ex, const std::optional<at::Tensor>& weights_in,
+               int32_t* cnt, int32_t* off, int32_t* rs, int32_t* tr) {
   const int64_t T = p.T, k = p.k, E = p.E, n = T * k;
-  const int32_t* ex = experts.const_data_ptr<int32_t>();
-
   for (int64_t i = 0; i < n; ++i) {
-    const int32_t e = ex[i];
+    const index_t e = ex[i];
     TORCH_CHECK(e >= -1 && e < E, "moeyard: experts[", i / k, ", ", i % k, "] = ", e,
                 " is not an expert id: ids must be in [0, num_experts=", E,
                 ") or -1 for an empty slot");
   }
 
-  int32_t* cnt = counts.mutable_data_ptr<int32_t>();
-  int32_t* off = offsets.mutable_data_ptr<int32_t>();
-  int32_t* rs = row_source.mutable_data_ptr<int32_t>();
-  int32_t* tr = token_row.mutable_data_ptr<int32_t>();
   std::fill(cnt, cnt + E, 0);
   std::fill(rs, rs + p.R, -1);
   std::fill(tr, tr + n, -1);
@@ -78,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_cpu(
     kept += p.dropless() ? cnt[e] : std::min<int64_t>(cnt[e], p.C);
   }
   off[E] = static_cast<int32_t>(kept);
-  if (n == 0) return {counts, offsets, row_source, token_row};
+  if (n == 0) return;
 
   std::vector<int32_t> order;
   if (p.policy == DropPolicy::Score) {
@@ -92,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_cpu(
     for (int64_t q = 0; q < T; ++q) {
       const int64_t t = order.empty() ? q : order[q];
       const int64_t src = t * k + j;
-      const int32_t e = ex[src];
+      const int64_t e = ex[src];
       if (e < 0) continue;
       const int64_t row = next[e]++;
       if (!p.dropless() && row >= (e + 1) * p.C) continue;  // over capacity: dropped
@@ -100,6 +92,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_cpu(
       tr[src] = static_cast<int32_t>(row);
     }
   }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_cpu(
+    const at::Tensor& experts_in, int64_t num_experts, std::optional<int64_t> capacity,
+    c10::string_view drop_policy, const std::optional<at::Tensor>& weights_in) {
+  const PlanParams p =
+      check_plan_args(experts_in, num_experts, capacity, std::string(drop_policy), weights_in);
+  auto experts = experts_in.contiguous();
+  auto [counts, offsets, row_source, token_row] = plan_outputs(experts, p);
+  AT_DISPATCH_INDEX_TYPES(experts.scalar_type(), "plan_cpu", [&] {
+    fill_plan<index_t>(p, experts.const_data_ptr<index_t>(), weights_in,
+                       counts.mutable_data_ptr<int32_t>(), offsets.mutable_data_ptr<int32_t>(),
+                       row_source.mutable_data_ptr<int32_t>(),
+                       token_row.mutable_data_ptr<int32_t>());
+  });
   return {counts, offsets, row_source, token_row};
 }
 

@@ -18,8 +18,9 @@
 //    the assignment's position in the sorted order (stable). Position p within expert e: dropless
 //    row = seg_start[e] + p; capacity row = e*C + p if p < C, else dropped. Capacity rows nobody
 //    fills get -1 in the same launch.
-// Unlike the CPU kernel, ids outside [-1, E) cannot be reported without a host synchronization:
-// they are treated as -1 (not counted, no row, token_row -1, no weight in the confidence).
+// Ids are int32 or int64, read as they are (the kernels are templates over the id type). Unlike
+// the CPU kernel, ids outside [-1, E) cannot be reported without a host synchronization: they are
+// treated as -1 (not counted, no row, token_row -1, no weight in the confidence).
 // Work O(T*k + E*T*k/kChunk); temporaries (E+1) * T*k/kChunk + 2(E+1) ints (+ 16 T bytes and
 // CUB scratch for 'score'). Counters sit in shared memory for E < kMaxSharedExperts, else in the
 // warp's global row of block_counts.
@@ -41,8 +42,8 @@ constexpr int kScanThreads = 1024;
 inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>(ceil_div(n, kThreads)); }
 
 // Sort keys of the tokens for drop_policy 'score': ascending key = descending confidence.
-template <typename scalar_t>
-__global__ void plan_confidence_kernel(const int32_t* __restrict__ experts,
+template <typename scalar_t, typename index_t>
+__global__ void plan_confidence_kernel(const index_t* __restrict__ experts,
                                        const scalar_t* __restrict__ weights, int64_t T, int64_t k,
                                        int32_t E, uint32_t* __restrict__ keys,
                                        int32_t* __restrict__ tokens) {
@@ -50,7 +51,7 @@ __global__ void plan_confidence_kernel(const int32_t* __restrict__ experts,
   if (t >= T) return;
   float conf = -INFINITY;
   for (int64_t j = 0; j < k; ++j) {
-    const int32_t e = experts[t * k + j];
+    const index_t e = experts[t * k + j];
     if (e < 0 || e >= E) continue;
     const float w = static_cast<float>(weights[t * k + j]);
     conf = (w != w || w > conf) ? w : conf;  // NaN propagates, as torch's max does
@@ -63,22 +64,24 @@ constexpr int kPlanWarps = 4;  // warps per block of the count and scatter kerne
 constexpr int kChunk = 256;    // assignments per warp
 constexpr int64_t kMaxSharedExperts = 48 * 1024 / (kPlanWarps * 4) - 1;
 
-// Assignment i of the priority order: its expert (E for none) and source t*k + j.
-__device__ __forceinline__ int32_t assignment(int64_t i, const int32_t* __restrict__ experts,
+// Assignment i of the priority order: its expert (E for none) and source t*k + j. The id is
+// compared as read (int32 or int64) and narrowed only once it is known to be in [0, E).
+template <typename index_t>
+__device__ __forceinline__ int32_t assignment(int64_t i, const index_t* __restrict__ experts,
                                               const int32_t* __restrict__ order, int64_t T,
                                               int64_t k, int32_t E, int32_t& src) {
   const int64_t j = i / T, q = i - j * T;
   const int64_t t = order != nullptr ? order[q] : q;
   src = static_cast<int32_t>(t * k + j);
-  const int32_t e = experts[src];
-  return (e >= 0 && e < E) ? e : E;
+  const index_t e = experts[src];
+  return (e >= 0 && e < E) ? static_cast<int32_t>(e) : E;
 }
 
 // block_counts [E+1][nw]: assignments of each expert in each warp's chunk. Without shared
 // counters block_counts must be zero on entry.
-template <bool kShared>
+template <bool kShared, typename index_t>
 __global__ void __launch_bounds__(kPlanWarps * 32)
-    plan_count_kernel(const int32_t* __restrict__ experts, const int32_t* __restrict__ order,
+    plan_count_kernel(const index_t* __restrict__ experts, const int32_t* __restrict__ order,
                       int64_t T, int64_t k, int32_t E, int64_t n, int64_t nw,
                       int32_t* __restrict__ block_counts) {
   extern __shared__ int32_t smem[];
@@ -157,9 +160,9 @@ __global__ void plan_scan_kernel(const int32_t* __restrict__ counts, int32_t E, 
 }
 
 // C < 0 = dropless. block_offsets = block_counts after plan_block_scan_kernel.
-template <bool kShared>
+template <bool kShared, typename index_t>
 __global__ void __launch_bounds__(kPlanWarps * 32)
-    plan_scatter_kernel(const int32_t* __restrict__ experts, const int32_t* __restrict__ order,
+    plan_scatter_kernel(const index_t* __restrict__ experts, const int32_t* __restrict__ order,
                         int64_t T, int64_t k, int32_t E, int64_t n, int64_t nw, int64_t C,
                         int32_t* __restrict__ block_offsets, const int32_t* __restrict__ seg_start,
                         const int32_t* __restrict__ counts, int32_t* __restrict__ row_source,
@@ -215,26 +218,16 @@ at::Tensor cub_scratch(const at::Tensor& like, size_t bytes) {
   return at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 1)}, like.options().dtype(at::kByte));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_cuda(
-    const at::Tensor& experts_in, int64_t num_experts, std::optional<int64_t> capacity,
-    c10::string_view drop_policy, const std::optional<at::Tensor>& weights_in) {
-  const PlanParams p =
-      check_plan_args(experts_in, num_experts, capacity, std::string(drop_policy), weights_in);
-  const c10::cuda::CUDAGuard guard(experts_in.device());
-  auto experts = experts_in.contiguous();
-  auto [counts, offsets, row_source, token_row] = plan_outputs(experts, p);
+// Steps 0-4 for experts [T,k] of ids index_t (int32 or int64, read as they are); n = T*k > 0.
+template <typename index_t>
+void launch_plan(const PlanParams& p, const index_t* ex,
+                 const std::optional<at::Tensor>& weights_in, at::Tensor& counts,
+                 at::Tensor& offsets, at::Tensor& row_source, at::Tensor& token_row) {
   const int64_t T = p.T, k = p.k, n = T * k;
   const int32_t E = static_cast<int32_t>(p.E);
   const int64_t C = p.dropless() ? -1 : p.C;
-  if (n == 0) {
-    counts.zero_();
-    offsets.zero_();
-    row_source.fill_(-1);
-    return {counts, offsets, row_source, token_row};
-  }
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const auto iopts = experts.options().dtype(at::kInt);
-  const int32_t* ex = experts.const_data_ptr<int32_t>();
+  const auto iopts = counts.options();
 
   // 0. token priority order (drop_policy 'score')
   at::Tensor order;
@@ -245,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_cuda(
     auto sorted_keys = at::empty({T}, iopts);
     order = at::empty({T}, iopts);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "plan_cuda", [&] {
-      plan_confidence_kernel<scalar_t><<<blocks_for(T), kThreads, 0, stream>>>(
+      plan_confidence_kernel<scalar_t, index_t><<<blocks_for(T), kThreads, 0, stream>>>(
           ex, w.const_data_ptr<scalar_t>(), T, k, E,
           reinterpret_cast<uint32_t*>(conf_keys.mutable_data_ptr<int32_t>()),
           tokens.mutable_data_ptr<int32_t>());
@@ -257,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_cuda(
     C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
         nullptr, bytes, kin, kout, tokens.const_data_ptr<int32_t>(),
         order.mutable_data_ptr<int32_t>(), static_cast<int>(T), 0, 32, stream));
-    auto scratch = cub_scratch(experts, bytes);
+    auto scratch = cub_scratch(counts, bytes);
     C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
         scratch.mutable_data_ptr(), bytes, kin, kout, tokens.const_data_ptr<int32_t>(),
         order.mutable_data_ptr<int32_t>(), static_cast<int>(T), 0, 32, stream));
@@ -274,11 +267,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_cuda(
   const dim3 grid(static_cast<unsigned>(ceil_div(nw, kPlanWarps)));
   const int64_t smem = shared ? kPlanWarps * E1 * static_cast<int64_t>(sizeof(int32_t)) : 0;
   if (shared) {
-    plan_count_kernel<true><<<grid, kPlanWarps * 32, smem, stream>>>(ex, ord, T, k, E, n, nw,
-                                                                     block_counts);
+    plan_count_kernel<true, index_t><<<grid, kPlanWarps * 32, smem, stream>>>(
+        ex, ord, T, k, E, n, nw, block_counts);
   } else {
-    plan_count_kernel<false><<<grid, kPlanWarps * 32, 0, stream>>>(ex, ord, T, k, E, n, nw,
-                                                                   block_counts);
+    plan_count_kernel<false, index_t><<<grid, kPlanWarps * 32, 0, stream>>>(
+        ex, ord, T, k, E, n, nw, block_counts);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   plan_block_scan_kernel<<<static_cast<unsigned>(ceil_div(E1, kPlanWarps)), kPlanWarps * 32, 0,
@@ -290,13 +283,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_cuda(
   auto* rs = row_source.mutable_data_ptr<int32_t>();
   auto* tr = token_row.mutable_data_ptr<int32_t>();
   if (shared) {
-    plan_scatter_kernel<true><<<grid, kPlanWarps * 32, smem, stream>>>(
+    plan_scatter_kernel<true, index_t><<<grid, kPlanWarps * 32, smem, stream>>>(
         ex, ord, T, k, E, n, nw, C, block_counts, seg_start, cnt, rs, tr);
   } else {
-    plan_scatter_kernel<false><<<grid, kPlanWarps * 32, 0, stream>>>(
+    plan_scatter_kernel<false, index_t><<<grid, kPlanWarps * 32, 0, stream>>>(
         ex, ord, T, k, E, n, nw, C, block_counts, seg_start, cnt, rs, tr);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_cuda(
+    const at::Tensor& experts_in, int64_t num_experts, std::optional<int64_t> capacity,
+    c10::string_view drop_policy, const std::optional<at::Tensor>& weights_in) {
+  const PlanParams p =
+      check_plan_args(experts_in, num_experts, capacity, std::string(drop_policy), weights_in);
+  const c10::cuda::CUDAGuard guard(experts_in.device());
+  auto experts = experts_in.contiguous();
+  at::Tensor counts, offsets, row_source, token_row;
+  std::tie(counts, offsets, row_source, token_row) = plan_outputs(experts, p);
+  if (p.T * p.k == 0) {
+    counts.zero_();
+    offsets.zero_();
+    row_source.fill_(-1);
+    return {counts, offsets, row_source, token_row};
+  }
+  AT_DISPATCH_INDEX_TYPES(experts.scalar_type(), "plan_cuda", [&] {
+    launch_plan<index_t>(p, experts.const_data_ptr<index_t>(), weights_in, counts, offsets,
+                         row_source, token_row);
+  });
   return {counts, offsets, row_source, token_row};
 }
 

@@ -158,8 +158,7 @@ def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
     Expert ids >= num_experts (transformers' sentinel for "another rank's expert" under expert
     parallelism) add nothing, as in transformers' own implementations."""
     num_experts = _expert_params(self)[0].shape[0]
-    experts = top_k_index.to(torch.int32)
-    experts = experts.masked_fill(experts >= num_experts, -1)
+    experts = top_k_index.masked_fill(top_k_index >= num_experts, -1)
     return run_experts(self, hidden_states, plan(experts, num_experts), top_k_weights)
 
 

@@ -87,6 +87,30 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _check_same_device(args: dict) -> None:
+    """Every tensor among an op's arguments ``args`` (name -> value; fake kernels pass
+    ``locals()`` as their first statement) is on one device, else a RuntimeError naming the first
+    tensor and the first one elsewhere, with their devices, as the C++ ``check_same_device`` does
+    on the CPU and CUDA paths.
+
+    Every fake kernel calls this first. A fake kernel is also the op's Meta kernel, which the
+    dispatcher picks as soon as one argument is a meta tensor, so without the check a CPU tensor
+    mixed with a meta one would pass, returning uninitialized memory (or, for the in-place
+    update_expert_bias, doing nothing). Unlike torch's elementwise ops there is no exception for
+    0-dim CPU tensors: no moeyard op takes a scalar tensor, so a 0-dim tensor elsewhere is a
+    mistake too. Under torch.compile the fake tensors carry their real tensors' devices, so a
+    traced call fails where the eager call would."""
+    first = None
+    for name, value in args.items():
+        if not isinstance(value, Tensor):
+            continue
+        if first is None:
+            first = (name, value.device)
+        elif value.device != first[1]:
+            raise RuntimeError(f"moeyard: {first[0]} ({first[1]}) and {name} ({value.device}) "
+                               "must be on the same device")
+
+
 # ------------------------------------------------------------------------------------- route
 
 
@@ -128,6 +152,7 @@ def route(
 @torch.library.register_fake("moeyard::route")
 def _route_fake(logits, k, score="softmax", topk_before_score=False, bias=None, n_group=1,
                 topk_group=1, renormalize=False, scale=1.0):
+    _check_same_device(locals())
     torch._check(logits.dim() == 2, lambda: f"logits must be 2-D, got {logits.dim()}-D")
     torch._check(1 <= k <= logits.shape[1], lambda: f"k={k} must be in [1, E={logits.shape[1]}]")
     T = logits.shape[0]
@@ -147,6 +172,7 @@ def relu_route(logits: Tensor, k_max: Optional[int] = None) -> tuple[Tensor, Ten
 
 @torch.library.register_fake("moeyard::relu_route")
 def _relu_route_fake(logits, k_max):
+    _check_same_device(locals())
     return _route_fake(logits, k_max)
 
 
@@ -160,7 +186,8 @@ def plan(
     drop_policy: str = "position",
     weights: Optional[Tensor] = None,
 ) -> RoutingPlan:
-    """Dispatch plan of a routing ``experts [T,k]`` (int32, ``-1`` = no expert).
+    """Dispatch plan of a routing ``experts [T,k]`` (int32, or int64 as Hugging Face's routers
+    return it: read as it is, never converted; ``-1`` = no expert). The plan is int32.
 
     ``capacity=None`` is dropless (``T*k`` rows). With a capacity C each expert keeps at most C
     assignments (``E*C`` rows, fixed stride), chosen by ``drop_policy``: ``"position"`` (every
@@ -175,6 +202,11 @@ def plan(
     return RoutingPlan(counts, offsets, row_source, token_row, capacity)
 
 
+def _check_expert_ids(experts):
+    torch._check(experts.dtype in (torch.int32, torch.int64),
+                 lambda: f"experts must be int32 or int64 expert ids, got {experts.dtype}")
+
+
 def _plan_shapes(experts, num_experts, capacity):
     T, k = experts.shape
     R = T * k if capacity is None else num_experts * capacity
@@ -185,7 +217,9 @@ def _plan_shapes(experts, num_experts, capacity):
 
 @torch.library.register_fake("moeyard::plan")
 def _plan_fake(experts, num_experts, capacity=None, drop_policy="position", weights=None):
+    _check_same_device(locals())
     torch._check(experts.dim() == 2, lambda: "experts must be 2-D")
+    _check_expert_ids(experts)
     torch._check(num_experts >= 1, lambda: f"num_experts={num_experts} must be >= 1")
     torch._check(capacity is None or capacity >= 0, lambda: f"capacity={capacity} must be >= 0")
     return _plan_shapes(experts, num_experts, capacity)
@@ -206,6 +240,7 @@ def expert_choice(scores: Tensor, capacity: int) -> tuple[Tensor, Tensor, Routin
 
 @torch.library.register_fake("moeyard::expert_choice")
 def _expert_choice_fake(scores, capacity):
+    _check_same_device(locals())
     torch._check(scores.dim() == 2, lambda: "scores must be 2-D")
     torch._check(capacity >= 0, lambda: f"capacity={capacity} must be >= 0")
     T, E = scores.shape
@@ -233,7 +268,9 @@ def balanced_assignment(scores: Tensor, max_rounds: int = 1 << 16) -> Tensor:
             reached, the tokens still unassigned take, in ascending order, their best expert (at
             the current prices) that has room left, ties to the lowest expert: still exactly
             balanced, no longer guaranteed optimal. ``0`` gives greedy-with-capacity in token
-            order.
+            order, for all-equal scores too (token t to the lowest expert with room: expert 0
+            takes the first tokens, then expert 1, ...; the ``t mod E'`` below is the auction's
+            first round, which needs ``max_rounds >= 1``).
 
     Algorithm: forward auction with epsilon-scaling (Bertsekas), tokens bidding for experts with
     one price per expert, on the scores rounded to a grid of 2^24 steps of their range
@@ -253,6 +290,7 @@ def balanced_assignment(scores: Tensor, max_rounds: int = 1 << 16) -> Tensor:
 
 @torch.library.register_fake("moeyard::balanced_assignment")
 def _balanced_assignment_fake(scores, max_rounds=1 << 16):
+    _check_same_device(locals())
     torch._check(scores.dim() == 2, lambda: f"scores must be 2-D, got {scores.dim()}-D")
     torch._check(scores.shape[1] >= 1, lambda: "scores must have at least one expert column")
     torch._check(max_rounds >= 0, lambda: f"max_rounds={max_rounds} must be >= 0")
@@ -270,6 +308,7 @@ def permute(x: Tensor, plan: RoutingPlan) -> Tensor:
 
 @torch.library.register_fake("moeyard::permute")
 def _permute_fake(x, row_source, token_row):
+    _check_same_device(locals())
     torch._check(x.dim() == 2, lambda: "x must be 2-D")
     return x.new_empty((row_source.shape[0], x.shape[1]))
 
@@ -283,12 +322,14 @@ def unpermute(y: Tensor, plan: RoutingPlan, weights: Optional[Tensor] = None) ->
 
 @torch.library.register_fake("moeyard::unpermute")
 def _unpermute_fake(y, row_source, token_row, weights=None):
+    _check_same_device(locals())
     torch._check(y.dim() == 2, lambda: "y must be 2-D")
     return y.new_empty((token_row.shape[0], y.shape[1]))
 
 
 @torch.library.register_fake("moeyard::unpermute_backward")
 def _unpermute_backward_fake(grad, y, row_source, token_row, weights, compute_grad_weights):
+    _check_same_device(locals())
     wdtype = weights.dtype if weights is not None else torch.float32
     gw_shape = tuple(token_row.shape) if compute_grad_weights else (0,)
     return y.new_empty(y.shape), grad.new_empty(gw_shape, dtype=wdtype)
@@ -308,6 +349,7 @@ def update_expert_bias(bias: Tensor, load: Tensor, rate: float = 1e-3) -> None:
 
 @torch.library.register_fake("moeyard::update_expert_bias")
 def _update_expert_bias_fake(bias, load, rate):
+    _check_same_device(locals())
     return None
 
 
@@ -324,6 +366,7 @@ def router_losses(logits: Tensor, counts: Tensor, k: int) -> tuple[Tensor, Tenso
 
 @torch.library.register_fake("moeyard::router_losses")
 def _router_losses_fake(logits, counts, k):
+    _check_same_device(locals())
     dt = _acc_dtype(logits)
     return logits.new_empty((), dtype=dt), logits.new_empty((), dtype=dt)
 
@@ -331,15 +374,17 @@ def _router_losses_fake(logits, counts, k):
 def sequence_balance_loss(scores: Tensor, experts: Tensor, num_sequences: int) -> Tensor:
     """DeepSeek-V3's complementary sequence-wise balance loss, without its alpha (V3: 1e-4).
 
-    ``scores [N,E]`` are the affinities (sigmoid), ``experts [N,k]`` the plain top-k of them
-    (DeepSeek/Megatron use no bias and no group limit here), tokens grouped as ``num_sequences``
-    consecutive sequences. 1 at perfect balance with uniform scores. Differentiable w.r.t.
-    ``scores``."""
+    ``scores [N,E]`` are the affinities (sigmoid), ``experts [N,k]`` (int32 or int64) the plain
+    top-k of them (DeepSeek/Megatron use no bias and no group limit here), tokens grouped as
+    ``num_sequences`` consecutive sequences. 1 at perfect balance with uniform scores.
+    Differentiable w.r.t. ``scores``."""
     return _ops.sequence_balance_loss.default(scores, experts, num_sequences)
 
 
 @torch.library.register_fake("moeyard::sequence_balance_loss")
 def _sequence_balance_loss_fake(scores, experts, num_sequences):
+    _check_same_device(locals())
+    _check_expert_ids(experts)
     return scores.new_empty((), dtype=_acc_dtype(scores))
 
 
@@ -415,6 +460,7 @@ def _grouped_rows(a, a_index):
 
 @torch.library.register_fake("moeyard::grouped_mm")
 def _grouped_mm_fake(a, b, offsets, a_index=None, capacity=None, backend="auto"):
+    _check_same_device(locals())
     _check_backend(backend)
     torch._check(a.dim() == 2 and b.dim() == 3, lambda: "a must be 2-D and b 3-D")
     torch._check(a.shape[1] == b.shape[1], lambda: f"a has K={a.shape[1]}, b has K={b.shape[1]}")
@@ -424,6 +470,7 @@ def _grouped_mm_fake(a, b, offsets, a_index=None, capacity=None, backend="auto")
 @torch.library.register_fake("moeyard::grouped_mm_backward")
 def _grouped_mm_backward_fake(grad, a, b, offsets, a_index, capacity, need_a, need_b,
                               backend="auto"):
+    _check_same_device(locals())
     _check_backend(backend)
     return (a.new_empty(a.shape if need_a else (0,)),
             torch.empty_like(b) if need_b else b.new_empty((0,)))
@@ -493,6 +540,7 @@ def _ffn_width(w1, activation):
 @torch.library.register_fake("moeyard::expert_ffn")
 def _expert_ffn_fake(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1=None,
                      b2=None, activation="swiglu", backend="auto"):
+    _check_same_device(locals())
     _check_backend(backend)
     torch._check(x.dim() == 2 and w1.dim() == 3 and w2.dim() == 3,
                  lambda: "x must be 2-D, w1 and w2 3-D")
@@ -503,6 +551,7 @@ def _expert_ffn_fake(x, row_source, token_row, offsets, capacity, weights, w1, w
 @torch.library.register_fake("moeyard::_expert_ffn_forward")
 def _expert_ffn_forward_fake(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1,
                              b2, activation, backend="auto"):
+    _check_same_device(locals())
     out = _expert_ffn_fake(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1, b2,
                            activation, backend)
     return out, x.new_empty((row_source.shape[0], w1.shape[2]))
@@ -511,6 +560,7 @@ def _expert_ffn_forward_fake(x, row_source, token_row, offsets, capacity, weight
 @torch.library.register_fake("moeyard::_expert_ffn_backward")
 def _expert_ffn_backward_fake(grad, x, row_source, token_row, offsets, capacity, weights, w1, w2,
                               b1, b2, activation, h, output_mask, backend="auto"):
+    _check_same_device(locals())
     _check_backend(backend)
     def like(t, need):
         return torch.empty_like(t) if need and t is not None else x.new_empty((0,))
@@ -545,6 +595,7 @@ def merged_linear(x: Tensor, probs: Tensor, weight: Tensor, bias: Optional[Tenso
 
 @torch.library.register_fake("moeyard::merged_linear")
 def _merged_linear_fake(x, probs, weight, bias=None):
+    _check_same_device(locals())
     torch._check(x.dim() == 3 and probs.dim() == 2 and weight.dim() == 3,
                  lambda: "x must be 3-D, probs 2-D and weight 3-D")
     torch._check(weight.shape[2] == x.shape[2],
@@ -556,6 +607,7 @@ def _merged_linear_fake(x, probs, weight, bias=None):
 
 @torch.library.register_fake("moeyard::_merged_linear_backward")
 def _merged_linear_backward_fake(grad, x, probs, weight, bias, output_mask):
+    _check_same_device(locals())
     def like(t, need, keep_strides):
         if not need or t is None:
             return x.new_empty((0,))
