@@ -30,6 +30,7 @@
 #include <utility>
 
 #include "common/cuda_utils.cuh"
+#include "experts/gemm_index.h"
 #include "experts/grouped_mm.h"
 
 namespace moeyard {
@@ -99,16 +100,22 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 // A 16-byte chunk of a shared tile comes from kVec consecutive global elements, of which `valid`
 // (0..kVec) exist; the rest are zero. Vec: cp.async with zero-fill; else element loads.
 
+// load_clamped takes 0 <= valid <= kVec; load_chunk clamps any count.
+template <typename T, bool Vec>
+__device__ __forceinline__ void load_clamped(T* dst, const T* src, int valid,
+                                             const T* any_valid) {
+  if constexpr (Vec) {
+    cp_async16(dst, valid > 0 ? src : any_valid, valid * int(sizeof(T)));
+  } else {
+#pragma unroll
+    for (int i = 0; i < Cfg<T>::kVec; ++i) dst[i] = i < valid ? src[i] : T(0.f);
+  }
+}
+
 template <typename T, bool Vec>
 __device__ __forceinline__ void load_chunk(T* dst, const T* src, int valid, const T* any_valid) {
   constexpr int V = Cfg<T>::kVec;
-  if constexpr (Vec) {
-    const int bytes = valid > 0 ? (valid < V ? valid : V) * int(sizeof(T)) : 0;
-    cp_async16(dst, bytes > 0 ? src : any_valid, bytes);
-  } else {
-#pragma unroll
-    for (int i = 0; i < V; ++i) dst[i] = i < valid ? src[i] : T(0.f);
-  }
+  load_clamped<T, Vec>(dst, src, valid > 0 ? (valid < V ? valid : V) : 0, any_valid);
 }
 
 // Chunks of a tile owned by one thread.
@@ -209,9 +216,11 @@ struct Operands {
 };
 
 // The main loop shared by both kernels: k-steps 0..ktiles-1 through the multi-stage pipeline.
-// load(stage_ptr_a, stage_ptr_b, kt) issues the loads of step kt.
-template <typename T, typename Ops, typename Load>
-__device__ __forceinline__ void main_loop(T* smem, int ktiles, float (&acc)[4][4][4], Load load) {
+// load(stage_ptr_a, stage_ptr_b, kt) issues the loads of step kt; after_load(kt) runs in
+// iteration kt after its loads are issued, before its MMAs (between the same two barriers).
+template <typename T, typename Ops, typename Load, typename AfterLoad>
+__device__ __forceinline__ void main_loop(T* smem, int ktiles, float (&acc)[4][4][4], Load load,
+                                          AfterLoad after_load) {
   constexpr int S = Cfg<T>::kStages;
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) {
@@ -227,6 +236,7 @@ __device__ __forceinline__ void main_loop(T* smem, int ktiles, float (&acc)[4][4
       load(st, st + Ops::TileA::kSize, next);
     }
     cp_async_commit();
+    after_load(kt);
     const T* st = smem + (kt % S) * Ops::kStageSize;
     Ops::mma_stage(st, st + Ops::TileA::kSize, acc);
   }
@@ -246,13 +256,16 @@ __device__ __forceinline__ void zero_acc(float (&acc)[4][4][4]) {
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// Source row of position p through an optional index (index < 0 or >= limit: no row).
-__device__ __forceinline__ int64_t source_row(const int32_t* index, int div, int64_t p,
-                                              int64_t limit) {
-  if (index == nullptr) return p;
-  const int32_t v = index[p];
-  const int64_t s = v < 0 ? -1 : v / div;
+// Source row of an index entry v (v < 0 or v / div >= limit: no row).
+__device__ __forceinline__ int64_t source_of(int32_t v, RowDiv div, int64_t limit) {
+  const int64_t s = v < 0 ? -1 : div(v);
   return s < limit ? s : -1;
+}
+
+// Source row of position p through an optional index.
+__device__ __forceinline__ int64_t source_row(const int32_t* index, RowDiv div, int64_t p,
+                                              int64_t limit) {
+  return index == nullptr ? p : source_of(index[p], div, limit);
 }
 
 // Rows of a 2-D operand read through an optional index (see RowIndex in grouped_mm.h).
@@ -261,7 +274,7 @@ struct Gathered {
   const T* data;
   int64_t ld, rows;
   const int32_t* index;  // null: position p reads row p
-  int div;
+  RowDiv div;
 
   // Row pointer of position p, or null (no row).
   __device__ __forceinline__ const T* row(int64_t p) const {
@@ -270,11 +283,17 @@ struct Gathered {
   }
 };
 
+// The division by a RowIndex's divisor (k: index entries are token * k + slot).
+inline RowDiv row_div(const RowIndex& rows) {
+  TORCH_CHECK(rows.div >= 1 && rows.div < (int64_t(1) << 31),
+              "moeyard: the row divisor must lie in [1, 2^31), got ", rows.div);
+  return RowDiv(rows.div);
+}
+
 template <typename T>
 Gathered<T> gathered(const at::Tensor& t, const RowIndex& rows) {
   return Gathered<T>{t.const_data_ptr<T>(), t.stride(0), t.size(0),
-                     rows.index ? rows.index->const_data_ptr<int32_t>() : nullptr,
-                     static_cast<int>(rows.div)};
+                     rows.index ? rows.index->const_data_ptr<int32_t>() : nullptr, row_div(rows)};
 }
 
 // ---------------------------------------------------------------------------- segments
@@ -470,7 +489,7 @@ __global__ void __launch_bounds__(kThreads, 1) rows_gemm_kernel(const RowsParams
                              ok ? p.K - (k0 + i) : 0, p.b);
         }
       }
-    });
+    }, [](int) {});
 
     // Epilogue: bias, activation, zeros for unused rows; pre-activation kept if asked.
     const T* bias = p.bias ? p.bias + e * p.ldbias : nullptr;
@@ -535,27 +554,41 @@ struct WgradParams {
   int m_tiles, n_tiles;
 };
 
-// A [k][col] tile of the weight gradient: rows first .. first + kBK of a gathered operand (those
-// below `rows_left` exist), columns col0 .. col0 + inner (those below `cols` exist).
-template <typename T, bool Vec, typename TileT>
-__device__ __forceinline__ void load_row_tile(T* s, const Gathered<T>& op, int64_t first,
-                                              int64_t rows_left, int col0, int cols) {
-  constexpr int V = Cfg<T>::kVec;
-#pragma unroll
-  for (int c = 0; c < chunks_per_thread<T, TileT>(); ++c) {
-    int o, i;
-    chunk_pos<T, TileT>(c, o, i);
-    const T* row = o < rows_left ? op.row(first + o) : nullptr;
-    load_chunk<T, Vec>(s + o * TileT::kLd + i, row ? row + col0 + i : op.data,
-                       row ? min(cols - (col0 + i), V) : 0, op.data);
-  }
+// Row offsets of one K step of the weight gradient: for each of its kBK rows, the element offset
+// (row * ld) of the row that lhs and rhs read, or -1 where there is none (past the expert's count,
+// an index entry < 0 or past the operand). 16 bytes: one LDS.128 per chunk row.
+struct alignas(16) RowPair {
+  int64_t lhs, rhs;
+};
+
+// Staging of one operand's rows, lane o for row o of a K step (q = step * kBK + o of the expert's
+// `count` rows from `first`): fetch_entry loads the index entry one iteration before row_offset
+// turns it into an offset, so the load's latency hides behind that iteration's MMAs instead of
+// stalling the cp.async issue.
+template <typename T>
+__device__ __forceinline__ int32_t fetch_entry(const Gathered<T>& op, int64_t first, int64_t count,
+                                               int64_t q) {
+  return op.index != nullptr && q < count ? op.index[first + q] : -1;
+}
+
+template <typename T>
+__device__ __forceinline__ int64_t row_offset(const Gathered<T>& op, int64_t first, int64_t count,
+                                              int64_t q, int32_t entry) {
+  if (q >= count) return -1;
+  const int64_t r = op.index != nullptr ? source_of(entry, op.div, op.rows) : first + q;
+  return r >= 0 && r < op.rows ? r * op.ld : -1;
 }
 
 template <typename T, bool Vec>
 __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WgradParams<T> p) {
   using Ops = Operands<T, true, true>;
+  using TileT = typename Ops::TileA;
+  static_assert(std::is_same_v<TileT, typename Ops::TileB>, "lhs and rhs chunks share rows");
+  static_assert(kBK == 32, "one lane of a staging warp per row of a K step");
+  constexpr int S = Cfg<T>::kStages, V = Cfg<T>::kVec, C = chunks_per_thread<T, TileT>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
+  RowPair* staged = reinterpret_cast<RowPair*>(smem_raw + Ops::kSmemBytes);  // [S][kBK]
   const int64_t per_expert = int64_t(p.m_tiles) * p.n_tiles;
   const int64_t total = per_expert * p.seg.E;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -567,15 +600,77 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WgradPar
     const int m0 = (rem / p.n_tiles) * kBM, n0 = (rem % p.n_tiles) * kBN;
     int64_t start, len, count;
     segment_of(p.seg, e, start, len, count);
+    const int ktiles = static_cast<int>((count + kBK - 1) / kBK);
+
+    // Steps 0..S-1 are staged here (the prologue loads read 0..S-2, iteration 0 stages S and
+    // loads S-1); step j >= S is staged in iteration j - S, into slot j % S, which nothing reads
+    // then: iteration j - S loads step j - 1 from slot (j - 1) % S, and the last reader of the
+    // slot's previous step j - S loaded it in iteration j - 2S + 1 < j - S, before the barrier
+    // that opens iteration j - S. Iteration j - S + 1 loads step j after its own opening barrier.
+    // The previous tile's last reads came before main_loop's closing barrier.
+    int32_t entry = -1;  // staging warps: the index entry of the next step to stage
+    const auto put = [&](const Gathered<T>& op, int field, int step, int32_t v) {
+      int64_t* slot = reinterpret_cast<int64_t*>(staged + (step % S) * kBK + lane);
+      slot[field] = row_offset(op, start, count, int64_t(step) * kBK + lane, v);
+    };
+    const auto prologue = [&](const Gathered<T>& op, int field) {
+      int32_t first[S];
+#pragma unroll
+      for (int j = 0; j < S; ++j)
+        first[j] = fetch_entry(op, start, count, int64_t(j) * kBK + lane);
+#pragma unroll
+      for (int j = 0; j < S; ++j)
+        if (j < ktiles) put(op, field, j, first[j]);
+      entry = fetch_entry(op, start, count, int64_t(S) * kBK + lane);
+    };
+    const auto stage = [&](const Gathered<T>& op, int field, int j) {  // and fetch j + 1
+      put(op, field, j, entry);
+      entry = fetch_entry(op, start, count, int64_t(j + 1) * kBK + lane);
+    };
+    if (warp == 0) prologue(p.lhs, 0);
+    if (warp == 1) prologue(p.rhs, 1);
+    __syncthreads();
+
+    // Per-tile parts of this thread's chunks: chunk c is row o_c of a K step, columns
+    // m0 + i_c (lhs) and n0 + i_c (rhs), of which lvalid / rvalid (0..V) exist.
+    const T* lcol[C];
+    const T* rcol[C];
+    int lvalid[C], rvalid[C];
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      int o, i;
+      chunk_pos<T, TileT>(c, o, i);
+      lcol[c] = p.lhs.data + m0 + i;
+      rcol[c] = p.rhs.data + n0 + i;
+      lvalid[c] = max(0, min(p.M - (m0 + i), V));
+      rvalid[c] = max(0, min(p.N - (n0 + i), V));
+    }
 
     float acc[4][4][4];
     zero_acc(acc);
-    const int ktiles = static_cast<int>((count + kBK - 1) / kBK);
-    main_loop<T, Ops>(smem, ktiles, acc, [&](T* sa, T* sb, int kt) {
-      const int64_t k0 = int64_t(kt) * kBK;
-      load_row_tile<T, Vec, typename Ops::TileA>(sa, p.lhs, start + k0, count - k0, m0, p.M);
-      load_row_tile<T, Vec, typename Ops::TileB>(sb, p.rhs, start + k0, count - k0, n0, p.N);
-    });
+    main_loop<T, Ops>(
+        smem, ktiles, acc,
+        [&](T* sa, T* sb, int kt) {
+          const RowPair* rows = staged + (kt % S) * kBK;
+#pragma unroll
+          for (int c = 0; c < C; ++c) {
+            int o, i;
+            chunk_pos<T, TileT>(c, o, i);
+            const RowPair r = rows[o];
+            const int lv = r.lhs >= 0 ? lvalid[c] : 0, rv = r.rhs >= 0 ? rvalid[c] : 0;
+            load_clamped<T, Vec>(sa + o * TileT::kLd + i, lv > 0 ? lcol[c] + r.lhs : p.lhs.data,
+                                 lv, p.lhs.data);
+            load_clamped<T, Vec>(sb + o * TileT::kLd + i, rv > 0 ? rcol[c] + r.rhs : p.rhs.data,
+                                 rv, p.rhs.data);
+          }
+        },
+        [&](int kt) {
+          const int j = kt + S;
+          if (j < ktiles) {
+            if (warp == 0) stage(p.lhs, 0, j);
+            if (warp == 1) stage(p.rhs, 1, j);
+          }
+        });
 
     T* out = p.out + e * p.soe;
 #pragma unroll
@@ -600,7 +695,7 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WgradPar
 // out[s, n] = sum_{p in [begin[s], end[s])} scale[p] * src[src(p), n], fp32, position order.
 template <typename T>
 __global__ void segment_sum_kernel(const T* __restrict__ src, int64_t lds, int64_t rows,
-                                   const int32_t* __restrict__ index, int div,
+                                   const int32_t* __restrict__ index, RowDiv div,
                                    const float* __restrict__ scale,
                                    const int64_t* __restrict__ begin,
                                    const int64_t* __restrict__ end, T* __restrict__ out,
@@ -765,7 +860,9 @@ void launch_weight_grad(const WeightGrad& p) {
   const bool vec = aligned16(k.lhs.data) && aligned16(k.rhs.data) && k.lhs.ld % V == 0 &&
                    k.rhs.ld % V == 0;
   if (!vec) warn_unaligned("an operand of a weight gradient");
-  constexpr size_t smem = Operands<T, true, true>::kSmemBytes;
+  constexpr size_t smem =
+      Operands<T, true, true>::kSmemBytes + Cfg<T>::kStages * kBK * sizeof(RowPair);
+  static_assert(Operands<T, true, true>::kSmemBytes % alignof(RowPair) == 0);
   if (vec)
     launch_persistent<weight_grad_kernel<T, true>>(k, smem);
   else
@@ -810,7 +907,7 @@ void segment_sum_cuda(const SegmentSum& p) {
     using T = decltype(v);
     segment_sum_kernel<T><<<grid, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
         src.const_data_ptr<T>(), src.stride(0), src.size(0), index_ptr(p.rows),
-        static_cast<int>(p.rows.div), scale.defined() ? scale.const_data_ptr<float>() : nullptr,
+        row_div(p.rows), scale.defined() ? scale.const_data_ptr<float>() : nullptr,
         begin.const_data_ptr<int64_t>(), end.const_data_ptr<int64_t>(), p.out.mutable_data_ptr<T>(),
         p.out.stride(0), p.out.stride(1), N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
