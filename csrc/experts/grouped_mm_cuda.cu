@@ -12,11 +12,15 @@
 // Persistent scheduling: the grid is as many blocks as fit on the GPU at once; block b takes
 // tiles b, b + grid, ... A tiny kernel first turns the offsets into a prefix of row tiles per
 // segment on the device, so no host sync and no launch per expert; a skewed load just means more
-// tiles of one expert, spread over every SM. Rows are gathered through an index while loading
-// (no permuted copy); cp.async's zero-fill handles rows and columns past the edges.
+// tiles of one expert, spread over every SM. Within a segment (an expert) tiles go in groups of G
+// row tiles walked column by column (gemm_index.h: grouped_tile, and tile_group for G from the L2
+// size), so the blocks running at once share their B panels and the group's A panels stay in L2.
+// Rows are gathered through an index while loading (no permuted copy); cp.async's zero-fill
+// handles rows and columns past the edges.
 //
-// FLOPs 2*R*K*N per product; bytes: the gathered rows of a once per column tile, b once per row
-// tile (from L2 after the first), the output once. Operand rows must be 16-byte aligned for the
+// FLOPs 2*R*K*N per product; bytes: the output once, b once per group of row tiles, the
+// gathered rows of a once where the group's A panels stay in L2 (benchmarks/NOTES.md counts them
+// for the mixtral and qwen3moe shapes). Operand rows must be 16-byte aligned for the
 // cp.async path; otherwise the same kernel loads element by element (correct, slower, and said so
 // once by a warning).
 #include <c10/util/Exception.h>
@@ -375,6 +379,7 @@ struct RowsParams {
   Activation act;
   int n_tiles;
   const int32_t* prefix;
+  float l2_rows;  // the tile order's L2 share over the bytes of one K row of a 128-wide panel
 };
 
 // Column map of the product tile: local column l of column tile nt -> column of b, and whether
@@ -422,18 +427,28 @@ __global__ void __launch_bounds__(kThreads, 1) rows_gemm_kernel(const RowsParams
   const int64_t total = int64_t(p.prefix[S]) * p.n_tiles;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32, g = lane >> 2, t = lane & 3;
+  const float panels_fit = p.l2_rows / float(p.K > 0 ? p.K : 1);
+  int group_seg = -1, group = 1;  // tile_group of segment group_seg (a block's tiles come in runs)
 
   for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
-    const int mt = static_cast<int>(tile / p.n_tiles), nt = static_cast<int>(tile % p.n_tiles);
+    // Segment s owns tiles prefix[s] * n_tiles .. prefix[s + 1] * n_tiles - 1, in grouped order.
+    const int mt = static_cast<int>(tile / p.n_tiles);
     int lo = 0, hi = S;  // the segment s with prefix[s] <= mt < prefix[s + 1]
     while (hi - lo > 1) {
       const int mid = (lo + hi) >> 1;
       if (p.prefix[mid] <= mt) lo = mid; else hi = mid;
     }
     const int s = lo;
+    const int seg_tiles = p.prefix[s + 1] - p.prefix[s];
+    if (s != group_seg) {
+      group = tile_group(panels_fit, static_cast<int>(gridDim.x), seg_tiles, p.n_tiles);
+      group_seg = s;
+    }
+    int smt, nt;
+    grouped_tile(tile - int64_t(p.prefix[s]) * p.n_tiles, seg_tiles, p.n_tiles, group, smt, nt);
     int64_t start, len, count;
     segment_of(p.seg, s, start, len, count);
-    const int64_t m0 = int64_t(mt - p.prefix[s]) * kBM;
+    const int64_t m0 = int64_t(smt) * kBM;
     const int rows = static_cast<int>(min64(kBM, len - m0));
     const int used = static_cast<int>(max64(0, min64(kBM, count - m0)));
     const int e = min(s, p.seg.E - 1);
@@ -552,6 +567,7 @@ struct WgradParams {
   T* out;
   int64_t soe, som, son;
   int m_tiles, n_tiles;
+  float l2_rows;  // as in RowsParams; the K extent of expert e is its row count
 };
 
 // Row offsets of one K step of the weight gradient: for each of its kBK rows, the element offset
@@ -593,13 +609,20 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WgradPar
   const int64_t total = per_expert * p.seg.E;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32, g = lane >> 2, t = lane & 3;
+  int group_expert = -1, group = 1;  // tile_group of expert group_expert
 
   for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
     const int e = static_cast<int>(tile / per_expert);
-    const int rem = static_cast<int>(tile % per_expert);
-    const int m0 = (rem / p.n_tiles) * kBM, n0 = (rem % p.n_tiles) * kBN;
     int64_t start, len, count;
     segment_of(p.seg, e, start, len, count);
+    if (e != group_expert) {  // G from the expert's row count, its K extent
+      group = tile_group(p.l2_rows / float(max64(count, 1)), static_cast<int>(gridDim.x),
+                         p.m_tiles, p.n_tiles);
+      group_expert = e;
+    }
+    int mt, nt;
+    grouped_tile(tile - e * per_expert, p.m_tiles, p.n_tiles, group, mt, nt);
+    const int m0 = mt * kBM, n0 = nt * kBN;
     const int ktiles = static_cast<int>((count + kBK - 1) / kBK);
 
     // Steps 0..S-1 are staged here (the prologue loads read 0..S-2, iteration 0 stages S and
@@ -781,6 +804,12 @@ void launch_persistent(const Params& params, size_t smem) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The tile order's L2 share (half the L2, see tile_group) over one K row of a 128-wide panel.
+template <typename T>
+float l2_panel_rows() {
+  return float(at::cuda::getCurrentDeviceProperties()->l2CacheSize) / 2.f / float(kBM * sizeof(T));
+}
+
 SegParams seg_params(const at::Tensor& offsets, const Segments& seg) {
   return SegParams{offsets.const_data_ptr<int32_t>(), static_cast<int>(seg.E), seg.R,
                    seg.capacity ? *seg.capacity : -1};
@@ -821,6 +850,7 @@ void launch_rows_gemm(const RowsGemm& p) {
   k.n_tiles = static_cast<int>(p.act == Activation::SwiGLU ? ceil_div(k.N / 2, kBN / 2)
                                                            : ceil_div(k.N, kBN));
   k.prefix = prefix.const_data_ptr<int32_t>();
+  k.l2_rows = l2_panel_rows<T>();
   const bool bkn = p.b.stride(2) == 1;
   constexpr int V = Cfg<T>::kVec;
   const int64_t b_outer = bkn ? k.sbk : k.sbn;
@@ -856,6 +886,7 @@ void launch_weight_grad(const WeightGrad& p) {
   }
   k.m_tiles = static_cast<int>(ceil_div(k.M, kBM));
   k.n_tiles = static_cast<int>(ceil_div(k.N, kBN));
+  k.l2_rows = l2_panel_rows<T>();
   constexpr int V = Cfg<T>::kVec;
   const bool vec = aligned16(k.lhs.data) && aligned16(k.rhs.data) && k.lhs.ld % V == 0 &&
                    k.rhs.ld % V == 0;
