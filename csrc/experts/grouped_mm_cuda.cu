@@ -726,8 +726,27 @@ __global__ void segment_sum_kernel(const T* __restrict__ src, int64_t lds, int64
   const int64_t s = blockIdx.x;
   const int64_t n = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
   if (n >= N) return;
+  const int64_t q_end = end[s];
+  int64_t q = begin[s];
   float acc = 0.f;
-  for (int64_t q = begin[s]; q < end[s]; ++q) {
+  // U rows in flight: their index entries, then their values, then the adds in position order
+  // (the same fp32 sum as one row at a time).
+  constexpr int U = 4;
+  for (; q + U <= q_end; q += U) {
+    int64_t r[U];
+    float v[U], w[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) r[u] = source_row(index, div, q + u, rows);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      v[u] = r[u] >= 0 ? static_cast<float>(src[r[u] * lds + n]) : 0.f;
+      w[u] = scale && r[u] >= 0 ? scale[q + u] : 1.f;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (r[u] >= 0) acc += scale ? w[u] * v[u] : v[u];
+  }
+  for (; q < q_end; ++q) {
     const int64_t r = source_row(index, div, q, rows);
     if (r < 0) continue;
     const float v = static_cast<float>(src[r * lds + n]);
