@@ -12,11 +12,15 @@
 // Persistent scheduling: the grid is as many blocks as fit on the GPU at once; block b takes
 // tiles b, b + grid, ... A tiny kernel first turns the offsets into a prefix of row tiles per
 // segment on the device, so no host sync and no launch per expert; a skewed load just means more
-// tiles of one expert, spread over every SM. Rows are gathered through an index while loading
-// (no permuted copy); cp.async's zero-fill handles rows and columns past the edges.
+// tiles of one expert, spread over every SM. Within a segment (an expert) tiles go in groups of G
+// row tiles walked column by column (gemm_index.h: grouped_tile, and tile_group for G from the L2
+// size), so the blocks running at once share their B panels and the group's A panels stay in L2.
+// Rows are gathered through an index while loading (no permuted copy); cp.async's zero-fill
+// handles rows and columns past the edges.
 //
-// FLOPs 2*R*K*N per product; bytes: the gathered rows of a once per column tile, b once per row
-// tile (from L2 after the first), the output once. Operand rows must be 16-byte aligned for the
+// FLOPs 2*R*K*N per product; bytes: the output once, b once per group of row tiles, the
+// gathered rows of a once where the group's A panels stay in L2 (benchmarks/NOTES.md counts them
+// for the mixtral and qwen3moe shapes). Operand rows must be 16-byte aligned for the
 // cp.async path; otherwise the same kernel loads element by element (correct, slower, and said so
 // once by a warning).
 #include <c10/util/Exception.h>
@@ -30,6 +34,7 @@
 #include <utility>
 
 #include "common/cuda_utils.cuh"
+#include "experts/gemm_index.h"
 #include "experts/grouped_mm.h"
 
 namespace moeyard {
@@ -99,16 +104,22 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 // A 16-byte chunk of a shared tile comes from kVec consecutive global elements, of which `valid`
 // (0..kVec) exist; the rest are zero. Vec: cp.async with zero-fill; else element loads.
 
+// load_clamped takes 0 <= valid <= kVec; load_chunk clamps any count.
+template <typename T, bool Vec>
+__device__ __forceinline__ void load_clamped(T* dst, const T* src, int valid,
+                                             const T* any_valid) {
+  if constexpr (Vec) {
+    cp_async16(dst, valid > 0 ? src : any_valid, valid * int(sizeof(T)));
+  } else {
+#pragma unroll
+    for (int i = 0; i < Cfg<T>::kVec; ++i) dst[i] = i < valid ? src[i] : T(0.f);
+  }
+}
+
 template <typename T, bool Vec>
 __device__ __forceinline__ void load_chunk(T* dst, const T* src, int valid, const T* any_valid) {
   constexpr int V = Cfg<T>::kVec;
-  if constexpr (Vec) {
-    const int bytes = valid > 0 ? (valid < V ? valid : V) * int(sizeof(T)) : 0;
-    cp_async16(dst, bytes > 0 ? src : any_valid, bytes);
-  } else {
-#pragma unroll
-    for (int i = 0; i < V; ++i) dst[i] = i < valid ? src[i] : T(0.f);
-  }
+  load_clamped<T, Vec>(dst, src, valid > 0 ? (valid < V ? valid : V) : 0, any_valid);
 }
 
 // Chunks of a tile owned by one thread.
@@ -209,9 +220,11 @@ struct Operands {
 };
 
 // The main loop shared by both kernels: k-steps 0..ktiles-1 through the multi-stage pipeline.
-// load(stage_ptr_a, stage_ptr_b, kt) issues the loads of step kt.
-template <typename T, typename Ops, typename Load>
-__device__ __forceinline__ void main_loop(T* smem, int ktiles, float (&acc)[4][4][4], Load load) {
+// load(stage_ptr_a, stage_ptr_b, kt) issues the loads of step kt; after_load(kt) runs in
+// iteration kt after its loads are issued, before its MMAs (between the same two barriers).
+template <typename T, typename Ops, typename Load, typename AfterLoad>
+__device__ __forceinline__ void main_loop(T* smem, int ktiles, float (&acc)[4][4][4], Load load,
+                                          AfterLoad after_load) {
   constexpr int S = Cfg<T>::kStages;
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) {
@@ -227,6 +240,7 @@ __device__ __forceinline__ void main_loop(T* smem, int ktiles, float (&acc)[4][4
       load(st, st + Ops::TileA::kSize, next);
     }
     cp_async_commit();
+    after_load(kt);
     const T* st = smem + (kt % S) * Ops::kStageSize;
     Ops::mma_stage(st, st + Ops::TileA::kSize, acc);
   }
@@ -246,13 +260,16 @@ __device__ __forceinline__ void zero_acc(float (&acc)[4][4][4]) {
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// Source row of position p through an optional index (index < 0 or >= limit: no row).
-__device__ __forceinline__ int64_t source_row(const int32_t* index, int div, int64_t p,
-                                              int64_t limit) {
-  if (index == nullptr) return p;
-  const int32_t v = index[p];
-  const int64_t s = v < 0 ? -1 : v / div;
+// Source row of an index entry v (v < 0 or v / div >= limit: no row).
+__device__ __forceinline__ int64_t source_of(int32_t v, RowDiv div, int64_t limit) {
+  const int64_t s = v < 0 ? -1 : div(v);
   return s < limit ? s : -1;
+}
+
+// Source row of position p through an optional index.
+__device__ __forceinline__ int64_t source_row(const int32_t* index, RowDiv div, int64_t p,
+                                              int64_t limit) {
+  return index == nullptr ? p : source_of(index[p], div, limit);
 }
 
 // Rows of a 2-D operand read through an optional index (see RowIndex in grouped_mm.h).
@@ -261,7 +278,7 @@ struct Gathered {
   const T* data;
   int64_t ld, rows;
   const int32_t* index;  // null: position p reads row p
-  int div;
+  RowDiv div;
 
   // Row pointer of position p, or null (no row).
   __device__ __forceinline__ const T* row(int64_t p) const {
@@ -270,11 +287,17 @@ struct Gathered {
   }
 };
 
+// The division by a RowIndex's divisor (k: index entries are token * k + slot).
+inline RowDiv row_div(const RowIndex& rows) {
+  TORCH_CHECK(rows.div >= 1 && rows.div < (int64_t(1) << 31),
+              "moeyard: the row divisor must lie in [1, 2^31), got ", rows.div);
+  return RowDiv(rows.div);
+}
+
 template <typename T>
 Gathered<T> gathered(const at::Tensor& t, const RowIndex& rows) {
   return Gathered<T>{t.const_data_ptr<T>(), t.stride(0), t.size(0),
-                     rows.index ? rows.index->const_data_ptr<int32_t>() : nullptr,
-                     static_cast<int>(rows.div)};
+                     rows.index ? rows.index->const_data_ptr<int32_t>() : nullptr, row_div(rows)};
 }
 
 // ---------------------------------------------------------------------------- segments
@@ -356,6 +379,7 @@ struct RowsParams {
   Activation act;
   int n_tiles;
   const int32_t* prefix;
+  float l2_rows;  // the tile order's L2 share over the bytes of one K row of a 128-wide panel
 };
 
 // Column map of the product tile: local column l of column tile nt -> column of b, and whether
@@ -403,18 +427,28 @@ __global__ void __launch_bounds__(kThreads, 1) rows_gemm_kernel(const RowsParams
   const int64_t total = int64_t(p.prefix[S]) * p.n_tiles;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32, g = lane >> 2, t = lane & 3;
+  const float panels_fit = p.l2_rows / float(p.K > 0 ? p.K : 1);
+  int group_seg = -1, group = 1;  // tile_group of segment group_seg (a block's tiles come in runs)
 
   for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
-    const int mt = static_cast<int>(tile / p.n_tiles), nt = static_cast<int>(tile % p.n_tiles);
+    // Segment s owns tiles prefix[s] * n_tiles .. prefix[s + 1] * n_tiles - 1, in grouped order.
+    const int mt = static_cast<int>(tile / p.n_tiles);
     int lo = 0, hi = S;  // the segment s with prefix[s] <= mt < prefix[s + 1]
     while (hi - lo > 1) {
       const int mid = (lo + hi) >> 1;
       if (p.prefix[mid] <= mt) lo = mid; else hi = mid;
     }
     const int s = lo;
+    const int seg_tiles = p.prefix[s + 1] - p.prefix[s];
+    if (s != group_seg) {
+      group = tile_group(panels_fit, static_cast<int>(gridDim.x), seg_tiles, p.n_tiles);
+      group_seg = s;
+    }
+    int smt, nt;
+    grouped_tile(tile - int64_t(p.prefix[s]) * p.n_tiles, seg_tiles, p.n_tiles, group, smt, nt);
     int64_t start, len, count;
     segment_of(p.seg, s, start, len, count);
-    const int64_t m0 = int64_t(mt - p.prefix[s]) * kBM;
+    const int64_t m0 = int64_t(smt) * kBM;
     const int rows = static_cast<int>(min64(kBM, len - m0));
     const int used = static_cast<int>(max64(0, min64(kBM, count - m0)));
     const int e = min(s, p.seg.E - 1);
@@ -470,7 +504,7 @@ __global__ void __launch_bounds__(kThreads, 1) rows_gemm_kernel(const RowsParams
                              ok ? p.K - (k0 + i) : 0, p.b);
         }
       }
-    });
+    }, [](int) {});
 
     // Epilogue: bias, activation, zeros for unused rows; pre-activation kept if asked.
     const T* bias = p.bias ? p.bias + e * p.ldbias : nullptr;
@@ -533,49 +567,133 @@ struct WgradParams {
   T* out;
   int64_t soe, som, son;
   int m_tiles, n_tiles;
+  float l2_rows;  // as in RowsParams; the K extent of expert e is its row count
 };
 
-// A [k][col] tile of the weight gradient: rows first .. first + kBK of a gathered operand (those
-// below `rows_left` exist), columns col0 .. col0 + inner (those below `cols` exist).
-template <typename T, bool Vec, typename TileT>
-__device__ __forceinline__ void load_row_tile(T* s, const Gathered<T>& op, int64_t first,
-                                              int64_t rows_left, int col0, int cols) {
-  constexpr int V = Cfg<T>::kVec;
-#pragma unroll
-  for (int c = 0; c < chunks_per_thread<T, TileT>(); ++c) {
-    int o, i;
-    chunk_pos<T, TileT>(c, o, i);
-    const T* row = o < rows_left ? op.row(first + o) : nullptr;
-    load_chunk<T, Vec>(s + o * TileT::kLd + i, row ? row + col0 + i : op.data,
-                       row ? min(cols - (col0 + i), V) : 0, op.data);
-  }
+// Row offsets of one K step of the weight gradient: for each of its kBK rows, the element offset
+// (row * ld) of the row that lhs and rhs read, or -1 where there is none (past the expert's count,
+// an index entry < 0 or past the operand). 16 bytes: one LDS.128 per chunk row.
+struct alignas(16) RowPair {
+  int64_t lhs, rhs;
+};
+
+// Staging of one operand's rows, lane o for row o of a K step (q = step * kBK + o of the expert's
+// `count` rows from `first`): fetch_entry loads the index entry one iteration before row_offset
+// turns it into an offset, so the load's latency hides behind that iteration's MMAs instead of
+// stalling the cp.async issue.
+template <typename T>
+__device__ __forceinline__ int32_t fetch_entry(const Gathered<T>& op, int64_t first, int64_t count,
+                                               int64_t q) {
+  return op.index != nullptr && q < count ? op.index[first + q] : -1;
+}
+
+template <typename T>
+__device__ __forceinline__ int64_t row_offset(const Gathered<T>& op, int64_t first, int64_t count,
+                                              int64_t q, int32_t entry) {
+  if (q >= count) return -1;
+  const int64_t r = op.index != nullptr ? source_of(entry, op.div, op.rows) : first + q;
+  return r >= 0 && r < op.rows ? r * op.ld : -1;
 }
 
 template <typename T, bool Vec>
 __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WgradParams<T> p) {
   using Ops = Operands<T, true, true>;
+  using TileT = typename Ops::TileA;
+  static_assert(std::is_same_v<TileT, typename Ops::TileB>, "lhs and rhs chunks share rows");
+  static_assert(kBK == 32, "one lane of a staging warp per row of a K step");
+  constexpr int S = Cfg<T>::kStages, V = Cfg<T>::kVec, C = chunks_per_thread<T, TileT>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
+  RowPair* staged = reinterpret_cast<RowPair*>(smem_raw + Ops::kSmemBytes);  // [S][kBK]
   const int64_t per_expert = int64_t(p.m_tiles) * p.n_tiles;
   const int64_t total = per_expert * p.seg.E;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32, g = lane >> 2, t = lane & 3;
+  int group_expert = -1, group = 1;  // tile_group of expert group_expert
 
   for (int64_t tile = blockIdx.x; tile < total; tile += gridDim.x) {
     const int e = static_cast<int>(tile / per_expert);
-    const int rem = static_cast<int>(tile % per_expert);
-    const int m0 = (rem / p.n_tiles) * kBM, n0 = (rem % p.n_tiles) * kBN;
     int64_t start, len, count;
     segment_of(p.seg, e, start, len, count);
+    if (e != group_expert) {  // G from the expert's row count, its K extent
+      group = tile_group(p.l2_rows / float(max64(count, 1)), static_cast<int>(gridDim.x),
+                         p.m_tiles, p.n_tiles);
+      group_expert = e;
+    }
+    int mt, nt;
+    grouped_tile(tile - e * per_expert, p.m_tiles, p.n_tiles, group, mt, nt);
+    const int m0 = mt * kBM, n0 = nt * kBN;
+    const int ktiles = static_cast<int>((count + kBK - 1) / kBK);
+
+    // Steps 0..S-1 are staged here (the prologue loads read 0..S-2, iteration 0 stages S and
+    // loads S-1); step j >= S is staged in iteration j - S, into slot j % S, which nothing reads
+    // then: iteration j - S loads step j - 1 from slot (j - 1) % S, and the last reader of the
+    // slot's previous step j - S loaded it in iteration j - 2S + 1 < j - S, before the barrier
+    // that opens iteration j - S. Iteration j - S + 1 loads step j after its own opening barrier.
+    // The previous tile's last reads came before main_loop's closing barrier.
+    int32_t entry = -1;  // staging warps: the index entry of the next step to stage
+    const auto put = [&](const Gathered<T>& op, int field, int step, int32_t v) {
+      int64_t* slot = reinterpret_cast<int64_t*>(staged + (step % S) * kBK + lane);
+      slot[field] = row_offset(op, start, count, int64_t(step) * kBK + lane, v);
+    };
+    const auto prologue = [&](const Gathered<T>& op, int field) {
+      int32_t first[S];
+#pragma unroll
+      for (int j = 0; j < S; ++j)
+        first[j] = fetch_entry(op, start, count, int64_t(j) * kBK + lane);
+#pragma unroll
+      for (int j = 0; j < S; ++j)
+        if (j < ktiles) put(op, field, j, first[j]);
+      entry = fetch_entry(op, start, count, int64_t(S) * kBK + lane);
+    };
+    const auto stage = [&](const Gathered<T>& op, int field, int j) {  // and fetch j + 1
+      put(op, field, j, entry);
+      entry = fetch_entry(op, start, count, int64_t(j + 1) * kBK + lane);
+    };
+    if (warp == 0) prologue(p.lhs, 0);
+    if (warp == 1) prologue(p.rhs, 1);
+    __syncthreads();
+
+    // Per-tile parts of this thread's chunks: chunk c is row o_c of a K step, columns
+    // m0 + i_c (lhs) and n0 + i_c (rhs), of which lvalid / rvalid (0..V) exist.
+    const T* lcol[C];
+    const T* rcol[C];
+    int lvalid[C], rvalid[C];
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      int o, i;
+      chunk_pos<T, TileT>(c, o, i);
+      lcol[c] = p.lhs.data + m0 + i;
+      rcol[c] = p.rhs.data + n0 + i;
+      lvalid[c] = max(0, min(p.M - (m0 + i), V));
+      rvalid[c] = max(0, min(p.N - (n0 + i), V));
+    }
 
     float acc[4][4][4];
     zero_acc(acc);
-    const int ktiles = static_cast<int>((count + kBK - 1) / kBK);
-    main_loop<T, Ops>(smem, ktiles, acc, [&](T* sa, T* sb, int kt) {
-      const int64_t k0 = int64_t(kt) * kBK;
-      load_row_tile<T, Vec, typename Ops::TileA>(sa, p.lhs, start + k0, count - k0, m0, p.M);
-      load_row_tile<T, Vec, typename Ops::TileB>(sb, p.rhs, start + k0, count - k0, n0, p.N);
-    });
+    main_loop<T, Ops>(
+        smem, ktiles, acc,
+        [&](T* sa, T* sb, int kt) {
+          const RowPair* rows = staged + (kt % S) * kBK;
+#pragma unroll
+          for (int c = 0; c < C; ++c) {
+            int o, i;
+            chunk_pos<T, TileT>(c, o, i);
+            const RowPair r = rows[o];
+            const int lv = r.lhs >= 0 ? lvalid[c] : 0, rv = r.rhs >= 0 ? rvalid[c] : 0;
+            load_clamped<T, Vec>(sa + o * TileT::kLd + i, lv > 0 ? lcol[c] + r.lhs : p.lhs.data,
+                                 lv, p.lhs.data);
+            load_clamped<T, Vec>(sb + o * TileT::kLd + i, rv > 0 ? rcol[c] + r.rhs : p.rhs.data,
+                                 rv, p.rhs.data);
+          }
+        },
+        [&](int kt) {
+          const int j = kt + S;
+          if (j < ktiles) {
+            if (warp == 0) stage(p.lhs, 0, j);
+            if (warp == 1) stage(p.rhs, 1, j);
+          }
+        });
 
     T* out = p.out + e * p.soe;
 #pragma unroll
@@ -600,7 +718,7 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WgradPar
 // out[s, n] = sum_{p in [begin[s], end[s])} scale[p] * src[src(p), n], fp32, position order.
 template <typename T>
 __global__ void segment_sum_kernel(const T* __restrict__ src, int64_t lds, int64_t rows,
-                                   const int32_t* __restrict__ index, int div,
+                                   const int32_t* __restrict__ index, RowDiv div,
                                    const float* __restrict__ scale,
                                    const int64_t* __restrict__ begin,
                                    const int64_t* __restrict__ end, T* __restrict__ out,
@@ -608,8 +726,27 @@ __global__ void segment_sum_kernel(const T* __restrict__ src, int64_t lds, int64
   const int64_t s = blockIdx.x;
   const int64_t n = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
   if (n >= N) return;
+  const int64_t q_end = end[s];
+  int64_t q = begin[s];
   float acc = 0.f;
-  for (int64_t q = begin[s]; q < end[s]; ++q) {
+  // U rows in flight: their index entries, then their values, then the adds in position order
+  // (the same fp32 sum as one row at a time).
+  constexpr int U = 4;
+  for (; q + U <= q_end; q += U) {
+    int64_t r[U];
+    float v[U], w[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) r[u] = source_row(index, div, q + u, rows);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      v[u] = r[u] >= 0 ? static_cast<float>(src[r[u] * lds + n]) : 0.f;
+      w[u] = scale && r[u] >= 0 ? scale[q + u] : 1.f;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (r[u] >= 0) acc += scale ? w[u] * v[u] : v[u];
+  }
+  for (; q < q_end; ++q) {
     const int64_t r = source_row(index, div, q, rows);
     if (r < 0) continue;
     const float v = static_cast<float>(src[r * lds + n]);
@@ -686,6 +823,12 @@ void launch_persistent(const Params& params, size_t smem) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The tile order's L2 share (half the L2, see tile_group) over one K row of a 128-wide panel.
+template <typename T>
+float l2_panel_rows() {
+  return float(at::cuda::getCurrentDeviceProperties()->l2CacheSize) / 2.f / float(kBM * sizeof(T));
+}
+
 SegParams seg_params(const at::Tensor& offsets, const Segments& seg) {
   return SegParams{offsets.const_data_ptr<int32_t>(), static_cast<int>(seg.E), seg.R,
                    seg.capacity ? *seg.capacity : -1};
@@ -726,6 +869,7 @@ void launch_rows_gemm(const RowsGemm& p) {
   k.n_tiles = static_cast<int>(p.act == Activation::SwiGLU ? ceil_div(k.N / 2, kBN / 2)
                                                            : ceil_div(k.N, kBN));
   k.prefix = prefix.const_data_ptr<int32_t>();
+  k.l2_rows = l2_panel_rows<T>();
   const bool bkn = p.b.stride(2) == 1;
   constexpr int V = Cfg<T>::kVec;
   const int64_t b_outer = bkn ? k.sbk : k.sbn;
@@ -761,11 +905,14 @@ void launch_weight_grad(const WeightGrad& p) {
   }
   k.m_tiles = static_cast<int>(ceil_div(k.M, kBM));
   k.n_tiles = static_cast<int>(ceil_div(k.N, kBN));
+  k.l2_rows = l2_panel_rows<T>();
   constexpr int V = Cfg<T>::kVec;
   const bool vec = aligned16(k.lhs.data) && aligned16(k.rhs.data) && k.lhs.ld % V == 0 &&
                    k.rhs.ld % V == 0;
   if (!vec) warn_unaligned("an operand of a weight gradient");
-  constexpr size_t smem = Operands<T, true, true>::kSmemBytes;
+  constexpr size_t smem =
+      Operands<T, true, true>::kSmemBytes + Cfg<T>::kStages * kBK * sizeof(RowPair);
+  static_assert(Operands<T, true, true>::kSmemBytes % alignof(RowPair) == 0);
   if (vec)
     launch_persistent<weight_grad_kernel<T, true>>(k, smem);
   else
@@ -810,7 +957,7 @@ void segment_sum_cuda(const SegmentSum& p) {
     using T = decltype(v);
     segment_sum_kernel<T><<<grid, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
         src.const_data_ptr<T>(), src.stride(0), src.size(0), index_ptr(p.rows),
-        static_cast<int>(p.rows.div), scale.defined() ? scale.const_data_ptr<float>() : nullptr,
+        row_div(p.rows), scale.defined() ? scale.const_data_ptr<float>() : nullptr,
         begin.const_data_ptr<int64_t>(), end.const_data_ptr<int64_t>(), p.out.mutable_data_ptr<T>(),
         p.out.stride(0), p.out.stride(1), N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
