@@ -90,10 +90,12 @@ TORCH_LIBRARY(moeyard, m) {
         "int? capacity, Tensor weights, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, "
         "str activation, str backend=\"auto\") -> (Tensor out, Tensor h)");
   // Gradients of expert_ffn w.r.t. (x, weights, w1, w2, b1, b2) where output_mask says so (else
-  // empty [0]); recomputes the activation from h.
+  // empty [0]); recomputes the activation from h. consume_h: h's buffer is dead after this call
+  // (expert_ffn's eager autograd without retain_graph), so it is reused for h's gradient.
   m.def("_expert_ffn_backward(Tensor grad, Tensor x, Tensor row_source, Tensor token_row, "
         "Tensor offsets, int? capacity, Tensor weights, Tensor w1, Tensor w2, Tensor? b1, "
-        "Tensor? b2, str activation, Tensor h, bool[6] output_mask, str backend=\"auto\") -> "
+        "Tensor? b2, str activation, Tensor h, bool[6] output_mask, str backend=\"auto\", "
+        "bool consume_h=False) -> "
         "(Tensor grad_x, Tensor grad_weights, Tensor grad_w1, Tensor grad_w2, Tensor grad_b1, "
         "Tensor grad_b2)");
 

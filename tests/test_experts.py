@@ -512,6 +512,37 @@ def test_expert_ffn_gradcheck(activation, capacity, p_none, layout):
         inputs)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expert_ffn_backward_reuses_a_dead_pre_activation(backend, device):
+    """The backward writes the pre-activation's gradient over the saved pre-activation when nothing
+    can read it afterwards (consume_h): same gradients as the functional form, h overwritten; and
+    expert_ffn's autograd does it only when the graph is not kept (retain_graph works, twice)."""
+    x, p, weights, params = ffn_setup(40, 2, 4, 16, 8, "swiglu", torch.float32, device,
+                                      p_none=0.1, bias=True)
+    w1, w2 = logical(params[0], params[1], "linear")
+    args = (x, p.row_source, p.token_row, p.offsets, None, weights, w1, w2, *params[2:], "swiglu")
+    call = lambda: torch.ops.moeyard._expert_ffn_forward(*args, backend)  # noqa: E731
+    if refused(backend, device, torch.float32, None, (16, 16, 8), call):
+        return
+    _, h = call()
+    grad = torch.randn_like(x)
+    want = torch.ops.moeyard._expert_ffn_backward(grad, *args, h, [True] * 6, backend, False)
+    h_before = h.clone()
+    got = torch.ops.moeyard._expert_ffn_backward(grad, *args, h, [True] * 6, backend, True)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert not torch.equal(h, h_before)  # its buffer now holds the gradient
+
+    leaves = [t.requires_grad_() for t in (x, weights, *params)]
+    out = ffn(x, p, weights, *params, "swiglu", "linear", backend)
+    kept = torch.autograd.grad(out, leaves, grad, retain_graph=True)
+    again = torch.autograd.grad(out, leaves, grad, retain_graph=True)
+    last = torch.autograd.grad(out, leaves, grad)  # the graph goes: h may be consumed
+    for a, b, c in zip(kept, again, last):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
 # ------------------------------------------------------------------------------ determinism
 
 

@@ -5,8 +5,11 @@
 // grouped_mm saves a, b, offsets and a_index (references, no copies).
 // expert_ffn saves its inputs (references) and the first product's pre-activation [R, N1], the
 // one intermediate it keeps: the backward recomputes the activation from it and never needs the
-// second product (see expert_ops.cpp). Without grad mode it runs the plain op and saves nothing.
+// second product (see expert_ops.cpp), and writes its gradient over it when nothing can read it
+// afterwards (consumable). Without grad mode it runs the plain op and saves nothing.
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -26,6 +29,16 @@ inline std::optional<at::Tensor> opt(const at::Tensor& t) {
 
 inline at::Tensor grad_or_none(bool needed, const at::Tensor& g) {
   return needed ? g : at::Tensor();
+}
+
+// Whether expert_ffn's backward may write over its saved pre-activation h: nothing reads h after
+// this backward (the graph is not kept: no retain_graph, no create_graph) and the call is eager (a
+// tracer, torch.compile or make_fx, records ops as functions of their inputs: it gets the
+// functional form). Saves an [R, N1] buffer at the backward's peak.
+bool consumable(const at::Tensor& h) {
+  const auto traced = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
+  return !torch::autograd::get_current_graph_task_keep_graph() &&
+         !c10::impl::dispatch_mode_enabled() && !h.key_set().has_any(traced);
 }
 
 class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
@@ -105,7 +118,7 @@ class ExpertFfnFunction : public torch::autograd::Function<ExpertFfnFunction> {
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
         const at::Tensor&, std::optional<int64_t>, const at::Tensor&, const at::Tensor&,
         const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-        c10::string_view, const at::Tensor&, std::array<bool, 6>, c10::string_view)>(
+        c10::string_view, const at::Tensor&, std::array<bool, 6>, c10::string_view, bool)>(
         "moeyard::_expert_ffn_backward");
     constexpr int kInputs = 12;
     tensor_list result(kInputs);
@@ -126,7 +139,7 @@ class ExpertFfnFunction : public torch::autograd::Function<ExpertFfnFunction> {
     auto grads_out = op.call(grads[0], s[0], s[6], s[7], s[8],
                              cap.isNone() ? std::nullopt : std::optional<int64_t>(cap.toInt()),
                              s[1], s[2], s[3], opt(s[4]), opt(s[5]), activation, s[9], mask,
-                             ctx->saved_data["backend"].toStringRef());
+                             ctx->saved_data["backend"].toStringRef(), consumable(s[9]));
     const at::Tensor all[6] = {std::get<0>(grads_out), std::get<1>(grads_out),
                                std::get<2>(grads_out), std::get<3>(grads_out),
                                std::get<4>(grads_out), std::get<5>(grads_out)};

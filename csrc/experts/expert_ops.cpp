@@ -1,6 +1,7 @@
 // grouped_mm, expert_ffn and their backward ops: argument checks and the composition of the
-// expert-compute primitives (grouped_mm.h), written once for both devices. Registered under the
-// CPU key and, when built with CUDA, the CUDA key; the primitives dispatch on the tensors' device.
+// expert products (grouped_mm.h: Products), written once for both devices and both backends
+// (backend.h: moeyard's grouped GEMM, or torch's). Registered under the CPU key and, when built
+// with CUDA, the CUDA key; the products dispatch on the backend and the tensors' device.
 //
 // expert_ffn, with r a plan row of expert e, t its token, w its routing weight:
 //   forward   pre = x[t] @ w1[e] + b1[e]  [R,N1]   (kept only for the backward)
@@ -14,7 +15,8 @@
 //             grad_w1[e] = sum_r x[t]^T grad_pre[r],  grad_b1[e] = sum_r grad_pre[r]
 //             grad_x = unpermute(grad_pre @ w1[e]^T)  (each token sums its k rows, fp32)
 // Saved for the backward (expert_autograd.cpp): the inputs (referenced, not copied) and pre.
-// The product y is not saved: grad_w needs only g and act(pre).
+// The product y is not saved: grad_w needs only g and act(pre). When pre is dead after the
+// backward (consume_h), grad_pre is written over it.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
@@ -313,7 +315,7 @@ expert_ffn_backward(const at::Tensor& grad_in, const at::Tensor& x,
                     const at::Tensor& weights, const at::Tensor& w1, const at::Tensor& w2,
                     const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2,
                     c10::string_view activation, const at::Tensor& pre_in,
-                    std::array<bool, 6> mask, c10::string_view backend) {
+                    std::array<bool, 6> mask, c10::string_view backend, bool consume_h) {
   const FfnShape s = check_expert_ffn_args(x, row_source_in, token_row, offsets, capacity,
                                            weights, w1, w2, b1, b2, std::string(activation));
   const Segments& seg = s.up.seg;
@@ -341,7 +343,9 @@ expert_ffn_backward(const at::Tensor& grad_in, const at::Tensor& x,
   Operand grad_rows = pr.operand(grad_in, row_source, s.k);
   // g = grad[t] @ w2[e]^T, then the activation's backward.
   auto g = pr.rows(grad_rows, w2.transpose(1, 2), std::nullopt, Activation::None, false).first;
-  auto grad_pre = at::empty({R, s.N1}, x.options());
+  // The activation's backward reads each pre-activation element before it writes that element's
+  // gradient, so with a consumable h it writes in place: [R, N1] less at the peak.
+  auto grad_pre = consume_h ? pre : at::empty({R, s.N1}, x.options());
   auto act_w = at::empty({R, s.I}, x.options());
   auto grad_w_rows = at::empty({R}, x.options().dtype(acc));
   if (R > 0) act_backward(ActBackward{g, pre, row_weight, s.act, grad_pre, act_w, grad_w_rows});

@@ -757,11 +757,14 @@ __global__ void segment_sum_kernel(const T* __restrict__ src, int64_t lds, int64
 
 constexpr int kActThreads = 128;
 
-// One block per row: grad_pre, act_w and grad_w (see ActBackward).
+// One block per row: grad_pre, act_w and grad_w (see ActBackward). grad_pre may be pre itself
+// (expert_ffn's backward reuses a consumable pre-activation): each thread reads the one or two pre
+// elements of its output column before it writes their gradients, and no other thread touches
+// them, so pre and grad_pre are not __restrict__.
 template <typename T>
 __global__ void __launch_bounds__(kActThreads) act_backward_kernel(
-    const T* __restrict__ grad_act, const T* __restrict__ pre, const float* __restrict__ row_weight,
-    Activation act, int64_t I, int64_t width, T* __restrict__ grad_pre, T* __restrict__ act_w,
+    const T* __restrict__ grad_act, const T* pre, const float* __restrict__ row_weight,
+    Activation act, int64_t I, int64_t width, T* grad_pre, T* __restrict__ act_w,
     float* __restrict__ grad_w) {
   const int64_t r = blockIdx.x;
   const float w = row_weight[r];

@@ -559,7 +559,8 @@ def _expert_ffn_forward_fake(x, row_source, token_row, offsets, capacity, weight
 
 @torch.library.register_fake("moeyard::_expert_ffn_backward")
 def _expert_ffn_backward_fake(grad, x, row_source, token_row, offsets, capacity, weights, w1, w2,
-                              b1, b2, activation, h, output_mask, backend="auto"):
+                              b1, b2, activation, h, output_mask, backend="auto",
+                              consume_h=False):
     _check_same_device(locals())
     _check_backend(backend)
     def like(t, need):
