@@ -22,6 +22,16 @@ MOEYARD_EXPERTS_BACKEND, recorded as the JSON's "auto_backend"; "auto" itself is
   stock pipeline     the same layer written with stock PyTorch on torch._grouped_mm (the anchor
                      run's grouped_layer, with histc counts instead of a host-syncing bincount),
                      same weights; fwd and fwd+bwd; each routing
+  inference          qwen3moe and mixtral at T = --infer-tokens (1, 8, 64) tokens, fwd only
+                     (no_grad), mode "infer T=<T>": moeyard layer [b] for each backend, the stock
+                     pipeline and the HF grouped_mm block; L2 flushed (a 256 MiB read) before
+                     each timed call. Such a layer reads far more weight bytes than it computes:
+                     the floor is reading each SELECTED expert's weights once, bytes = (distinct
+                     experts the routing selected, counted on the device before timing; the HF
+                     block's own router for its row) * 3 * d * f * 2, floor time = bytes / HBM
+                     bandwidth (--hbm-gbps, else by device name: H200 4800 GB/s, H100 SXM 3350;
+                     the JSON's "hbm" says which). Columns: ms, GB/s = bytes / time, % of the
+                     floor = floor time / time * 100 (100 = at the floor).
   moeyard grouped_mm [b] / torch._grouped_mm
                      the FFN's two GEMMs alone on balanced offsets (T*k/E rows per expert), same
                      inputs (weights as the transposed views of the HF-layout tensors), each
@@ -51,7 +61,7 @@ Prints a table per shape and a "targets" block; writes JSON (rewritten after eve
 cut short keeps what it measured) to $OUT/bench_experts.json (OUT default "out").
 
     python benchmarks/bench_experts.py [--shapes qwen3moe,olmoe] [--routings uniform] [--quick]
-        [--skip-hf] [--cpu-smoke]
+        [--skip-hf] [--infer-tokens 1,8,64] [--hbm-gbps 4800] [--cpu-smoke]
 """
 import argparse
 import functools
@@ -71,8 +81,16 @@ SHAPES = {  # name: (d_model, d_ff per expert, experts, top_k, tokens)
     "olmoe": (2048, 1024, 64, 8, 16384),
 }
 SMOKE_SHAPES = {"tiny": (64, 96, 8, 2, 256)}  # --cpu-smoke only: plumbing, not performance
+HF_FAMILY = {"tiny": "qwen3moe"}  # the HF block a shape without its own runs (--cpu-smoke)
 HF_SEQ = 2048  # HF blocks take [B, S, d]: the T tokens as T // HF_SEQ sequences
+INFER_SHAPES = ("qwen3moe", "mixtral", "tiny")  # the shapes with inference rows
 BACKENDS = ("grouped_mm", "moeyard")  # moeyard's expert-compute backends: a row each
+WEIGHT_BYTES = 2  # bf16 expert weights
+# HBM bandwidth (datasheet, GB/s = 1e9 B/s) for the inference rows' floor: (a part of the device
+# name, GB/s, the part it names), first match
+HBM_GBPS = (("H200", 4800, "H200 (HBM3e)"), ("H100 PCIe", 2000, "H100 PCIe"),
+            ("H100 NVL", 3900, "H100 NVL"), ("H100", 3350, "H100 SXM (HBM3)"))
+L2_FLUSH_BYTES = 256 * 2**20  # read before each timed inference call: 5x an H100/H200's L2
 
 # impl labels (targets and benchmarks/summary.py look rows up by them); moeyard's carry the
 # backend: labelled(LAYER, "grouped_mm") == "moeyard layer [grouped_mm]"
@@ -104,6 +122,10 @@ def labelled(impl, backend):
     return f"{impl} [{backend}]"
 
 
+def infer_mode(tokens):
+    return f"infer T={tokens}"
+
+
 def backend_fields(backend):
     """The row fields of a moeyard row on ``backend``: it, and whether "auto" picks it."""
     return dict(backend=backend, auto=backend == META.get("auto_backend"))
@@ -117,13 +139,17 @@ def sync():
         torch.cuda.synchronize()
 
 
-def bench(fn, warmup, reps):
-    """Median ms of ``reps`` single calls after ``warmup`` calls (CUDA events; CPU: wall clock)."""
+def bench(fn, warmup, reps, before=None):
+    """Median ms of ``reps`` single calls after ``warmup`` calls (CUDA events; CPU: wall clock).
+    ``before()``, if given, runs (and finishes) before each timed call, outside the timing."""
     for _ in range(warmup):
         fn()
     sync()
     ts = []
     for _ in range(reps):
+        if before is not None:
+            before()
+            sync()
         if DEV == "cuda":
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
@@ -136,6 +162,19 @@ def bench(fn, warmup, reps):
             fn()
             ts.append((time.perf_counter() - t0) * 1e3)
     return sorted(ts)[len(ts) // 2]
+
+
+_L2_FLUSH = []
+
+
+def flush_l2():
+    """Evict the GPU's L2 cache: read a buffer several times its size (a read leaves no dirty
+    lines to write back during the next timed call). No-op on the CPU."""
+    if DEV != "cuda":
+        return
+    if not _L2_FLUSH:
+        _L2_FLUSH.append(torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=DEV))
+    _L2_FLUSH[0].sum()
 
 
 def clear_grads(params):
@@ -167,7 +206,7 @@ def grads_mib(params):
 
 def record(shape, routing, impl, mode, ms, flops, peak=None, note="", **fields):
     """One result row (printed, kept, the JSON rewritten); ``fields`` go into the row as they are
-    (a moeyard row's backend_fields)."""
+    (a moeyard row's backend_fields, an inference row's bytes and floor)."""
     tf = flops / (ms * 1e-3) / 1e12 if flops and ms else None
     if fields.get("auto"):
         note = f"auto's pick; {note}" if note else "auto's pick"
@@ -427,6 +466,44 @@ def layer_rows(c, routing, args, reps):
         clear_grads(c.params)
 
 
+def infer_input(T, d):
+    """The inference rows' tokens: [T, d] bf16, the same for every implementation of a shape."""
+    g = torch.Generator(device=DEV).manual_seed(1000 + T)
+    return torch.randn(T, d, generator=g, device=DEV, dtype=torch.bfloat16)
+
+
+def infer_rows(shape, routing, impl, forward, router_w, f, k, tokens, reps, **fields):
+    """Decode-sized rows: ``forward(x)`` under no_grad for x [T, d], T in ``tokens``, each timed
+    call after an L2 flush, against the floor of reading every expert that ``router_w``'s
+    softmax top-k selects for x once (counted on the device before timing)."""
+    E, d = router_w.shape
+    w, r = reps["infer"]
+    for T in tokens:
+        x = infer_input(T, d)
+        with torch.no_grad():
+            _, idx = stock_route(router_logits(x, router_w, None), k)
+            n = int((torch.bincount(idx.flatten(), minlength=E) > 0).sum().item())
+            ms = bench(lambda x=x: forward(x), w, r, before=flush_l2)
+        nbytes = n * 3 * d * f * WEIGHT_BYTES
+        gbps = nbytes / (ms * 1e-3) / 1e9
+        hbm = META["hbm"]["gbps"]
+        floor_ms = nbytes / (hbm * 1e9) * 1e3 if hbm else None
+        pct = 100 * floor_ms / ms if floor_ms else None
+        note = f"{n} experts read, {nbytes / 1e6:.1f} MB: {gbps:.0f} GB/s" + (
+            f", {pct:.0f}% of the floor {floor_ms * 1e3:.1f} us" if pct is not None else "")
+        record(shape, routing, impl, infer_mode(T), ms, ffn_flops(T, d, f, k), note=note,
+               tokens=T, experts_read=n, bytes=nbytes, gbps=gbps, floor_ms=floor_ms,
+               floor_pct=pct, **fields)
+
+
+def layer_infer_rows(c, args, reps):
+    for impl, layer, fields in layer_impls():
+        safe(f"{impl} {c.name} inference",
+             lambda impl=impl, layer=layer, fields=fields: infer_rows(
+                 c.name, "uniform", impl, lambda x: c.call(layer, None, x), c.router_w, c.f, c.k,
+                 args.infer_tokens, reps, **fields))
+
+
 def gemm_rows(c, reps):
     """The FFN's two GEMMs alone, balanced: moeyard.grouped_mm on each backend next to
     torch._grouped_mm, and the dense pair of the same FLOPs."""
@@ -472,15 +549,18 @@ def gemm_rows(c, reps):
 
 
 def run_shape(name, dims, args, reps):
-    """One shape: the layers on each routing, the GEMMs alone."""
+    """One shape: the layers on each routing, the inference rows, the GEMMs alone."""
     c = Case(name, *dims)
     for routing in args.routings:
         layer_rows(c, routing, args, reps)
+    if name in INFER_SHAPES and args.infer_tokens:
+        layer_infer_rows(c, args, reps)
     gemm_rows(c, reps)
 
 
 def hf_block(name, d, f, E, k, impl):
     from transformers import MixtralConfig, Qwen3MoeConfig
+    name = HF_FAMILY.get(name, name)
     if name == "mixtral":
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as cls
         cfg = MixtralConfig(hidden_size=d, intermediate_size=f, num_local_experts=E,
@@ -530,6 +610,11 @@ def run_hf(name, d, f, E, k, T, args, reps):
 
             w, r = reps["hf"]
             record(name, "hf", label, "fwd", bench(fwd, w, r), fl, note=note)
+            if impl == "grouped_mm" and name in INFER_SHAPES and args.infer_tokens:
+                router = blk.gate if hasattr(blk, "gate") else blk.router
+                safe(f"{label} {name} inference", lambda: infer_rows(
+                    name, "hf", label, lambda xi: blk(xi[None]), router.weight.detach(), f, k,
+                    args.infer_tokens, reps))
             if impl == "eager":  # eager loops over experts in Python: time one step first
                 sync()
                 t0 = time.perf_counter()
@@ -630,10 +715,22 @@ def print_report(rows):
         for r in (r for r in rows if r["shape"] == shape):
             print(f"| {shape} | {r['impl']} | {r['routing']} | {r['mode']} | {r['ms']:.3f} | "
                   f"{fmt(r['tflops'], '.0f')} | {fmt(r['peak_mib'], '.0f')} | {r['note']} |")
+    hbm = META.get("hbm", {})
+    print(f"\ninference floor: HBM {fmt(hbm.get('gbps'), '.0f') or '?'} GB/s ({hbm.get('source')})")
     print_targets(rows, META.get("auto_backend"))
 
 
 # -------------------------------------------------------------------------------------- main
+
+
+def hbm_gbps(dev_name, override):
+    """(GB/s, where from) of the device's HBM: ``override``, else HBM_GBPS's first match."""
+    if override:
+        return override, "--hbm-gbps"
+    for key, gbps, part in HBM_GBPS:
+        if key in dev_name:
+            return gbps, f"datasheet figure of the {part}"
+    return None, f"no figure for {dev_name!r}: pass --hbm-gbps"
 
 
 def parse_args(argv=None):
@@ -643,6 +740,11 @@ def parse_args(argv=None):
                     help=f"comma-separated subset of {','.join(SHAPES)} (default: all)")
     ap.add_argument("--routings", default="uniform,zipf", help="uniform, zipf or both (default)")
     ap.add_argument("--zipf-s", type=float, default=1.2, help="Zipf exponent of the skewed routing")
+    ap.add_argument("--infer-tokens", default="1,8,64",
+                    help="token counts of the inference rows (default 1,8,64; empty: none)")
+    ap.add_argument("--hbm-gbps", type=float, default=None,
+                    help="HBM bandwidth in GB/s for the inference floor (default: by device name, "
+                         + ", ".join(f"{part} {v}" for _, v, part in HBM_GBPS) + ")")
     ap.add_argument("--quick", action="store_true", help="fewer warm-up calls and repetitions")
     ap.add_argument("--skip-hf", action="store_true", help="no Hugging Face transformers blocks")
     ap.add_argument("--scattermoe", action="store_true",
@@ -657,6 +759,10 @@ def parse_args(argv=None):
     for r in args.routings:
         if r not in ("uniform", "zipf"):
             ap.error(f"unknown routing {r!r}")
+    try:
+        args.infer_tokens = [int(t) for t in args.infer_tokens.split(",") if t]
+    except ValueError:
+        ap.error(f"--infer-tokens takes comma-separated integers, got {args.infer_tokens!r}")
     if args.cpu_smoke:
         args.shapes = list(SMOKE_SHAPES)
     else:
@@ -684,18 +790,21 @@ def main(argv=None):
     os.makedirs(OUT, exist_ok=True)
     open(os.path.join(OUT, "bench_experts_errors.txt"), "w").close()  # this run's tracebacks
     if args.quick or args.cpu_smoke:
-        reps = dict(layer=(1, 3), gemm=(2, 5), hf=(1, 2), hf_eager_bwd=(1, 1))
+        reps = dict(layer=(1, 3), gemm=(2, 5), hf=(1, 2), hf_eager_bwd=(1, 1), infer=(2, 5))
     else:
-        reps = dict(layer=(3, 10), gemm=(5, 20), hf=(2, 5), hf_eager_bwd=(1, 3))
+        reps = dict(layer=(3, 10), gemm=(5, 20), hf=(2, 5), hf_eager_bwd=(1, 3), infer=(10, 40))
     dev_name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     auto, auto_source = auto_backend()
+    gbps, hbm_source = hbm_gbps(dev_name, args.hbm_gbps)
     META.update(device=dev_name, torch=torch.__version__, moeyard=moeyard.__version__,
                 args=vars(args), reps=reps, shapes={s: shapes[s] for s in args.shapes},
-                auto_backend=auto, auto_source=auto_source)
+                auto_backend=auto, auto_source=auto_source,
+                hbm=dict(gbps=gbps, source=hbm_source))
     print(f"device: {dev_name}, torch {torch.__version__}, moeyard {moeyard.__version__}; "
           f"shapes {','.join(args.shapes)}; routings {','.join(args.routings)} "
           f"(zipf s={args.zipf_s}); reps {reps}\n"
-          f"backend auto picks {auto} for bf16 ({auto_source})", flush=True)
+          f"backend auto picks {auto} for bf16 ({auto_source}); inference floor at HBM "
+          f"{fmt(gbps, '.0f') or '?'} GB/s ({hbm_source})", flush=True)
     t0 = time.time()
     for name in args.shapes:
         d, f, E, k, T = dims = shapes[name]

@@ -61,12 +61,33 @@ def expert_rows(doc):
                 if b else " | | "
             mark = " (auto)" if (f or b).get("auto") else ""
             print(f"| {impl}{mark} | {shape} | {(f or b)['routing']} | {fwd} | {bwd} |")
+    inference_rows(doc)
     warned = [c for c in doc.get("checks", []) if c.get("warning")]
     if warned:
         print("correctness WARNINGS: " + ", ".join(
             f"{c['shape']} {c['routing']} [{c.get('backend', '?')}]" for c in warned))
     bx.print_targets(rows, auto, "expert targets" + ("" if doc.get("complete") else
                                                      " (run incomplete)"))
+
+
+def inference_rows(doc):
+    """One line per (shape, tokens): each implementation's ms and % of the weight-read floor."""
+    rows = [r for r in doc.get("rows", []) if r.get("tokens")]
+    if not rows:
+        return
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    hbm = doc.get("hbm", {})
+    print(f"\ninference, fwd: ms (% of the floor of reading the selected experts once at "
+          f"{bx.fmt(hbm.get('gbps'), '.0f') or '?'} GB/s, {hbm.get('source', '?')}; experts read "
+          "by the first column's routing, the HF block's by its own router)")
+    print("| shape | T | experts read | floor us | " + " | ".join(impls) + " |")
+    print("|---|---|---|---|" + "---|" * len(impls))
+    for shape, T in dict.fromkeys((r["shape"], r["tokens"]) for r in rows):
+        cells = [bx.find(rows, shape, i, bx.infer_mode(T)) for i in impls]
+        first = next(r for r in cells if r)
+        floor = first["floor_ms"] and first["floor_ms"] * 1e3
+        print(f"| {shape} | {T} | {first['experts_read']} | {bx.fmt(floor, '.1f')} | " + " | ".join(
+            f"{r['ms']:.3f} ({bx.fmt(r['floor_pct'], '.0f')}%)" if r else "" for r in cells) + " |")
 
 
 def layer_rows(doc):

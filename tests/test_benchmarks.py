@@ -40,12 +40,13 @@ def test_bench_layers_smoke(tmp_path):
 
 def test_bench_experts_smoke(tmp_path):
     bx = import_bench("bench_experts")
-    proc = run_smoke("bench_experts.py", tmp_path, "--skip-hf")
+    # (a loaded CI machine may take seconds for HF eager's first step: time its backward anyway)
+    proc = run_smoke("bench_experts.py", tmp_path, "--hbm-gbps", "100", "--hf-eager-max-s", "1e9")
     doc = json.loads((tmp_path / "bench_experts.json").read_text())
     assert doc["complete"], proc.stdout[-2000:]
     assert (tmp_path / "bench_experts_errors.txt").read_text() == ""
     auto = doc["auto_backend"]
-    assert auto in bx.BACKENDS
+    assert auto in bx.BACKENDS and doc["hbm"] == {"gbps": 100.0, "source": "--hbm-gbps"}
     # the spot check: each backend against the stock pipeline and the fp32 loop, on each routing
     routings = ("uniform", "zipf")
     checks = {(c["backend"], c["routing"]): c for c in doc["checks"]}
@@ -58,19 +59,30 @@ def test_bench_experts_smoke(tmp_path):
     layers = [bx.labelled(bx.LAYER, b) for b in bx.BACKENDS]
     assert {(i, m, r) for i in layers + [bx.STOCK] for m in ("fwd", "fwd+bwd")
             for r in routings} <= have
+    assert {(i, m, "hf") for i in (bx.HF_GROUPED, bx.HF_EAGER) for m in ("fwd", "fwd+bwd")} <= have
     assert {(bx.labelled(bx.GMM, b), "fwd", "balanced") for b in bx.BACKENDS} <= have
     assert {(bx.TGMM, "fwd", "balanced"), (bx.DENSE, "fwd", "-")} <= have
     for r in rows:  # moeyard's rows name their backend; auto's are marked
         if r["impl"].startswith((bx.LAYER, bx.GMM)):
             assert r["impl"] == bx.labelled(r["impl"].split(" [")[0], r["backend"]), r
             assert r["auto"] == (r["backend"] == auto), r
+    # inference rows: every implementation at every token count, with the weight-read floor
+    d, f, E, k, _ = bx.SMOKE_SHAPES["tiny"]
+    for impl in layers + [bx.STOCK, bx.HF_GROUPED]:
+        for T in (1, 8, 64):
+            r = bx.find(rows, "tiny", impl, bx.infer_mode(T))
+            assert r and r["tokens"] == T and r["ms"] > 0, (impl, T)
+            assert k <= r["experts_read"] <= min(E, T * k), r
+            assert r["bytes"] == r["experts_read"] * 3 * d * f * 2, r
+            assert r["floor_ms"] == r["bytes"] / 100e9 * 1e3, r
+            assert r["floor_pct"] > 0 and r["gbps"] > 0, r
     # the targets are listed, unmeasured at this shape
     assert len(doc["targets"]) == len(bx.TARGETS)
     assert all(t["met"] is None for t in doc["targets"]), doc["targets"]
     summary = subprocess.run([sys.executable, str(BENCH / "summary.py"), str(tmp_path)],
                              capture_output=True, text=True, timeout=300)
     assert summary.returncode == 0, summary.stderr[-3000:]
-    assert "moeyard layer [moeyard]" in summary.stdout
+    assert "moeyard layer [moeyard]" in summary.stdout and "infer" in summary.stdout
 
 
 def test_bench_hf_smoke(tmp_path):
