@@ -3,12 +3,15 @@ what a user would pick instead, same GPU, one run (issues 3 and 6). bf16 through
 math.
 
 Shapes (d_model, d_ff per expert, experts, top_k, tokens), as in the anchor run:
-  mixtral (4096, 14336, 8, 2, 8192), qwen3moe (2048, 768, 128, 8, 16384),
+  qwen3moe (2048, 768, 128, 8, 16384), mixtral (4096, 14336, 8, 2, 8192),
   olmoe (2048, 1024, 64, 8, 16384)
 Routing: softmax -> top-k -> renormalize of the router logits ``x @ router.T`` (x ~ N(0,1), router
 weight ~ N(0, 0.02)), either "uniform" (those logits as they are) or "zipf" (plus a log-Zipf bias
 per expert, ``-s * log(rank)``, ranks a fixed random permutation, s = --zipf-s, default 1.2; the
 resulting max/mean load is printed: with k=8 this is close to the worst case, max/mean <= E/k).
+Order: every shape on the first routing (all rows below), then every shape's layer rows on the
+other routings, so a run cut short by --budget-s loses the skewed rows first.
+
 Rows per shape (moeyard's rows are labelled with the backend, "moeyard layer [grouped_mm]",
 "moeyard layer [moeyard]", and carry ``backend`` and ``auto`` fields: ``auto`` marks the backend
 that backend="auto" takes for bf16 on this device, from moeyard.experts_backend_table() or
@@ -57,11 +60,25 @@ Targets (printed met / NOT MET with the numbers, never asserted), moeyard's laye
 auto picks, uniform routing: qwen3moe fwd <= 3.0 ms, fwd+bwd <= 9.0 ms, fwd+bwd peak extra memory
 <= 1.9 GiB; mixtral fwd+bwd <= 33 ms.
 
+Time (default run, all shapes, both routings, HF blocks, inference rows): predicted ~60 s on an
+H100 or H200, from the anchors' per-call times (spec/ANCHORS-MEASURED.md, H100) times the calls
+made (reps: layer 5 warm-up + 20 timed, +1 for the peak; GEMMs 5 + 20; HF 2 + 8; inference 10 + 40),
+moeyard's backends taken as the stock pipeline's time (mixtral: 1.5x, a guess for its own kernel)
+and the zipf pass as twice the uniform one:
+  qwen3moe  layers 1.7 s, checks 0.2, GEMMs 0.3, inference 0.3, HF 2.5 (eager 2.0), zipf 3.8
+  mixtral   layers 4.6 s, checks 0.5, GEMMs 1.4, inference 0.6, HF 1.1, zipf 10.2
+  olmoe     layers 1.9 s, checks 0.2, GEMMs 0.4, HF 1.5, zipf 4.2
+  = ~36 s on the GPU, plus ~25 s of overheads (interpreter, CUDA context and first calls ~13 s,
+  transformers import ~5 s, gc + empty_cache after each of ~75 row groups ~7 s).
+That leaves room for a 3x miss (an unmeasured moeyard kernel far slower than assumed); --budget-s
+(default 200) caps it anyway: once that many seconds have passed since the start, every row group
+not yet begun is skipped and listed in the JSON's "skipped" (a group already running finishes).
+
 Prints a table per shape and a "targets" block; writes JSON (rewritten after every row, so a run
 cut short keeps what it measured) to $OUT/bench_experts.json (OUT default "out").
 
     python benchmarks/bench_experts.py [--shapes qwen3moe,olmoe] [--routings uniform] [--quick]
-        [--skip-hf] [--infer-tokens 1,8,64] [--hbm-gbps 4800] [--cpu-smoke]
+        [--skip-hf] [--infer-tokens 1,8,64] [--hbm-gbps 4800] [--budget-s 200] [--cpu-smoke]
 """
 import argparse
 import functools
@@ -75,9 +92,9 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-SHAPES = {  # name: (d_model, d_ff per expert, experts, top_k, tokens)
-    "mixtral": (4096, 14336, 8, 2, 8192),
+SHAPES = {  # name: (d_model, d_ff per expert, experts, top_k, tokens); the targets' shape first
     "qwen3moe": (2048, 768, 128, 8, 16384),
+    "mixtral": (4096, 14336, 8, 2, 8192),
     "olmoe": (2048, 1024, 64, 8, 16384),
 }
 SMOKE_SHAPES = {"tiny": (64, 96, 8, 2, 256)}  # --cpu-smoke only: plumbing, not performance
@@ -112,6 +129,7 @@ DEV = "cuda"
 OUT = os.environ.get("OUT", "out")
 ROWS = []
 META = {}
+DEADLINE = None  # time.time() past which safe() skips what is left (--budget-s; None: no limit)
 
 
 def ffn_flops(T, d, f, k):
@@ -230,7 +248,13 @@ def dump(final=False):
 
 def safe(label, fn, errors="bench_experts_errors.txt"):
     """Run one anchor; on any error print it, append its traceback to $OUT/``errors`` and go on
-    (one failure must not lose the rest)."""
+    (one failure must not lose the rest). Past DEADLINE, skip it instead and list ``label`` in
+    the JSON's "skipped"."""
+    if DEADLINE is not None and time.time() > DEADLINE:
+        print(f"-- skipped {label}: past the time budget (--budget-s)", flush=True)
+        META.setdefault("skipped", []).append(label)
+        dump()
+        return
     try:
         fn()
     except Exception as ex:  # noqa: BLE001
@@ -548,14 +572,15 @@ def gemm_rows(c, reps):
         safe(f"dense {name}", dense_pair)
 
 
-def run_shape(name, dims, args, reps):
-    """One shape: the layers on each routing, the inference rows, the GEMMs alone."""
+def run_shape(name, dims, routing, first, args, reps):
+    """One shape on one routing: the layers; on the first routing also the inference rows and
+    the GEMMs alone."""
     c = Case(name, *dims)
-    for routing in args.routings:
-        layer_rows(c, routing, args, reps)
-    if name in INFER_SHAPES and args.infer_tokens:
-        layer_infer_rows(c, args, reps)
-    gemm_rows(c, reps)
+    layer_rows(c, routing, args, reps)
+    if first:
+        if name in INFER_SHAPES and args.infer_tokens:
+            layer_infer_rows(c, args, reps)
+        gemm_rows(c, reps)
 
 
 def hf_block(name, d, f, E, k, impl):
@@ -717,6 +742,9 @@ def print_report(rows):
                   f"{fmt(r['tflops'], '.0f')} | {fmt(r['peak_mib'], '.0f')} | {r['note']} |")
     hbm = META.get("hbm", {})
     print(f"\ninference floor: HBM {fmt(hbm.get('gbps'), '.0f') or '?'} GB/s ({hbm.get('source')})")
+    if META.get("skipped"):
+        print(f"skipped (past --budget-s {META['args']['budget_s']:.0f} s): "
+              + ", ".join(META["skipped"]))
     print_targets(rows, META.get("auto_backend"))
 
 
@@ -738,13 +766,18 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES),
                     help=f"comma-separated subset of {','.join(SHAPES)} (default: all)")
-    ap.add_argument("--routings", default="uniform,zipf", help="uniform, zipf or both (default)")
+    ap.add_argument("--routings", default="uniform,zipf",
+                    help="uniform, zipf or both (default); the first gets every row, the others "
+                         "the layer rows only, after every shape's first")
     ap.add_argument("--zipf-s", type=float, default=1.2, help="Zipf exponent of the skewed routing")
     ap.add_argument("--infer-tokens", default="1,8,64",
                     help="token counts of the inference rows (default 1,8,64; empty: none)")
     ap.add_argument("--hbm-gbps", type=float, default=None,
                     help="HBM bandwidth in GB/s for the inference floor (default: by device name, "
                          + ", ".join(f"{part} {v}" for _, v, part in HBM_GBPS) + ")")
+    ap.add_argument("--budget-s", type=float, default=200.0,
+                    help="skip what is left (listed in the JSON as skipped) once this many seconds "
+                         "have passed (default 200)")
     ap.add_argument("--quick", action="store_true", help="fewer warm-up calls and repetitions")
     ap.add_argument("--skip-hf", action="store_true", help="no Hugging Face transformers blocks")
     ap.add_argument("--scattermoe", action="store_true",
@@ -774,8 +807,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    global DEV
+    global DEV, DEADLINE
+    t0 = time.time()
     args = parse_args(argv)
+    DEADLINE = t0 + args.budget_s
     if args.cpu_smoke:
         DEV = "cpu"
         shapes = SMOKE_SHAPES
@@ -792,35 +827,36 @@ def main(argv=None):
     if args.quick or args.cpu_smoke:
         reps = dict(layer=(1, 3), gemm=(2, 5), hf=(1, 2), hf_eager_bwd=(1, 1), infer=(2, 5))
     else:
-        reps = dict(layer=(3, 10), gemm=(5, 20), hf=(2, 5), hf_eager_bwd=(1, 3), infer=(10, 40))
+        reps = dict(layer=(5, 20), gemm=(5, 20), hf=(2, 8), hf_eager_bwd=(1, 3), infer=(10, 40))
     dev_name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     auto, auto_source = auto_backend()
     gbps, hbm_source = hbm_gbps(dev_name, args.hbm_gbps)
     META.update(device=dev_name, torch=torch.__version__, moeyard=moeyard.__version__,
                 args=vars(args), reps=reps, shapes={s: shapes[s] for s in args.shapes},
                 auto_backend=auto, auto_source=auto_source,
-                hbm=dict(gbps=gbps, source=hbm_source))
+                hbm=dict(gbps=gbps, source=hbm_source), skipped=[])
     print(f"device: {dev_name}, torch {torch.__version__}, moeyard {moeyard.__version__}; "
           f"shapes {','.join(args.shapes)}; routings {','.join(args.routings)} "
-          f"(zipf s={args.zipf_s}); reps {reps}\n"
+          f"(zipf s={args.zipf_s}); reps {reps}; budget {args.budget_s:.0f} s\n"
           f"backend auto picks {auto} for bf16 ({auto_source}); inference floor at HBM "
           f"{fmt(gbps, '.0f') or '?'} GB/s ({hbm_source})", flush=True)
-    t0 = time.time()
-    for name in args.shapes:
-        d, f, E, k, T = dims = shapes[name]
-        print(f"\n== {name}: d {d}, f {f}, E {E}, k {k}, T {T}; "
-              f"FFN {ffn_flops(T, d, f, k) / 1e12:.2f} TFLOP fwd", flush=True)
-        safe(f"shape {name}", lambda: run_shape(name, dims, args, reps))
-        if not args.skip_hf:
-            safe(f"HF {name}", lambda: run_hf(name, d, f, E, k, T, args, reps))
-        if args.scattermoe:
-            safe(f"scattermoe {name}", lambda: run_scattermoe(name, d, f, E, k, T, reps))
-        print(f"({name} done, {time.time() - t0:.0f} s so far)", flush=True)
+    for i, routing in enumerate(args.routings):
+        for name in args.shapes:
+            d, f, E, k, T = dims = shapes[name]
+            print(f"\n== {name} {routing}: d {d}, f {f}, E {E}, k {k}, T {T}; "
+                  f"FFN {ffn_flops(T, d, f, k) / 1e12:.2f} TFLOP fwd", flush=True)
+            safe(f"shape {name} {routing}",
+                 lambda: run_shape(name, dims, routing, i == 0, args, reps))
+            if i == 0 and not args.skip_hf:
+                safe(f"HF {name}", lambda: run_hf(name, d, f, E, k, T, args, reps))
+            if i == 0 and args.scattermoe:
+                safe(f"scattermoe {name}", lambda: run_scattermoe(name, d, f, E, k, T, reps))
+            print(f"({name} {routing} done, {time.time() - t0:.0f} s so far)", flush=True)
     META["seconds"] = time.time() - t0
     print_report(ROWS)
     dump(final=True)
     print(f"\nwrote {os.path.join(OUT, 'bench_experts.json')} ({len(ROWS)} rows, "
-          f"{META['seconds']:.0f} s)")
+          f"{META['seconds']:.0f} s{', some skipped' if META['skipped'] else ''})")
 
 
 if __name__ == "__main__":

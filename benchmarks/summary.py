@@ -66,6 +66,8 @@ def expert_rows(doc):
     if warned:
         print("correctness WARNINGS: " + ", ".join(
             f"{c['shape']} {c['routing']} [{c.get('backend', '?')}]" for c in warned))
+    if doc.get("skipped"):
+        print("skipped (time budget): " + ", ".join(doc["skipped"]))
     bx.print_targets(rows, auto, "expert targets" + ("" if doc.get("complete") else
                                                      " (run incomplete)"))
 

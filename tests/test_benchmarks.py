@@ -40,10 +40,12 @@ def test_bench_layers_smoke(tmp_path):
 
 def test_bench_experts_smoke(tmp_path):
     bx = import_bench("bench_experts")
-    # (a loaded CI machine may take seconds for HF eager's first step: time its backward anyway)
-    proc = run_smoke("bench_experts.py", tmp_path, "--hbm-gbps", "100", "--hf-eager-max-s", "1e9")
+    # (a loaded CI machine may take seconds for HF eager's first step and minutes for the run:
+    # time HF eager's backward and skip nothing anyway)
+    proc = run_smoke("bench_experts.py", tmp_path, "--hbm-gbps", "100", "--hf-eager-max-s", "1e9",
+                     "--budget-s", "1e9")
     doc = json.loads((tmp_path / "bench_experts.json").read_text())
-    assert doc["complete"], proc.stdout[-2000:]
+    assert doc["complete"] and not doc["skipped"], proc.stdout[-2000:]
     assert (tmp_path / "bench_experts_errors.txt").read_text() == ""
     auto = doc["auto_backend"]
     assert auto in bx.BACKENDS and doc["hbm"] == {"gbps": 100.0, "source": "--hbm-gbps"}
@@ -83,6 +85,14 @@ def test_bench_experts_smoke(tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert summary.returncode == 0, summary.stderr[-3000:]
     assert "moeyard layer [moeyard]" in summary.stdout and "infer" in summary.stdout
+
+
+def test_bench_experts_budget(tmp_path):
+    """Past --budget-s every row group is skipped, listed as such, and the JSON is complete."""
+    run_smoke("bench_experts.py", tmp_path, "--budget-s", "0", "--skip-hf")
+    doc = json.loads((tmp_path / "bench_experts.json").read_text())
+    assert doc["complete"] and doc["rows"] == []
+    assert doc["skipped"] == ["shape tiny uniform", "shape tiny zipf"]
 
 
 def test_bench_hf_smoke(tmp_path):
