@@ -41,12 +41,17 @@ def routing_rows(doc):
 
 def expert_rows(doc):
     rows = doc.get("rows", [])
+    auto = doc.get("auto_backend")
+    print(f"(backend auto picks {auto or 'unknown'}: {doc.get('auto_source', '?')}; "
+          "(auto) marks its rows)")
     print("\n| experts | shape | routing | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | peak MiB |")
     print("|---|---|---|---|---|---|---|")
+    layers = [bx.labelled(bx.LAYER, b) for b in bx.BACKENDS]
+    gemms = [bx.labelled(bx.GMM, b) for b in bx.BACKENDS]
     for shape in dict.fromkeys(r["shape"] for r in rows):
-        for impl, routing in ((bx.LAYER, "uniform"), (bx.LAYER, "zipf"), (bx.STOCK, "uniform"),
-                              (bx.HF_GROUPED, None), (bx.GMM, None), (bx.TGMM, None),
-                              (bx.DENSE, None)):
+        for impl, routing in ([(i, "uniform") for i in layers] + [(i, "zipf") for i in layers] +
+                              [(bx.STOCK, "uniform"), (bx.STOCK, "zipf"), (bx.HF_GROUPED, None)] +
+                              [(i, None) for i in gemms] + [(bx.TGMM, None), (bx.DENSE, None)]):
             f = bx.find(rows, shape, impl, "fwd", routing)
             b = bx.find(rows, shape, impl, "fwd+bwd", routing)
             if not (f or b):
@@ -54,14 +59,37 @@ def expert_rows(doc):
             fwd = f"{f['ms']:.3f}" if f else ""
             bwd = f"{b['ms']:.3f} | {bx.fmt(b['tflops'], '.0f')} | {bx.fmt(b['peak_mib'], '.0f')}" \
                 if b else " | | "
-            print(f"| {impl} | {shape} | {(f or b)['routing']} | {fwd} | {bwd} |")
+            mark = " (auto)" if (f or b).get("auto") else ""
+            print(f"| {impl}{mark} | {shape} | {(f or b)['routing']} | {fwd} | {bwd} |")
+    inference_rows(doc)
     warned = [c for c in doc.get("checks", []) if c.get("warning")]
     if warned:
-        print("correctness WARNINGS: " + ", ".join(f"{c['shape']} {c['routing']}" for c in warned))
-    print("\nexpert targets" + ("" if doc.get("complete") else " (run incomplete)"))
-    for t in bx.targets(rows):
-        met = {True: "met", False: "NOT MET", None: "not measured"}[t["met"]]
-        print(f"  {met:12s} {t['target']}: {t['detail']}")
+        print("correctness WARNINGS: " + ", ".join(
+            f"{c['shape']} {c['routing']} [{c.get('backend', '?')}]" for c in warned))
+    if doc.get("skipped"):
+        print("skipped (time budget): " + ", ".join(doc["skipped"]))
+    bx.print_targets(rows, auto, "expert targets" + ("" if doc.get("complete") else
+                                                     " (run incomplete)"))
+
+
+def inference_rows(doc):
+    """One line per (shape, tokens): each implementation's ms and % of the weight-read floor."""
+    rows = [r for r in doc.get("rows", []) if r.get("tokens")]
+    if not rows:
+        return
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    hbm = doc.get("hbm", {})
+    print(f"\ninference, fwd: ms (% of the floor of reading the selected experts once at "
+          f"{bx.fmt(hbm.get('gbps'), '.0f') or '?'} GB/s, {hbm.get('source', '?')}; experts read "
+          "by the first column's routing, the HF block's by its own router)")
+    print("| shape | T | experts read | floor us | " + " | ".join(impls) + " |")
+    print("|---|---|---|---|" + "---|" * len(impls))
+    for shape, T in dict.fromkeys((r["shape"], r["tokens"]) for r in rows):
+        cells = [bx.find(rows, shape, i, bx.infer_mode(T)) for i in impls]
+        first = next(r for r in cells if r)
+        floor = first["floor_ms"] and first["floor_ms"] * 1e3
+        print(f"| {shape} | {T} | {first['experts_read']} | {bx.fmt(floor, '.1f')} | " + " | ".join(
+            f"{r['ms']:.3f} ({bx.fmt(r['floor_pct'], '.0f')}%)" if r else "" for r in cells) + " |")
 
 
 def layer_rows(doc):

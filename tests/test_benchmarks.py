@@ -18,15 +18,19 @@ def run_smoke(script, tmp_path, *args):
     return proc
 
 
+def import_bench(name):
+    sys.path.insert(0, str(BENCH))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
 def test_bench_layers_smoke(tmp_path):
     proc = run_smoke("bench_layers.py", tmp_path)
     doc = json.loads((tmp_path / "bench_layers.json").read_text())
     assert doc["complete"]
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_layers
-    finally:
-        sys.path.remove(str(BENCH))
+    bench_layers = import_bench("bench_layers")
     for name in bench_layers.LAYERS:
         assert not doc["checks"][name]["warning"], doc["checks"][name]
         got = {(r["impl"], r["mode"]) for r in doc["rows"] if r["layer"] == name}
@@ -35,13 +39,60 @@ def test_bench_layers_smoke(tmp_path):
 
 
 def test_bench_experts_smoke(tmp_path):
-    run_smoke("bench_experts.py", tmp_path, "--skip-hf")
+    bx = import_bench("bench_experts")
+    # (a loaded CI machine may take seconds for HF eager's first step and minutes for the run:
+    # time HF eager's backward and skip nothing anyway)
+    proc = run_smoke("bench_experts.py", tmp_path, "--hbm-gbps", "100", "--hf-eager-max-s", "1e9",
+                     "--budget-s", "1e9")
     doc = json.loads((tmp_path / "bench_experts.json").read_text())
-    assert doc["complete"] and doc["checks"]
-    assert not any(c["warning"] for c in doc["checks"]), doc["checks"]
-    impls = {r["impl"] for r in doc["rows"]}
-    assert {"moeyard layer", "stock pipeline", "moeyard grouped_mm"} <= impls
+    assert doc["complete"] and not doc["skipped"], proc.stdout[-2000:]
     assert (tmp_path / "bench_experts_errors.txt").read_text() == ""
+    auto = doc["auto_backend"]
+    assert auto in bx.BACKENDS and doc["hbm"] == {"gbps": 100.0, "source": "--hbm-gbps"}
+    # the spot check: each backend against the stock pipeline and the fp32 loop, on each routing
+    routings = ("uniform", "zipf")
+    checks = {(c["backend"], c["routing"]): c for c in doc["checks"]}
+    assert set(checks) == {(b, r) for b in bx.BACKENDS for r in routings}
+    for c in checks.values():
+        assert not c["warning"] and set(c["vs_stock"]) == set(c["vs_fp32"]) == set(bx.CHECKED), c
+        assert c["same_as_auto"] or c["backend"] != auto, c  # auto computes what the table says
+    rows = doc["rows"]
+    have = {(r["impl"], r["mode"], r["routing"]) for r in rows}
+    layers = [bx.labelled(bx.LAYER, b) for b in bx.BACKENDS]
+    assert {(i, m, r) for i in layers + [bx.STOCK] for m in ("fwd", "fwd+bwd")
+            for r in routings} <= have
+    assert {(i, m, "hf") for i in (bx.HF_GROUPED, bx.HF_EAGER) for m in ("fwd", "fwd+bwd")} <= have
+    assert {(bx.labelled(bx.GMM, b), "fwd", "balanced") for b in bx.BACKENDS} <= have
+    assert {(bx.TGMM, "fwd", "balanced"), (bx.DENSE, "fwd", "-")} <= have
+    for r in rows:  # moeyard's rows name their backend; auto's are marked
+        if r["impl"].startswith((bx.LAYER, bx.GMM)):
+            assert r["impl"] == bx.labelled(r["impl"].split(" [")[0], r["backend"]), r
+            assert r["auto"] == (r["backend"] == auto), r
+    # inference rows: every implementation at every token count, with the weight-read floor
+    d, f, E, k, _ = bx.SMOKE_SHAPES["tiny"]
+    for impl in layers + [bx.STOCK, bx.HF_GROUPED]:
+        for T in (1, 8, 64):
+            r = bx.find(rows, "tiny", impl, bx.infer_mode(T))
+            assert r and r["tokens"] == T and r["ms"] > 0, (impl, T)
+            assert k <= r["experts_read"] <= min(E, T * k), r
+            assert r["bytes"] == r["experts_read"] * 3 * d * f * 2, r
+            assert r["floor_ms"] == r["bytes"] / 100e9 * 1e3, r
+            assert r["floor_pct"] > 0 and r["gbps"] > 0, r
+    # the targets are listed, unmeasured at this shape
+    assert len(doc["targets"]) == len(bx.TARGETS)
+    assert all(t["met"] is None for t in doc["targets"]), doc["targets"]
+    summary = subprocess.run([sys.executable, str(BENCH / "summary.py"), str(tmp_path)],
+                             capture_output=True, text=True, timeout=300)
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    assert "moeyard layer [moeyard]" in summary.stdout and "infer" in summary.stdout
+
+
+def test_bench_experts_budget(tmp_path):
+    """Past --budget-s every row group is skipped, listed as such, and the JSON is complete."""
+    run_smoke("bench_experts.py", tmp_path, "--budget-s", "0", "--skip-hf")
+    doc = json.loads((tmp_path / "bench_experts.json").read_text())
+    assert doc["complete"] and doc["rows"] == []
+    assert doc["skipped"] == ["shape tiny uniform", "shape tiny zipf"]
 
 
 def test_bench_hf_smoke(tmp_path):
