@@ -19,6 +19,11 @@ stage, not the run), logs appended to $OUT/gpu_check.log (OUT default "out"):
   table     one line per stage (status, seconds, what it found), then benchmarks/summary.py
 Not in the default run (a second call, when the first left time): layers, hf, routing run
 benchmarks/bench_layers.py, bench_hf.py and bench_routing.py within the time left.
+With the device tool (a GPU machine without network, torch 2.11.0+cu130, Python 3.12): build here
+(g++ 12) with `TORCH_CUDA_ARCH_LIST=9.0a MOEYARD_BUILD_DIR=build/cuda python setup.py build_ext
+--inplace`, carry the library (`python/moeyard/_C*.so`: it has no Python ABI dependency, so a
+3.11 build loads under 3.12) and run `python3 benchmarks/gpu_check.py` (it writes to $OUT) with a
+timeout_s of about 520; logs and JSON come back from $OUT (six files).
 --cpu-smoke runs every stage's code path on the CPU with small shapes (pytest -m gpu then skips
 every test; the sanitizer is not run: it needs a GPU); timings mean nothing there.
 Exit status 0 only if every stage that ran passed.

@@ -869,9 +869,10 @@ def _python(code, **env):
 _SETUP = """
 import torch, moeyard
 torch.manual_seed(0)
-x = torch.randn(40, {H}).bfloat16(); w = torch.rand(40, 2)
+dt = torch.{dtype}
+x = torch.randn(40, {H}).to(dt); w = torch.rand(40, 2)
 p = moeyard.plan(torch.rand(40, 4).argsort(1)[:, :2].int(), 4)
-gu = (torch.randn(4, 16, {H}) / 4).bfloat16(); dn = (torch.randn(4, {H}, 8) / 3).bfloat16()
+gu = (torch.randn(4, 16, {H}) / 4).to(dt); dn = (torch.randn(4, {H}, 8) / 3).to(dt)
 f = lambda b: moeyard.expert_ffn(x, p, w, gu, dn, backend=b)
 """
 
@@ -879,13 +880,15 @@ f = lambda b: moeyard.expert_ffn(x, p, w, gu, dn, backend=b)
 def test_env_var_replaces_auto_only():
     """MOEYARD_EXPERTS_BACKEND replaces "auto"; a backend named in the call still wins; an
     unknown value is refused naming the variable."""
-    code = _SETUP.format(H=16) + (
-        "assert torch.equal(f('auto'), f('moeyard'))\n"
-        "assert not torch.equal(f('grouped_mm'), f('moeyard'))\n"
-        "print('ok')")
-    proc = _python(code, MOEYARD_EXPERTS_BACKEND="moeyard")
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
-    proc = _python(_SETUP.format(H=16) + "f('auto')", MOEYARD_EXPERTS_BACKEND="cutlass")
+    for env, other in (("moeyard", "grouped_mm"), ("grouped_mm", "moeyard")):
+        code = _SETUP.format(H=16, dtype="bfloat16") + (  # bf16: the backends round differently
+            f"assert torch.equal(f('auto'), f('{env}'))\n"
+            f"assert not torch.equal(f('auto'), f('{other}'))\n"
+            "print('ok')")
+        proc = _python(code, MOEYARD_EXPERTS_BACKEND=env)
+        assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+    proc = _python(_SETUP.format(H=16, dtype="bfloat16") + "f('auto')",
+                   MOEYARD_EXPERTS_BACKEND="cutlass")
     assert proc.returncode != 0
     assert "MOEYARD_EXPERTS_BACKEND must be 'auto', 'grouped_mm' or 'moeyard', got 'cutlass'" in \
         proc.stderr
@@ -893,8 +896,10 @@ def test_env_var_replaces_auto_only():
 
 def test_auto_falls_back_to_moeyard_once_with_a_warning():
     """Where the table's backend cannot serve the inputs (a row width torch's GEMM cannot take),
-    "auto" computes on moeyard's kernel and says why, once per process."""
-    code = _SETUP.format(H=13) + (
+    "auto" computes on moeyard's kernel and says why, once per process (float32: the CPU row of
+    the table names grouped_mm)."""
+    assert moeyard.experts_backend_table()["devices"][0]["auto"]["float32"] == "grouped_mm"
+    code = _SETUP.format(H=13, dtype="float32") + (
         "for _ in range(3): assert torch.equal(f('auto'), f('moeyard'))\n"
         "print('ok')")
     proc = _python(code, MOEYARD_EXPERTS_BACKEND="")

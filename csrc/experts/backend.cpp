@@ -38,8 +38,8 @@ constexpr const char* kCpuRun =
 constexpr AutoRule kAutoTable[] = {
     {c10::DeviceType::CUDA, 90, 109, at::kBFloat16, ExpertsBackend::GroupedMm, kPredicted},
     {c10::DeviceType::CPU, 0, 0, at::kFloat, ExpertsBackend::GroupedMm, kCpuRun},
-    {c10::DeviceType::CPU, 0, 0, at::kBFloat16, ExpertsBackend::GroupedMm, kCpuRun},
     {c10::DeviceType::CPU, 0, 0, at::kHalf, ExpertsBackend::GroupedMm, kCpuRun},
+    {c10::DeviceType::CPU, 0, 0, at::kBFloat16, ExpertsBackend::Moeyard, kCpuRun},
 };
 
 constexpr const char* kEnv = "MOEYARD_EXPERTS_BACKEND";
