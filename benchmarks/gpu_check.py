@@ -14,7 +14,7 @@ stage, not the run), logs appended to $OUT/gpu_check.log (OUT default "out"):
   check     benchmarks/check_experts.py: both backends against float64 references, poisoned
             outputs, NaN, refusals ($OUT/check_experts.json)
   pytest    pytest -m gpu: tests/test_experts.py first, then the layers, Hugging Face and the rest
-  sanitize  compute-sanitizer memcheck and racecheck on tests/sanitizer_suite.py
+  sanitize  compute-sanitizer memcheck and racecheck on tests/sanitizer_suite.py's expert part
   bench     benchmarks/bench_experts.py within the time left ($OUT/bench_experts.json)
   table     one line per stage (status, seconds, what it found), then benchmarks/summary.py
 Not in the default run (a second call, when the first left time): layers, hf, routing run
@@ -163,7 +163,8 @@ def stage_sanitize(run):
     found, statuses = [], []
     for tool in ("memcheck", "racecheck"):
         status, out = run.sh(tool, ["compute-sanitizer", "--tool", tool, "--error-exitcode", "9",
-                                    sys.executable, "tests/sanitizer_suite.py"], LIMITS[tool])
+                                    sys.executable, "tests/sanitizer_suite.py", "experts"],
+                            LIMITS[tool])
         statuses.append(status)
         summary = re.findall(r"ERROR SUMMARY: .*", out)
         found.append(f"{tool}: {summary[-1] if summary else tail(out, 1)}")

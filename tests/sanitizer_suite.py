@@ -1,11 +1,17 @@
 """Every CUDA op once on small inputs, for compute-sanitizer (memcheck, racecheck):
 
-    compute-sanitizer --tool memcheck python tests/sanitizer_suite.py
+    compute-sanitizer --tool memcheck python tests/sanitizer_suite.py [experts]
 
+`experts` runs the routing the expert ops need and the expert compute only (both backends): the
+small suite of benchmarks/gpu_check.py, which has to fit a short GPU lease.
 Not a pytest module: the sanitizer wraps the whole process. Exits non-zero if an op fails."""
+import sys
+
 import torch
 
 import moeyard
+
+experts_only = sys.argv[1:] == ["experts"]
 
 dev = "cuda"
 torch.manual_seed(0)
@@ -67,6 +73,11 @@ for cap in (None, 7):
     src = torch.where(p.row_source >= 0, p.row_source // k, -1).to(torch.int32)
     b = torch.randn(E, 48, 64, device=dev, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
     moeyard.grouped_mm(xa, b, p.offsets, src, cap, backend="grouped_mm").float().sum().backward()
+
+if experts_only:
+    torch.cuda.synchronize()
+    print("sanitizer suite (experts): all ops ran")
+    sys.exit(0)
 
 # SMEAR: merged_linear in bf16 (both weight memory orders, with a bias) and fp32, forward and
 # backward, in one chunk and one example per chunk (budget 0), and a SmearMoE layer.
