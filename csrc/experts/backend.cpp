@@ -121,9 +121,9 @@ std::optional<std::string> grouped_mm_refusal(const ProductInputs& in) {
   if (x.is_cuda() && !in.capacity) {
     const int cc = capability_of(x.device());
     if (dtype != at::kBFloat16 || cc < 90 || cc >= 110) {
-      why << "torch's grouped GEMM runs " << dtype << " on compute capability " << cc / 10 << "."
-          << cc % 10 << " as a loop over the experts that synchronizes with the host (its "
-          << "sync-free CUTLASS kernel is bf16 on 9.x and 10.x only)";
+      why << "torch's grouped GEMM runs " << dtype_name(dtype) << " on compute capability "
+          << cc / 10 << "." << cc % 10 << " as a loop over the experts that synchronizes with the "
+          << "host (its sync-free CUTLASS kernel is bf16 on 9.x and 10.x only)";
       return why.str();
     }
     if (in.experts >= 1024) {
@@ -162,13 +162,10 @@ ExpertsBackend resolve_backend(const std::string& requested, const ProductInputs
   const AutoRule* rule = rule_for(x.device().type(), capability_of(x.device()), x.scalar_type());
   if (rule == nullptr || rule->backend == ExpertsBackend::Moeyard) return ExpertsBackend::Moeyard;
   if (const auto why = grouped_mm_refusal(in)) {
-    TORCH_WARN_ONCE(
-        "moeyard: expert compute runs on moeyard's own kernel instead of torch's "
-        "grouped GEMM (the faster choice for ",
-        dtype_name(x.scalar_type()),
-        " on this device) "
-        "because ",
-        *why, ". Pass backend='moeyard' to silence this.");
+    TORCH_WARN_ONCE("moeyard: expert compute runs on moeyard's own kernel instead of torch's "
+                    "grouped GEMM (the faster choice for ", dtype_name(x.scalar_type()),
+                    " on this device) because ", *why,
+                    ". Pass backend='moeyard' to silence this.");
     return ExpertsBackend::Moeyard;
   }
   return rule->backend;
