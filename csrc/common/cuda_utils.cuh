@@ -12,6 +12,17 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// N elements of T loaded or stored as one access (N * sizeof(T) = 16 bytes: one 128-bit access).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+// Whether p may be accessed `bytes` at a time (null counts as aligned: an absent operand).
+inline bool aligned(const void* p, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
 // c10::Half and c10::BFloat16 convert to and from float on the device themselves.
 __device__ __forceinline__ double to_float(double v) { return v; }
 template <typename T>

@@ -20,11 +20,6 @@ namespace {
 
 constexpr int kRowThreads = 128;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
 template <typename T, int VEC>
 __device__ __forceinline__ void load_biased(const T* row, const T* bias, int64_t c, float* v) {
   const auto in = *reinterpret_cast<const Vec<T, VEC>*>(row + c);
@@ -117,10 +112,6 @@ __global__ void zero_empty_experts_kernel(T* __restrict__ out, const int32_t* __
     o[i] = T(0);
 }
 
-inline bool aligned16(const void* p) {
-  return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
-
 }  // namespace
 
 void act_forward_cuda(const ActForward& p) {
@@ -140,8 +131,8 @@ void act_forward_cuda(const ActForward& p) {
     const T* b = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
     constexpr int kVec = 16 / sizeof(T);
     // VEC columns per thread when every row start and every column group is 16-byte aligned.
-    const bool vec = width % kVec == 0 && out_width % kVec == 0 && aligned16(pre) &&
-                     aligned16(out) && aligned16(b);
+    const bool vec = width % kVec == 0 && out_width % kVec == 0 && aligned(pre, 16) &&
+                     aligned(out, 16) && aligned(b, 16);
     auto launch = [&](auto vec_const) {
       constexpr int VEC = decltype(vec_const)::value;
       act_forward_kernel<T, VEC>

@@ -36,7 +36,8 @@ inline at::Tensor grad_or_none(bool needed, const at::Tensor& g) {
 // tracer, torch.compile or make_fx, records ops as functions of their inputs: it gets the
 // functional form). Saves an [R, N1] buffer at the backward's peak.
 bool consumable(const at::Tensor& h) {
-  const auto traced = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
+  const auto traced =
+      c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
   return !torch::autograd::get_current_graph_task_keep_graph() &&
          !c10::impl::dispatch_mode_enabled() && !h.key_set().has_any(traced);
 }

@@ -797,7 +797,6 @@ inline void check_cuda_dtype(const at::Tensor& t) {
               "bfloat16 on the GPU");
 }
 
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 inline void warn_unaligned(const char* what) {
   TORCH_WARN_ONCE("moeyard: ", what, " has rows that are not 16-byte aligned (a row size or "
@@ -876,8 +875,9 @@ void launch_rows_gemm(const RowsGemm& p) {
   const bool bkn = p.b.stride(2) == 1;
   constexpr int V = Cfg<T>::kVec;
   const int64_t b_outer = bkn ? k.sbk : k.sbn;
-  const bool vec = aligned16(k.a.data) && aligned16(k.b) && k.a.ld % V == 0 && b_outer % V == 0 &&
-                   k.sbe % V == 0 && (!bkn || p.act != Activation::SwiGLU || (k.N / 2) % V == 0);
+  const bool vec = aligned(k.a.data, 16) && aligned(k.b, 16) && k.a.ld % V == 0 &&
+                   b_outer % V == 0 && k.sbe % V == 0 &&
+                   (!bkn || p.act != Activation::SwiGLU || (k.N / 2) % V == 0);
   if (!vec) warn_unaligned("an operand of a grouped product");
   constexpr size_t smem_kn = Operands<T, false, true>::kSmemBytes;
   constexpr size_t smem_nk = Operands<T, false, false>::kSmemBytes;
@@ -910,7 +910,7 @@ void launch_weight_grad(const WeightGrad& p) {
   k.n_tiles = static_cast<int>(ceil_div(k.N, kBN));
   k.l2_rows = l2_panel_rows<T>();
   constexpr int V = Cfg<T>::kVec;
-  const bool vec = aligned16(k.lhs.data) && aligned16(k.rhs.data) && k.lhs.ld % V == 0 &&
+  const bool vec = aligned(k.lhs.data, 16) && aligned(k.rhs.data, 16) && k.lhs.ld % V == 0 &&
                    k.rhs.ld % V == 0;
   if (!vec) warn_unaligned("an operand of a weight gradient");
   constexpr size_t smem =

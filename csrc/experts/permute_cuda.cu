@@ -26,15 +26,6 @@ namespace {
 constexpr int kMaxRowThreads = 256;
 constexpr int kWarpsPerBlock = 8;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-inline bool aligned(const void* p, int64_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
-
 // Threads of a row kernel: enough for one vector each, a multiple of 32, at most kMaxRowThreads.
 inline int row_threads(int64_t nvec) {
   const int64_t t = ceil_div(nvec, 32) * 32;
