@@ -60,14 +60,6 @@ GMM_CASES = [
 ]
 
 
-def grouped_mm_serves(device, dtype, capacity, widths):
-    """backend="grouped_mm"'s rule (csrc/experts/backend.cpp), stated independently."""
-    if device == "cuda" and capacity is None and (
-            dtype != torch.bfloat16 or torch.cuda.get_device_capability()[0] not in (9, 10)):
-        return False
-    return all(w > 0 and w % (16 // dtype.itemsize) == 0 for w in widths)
-
-
 def poison(device):
     """Fill the caching allocator's free memory with NaN (both its pools: blocks of at most 1 MiB
     are carved from 2 MiB segments, larger ones from large segments)."""
@@ -88,6 +80,14 @@ def rel_err(got, want):
 class Report:
     def __init__(self):
         self.rows, self.failures = [], 0
+
+    def refusal(self, kind, case, dtype, backend, run):
+        """backend="grouped_mm" where it cannot serve the inputs: run() must refuse, saying so."""
+        try:
+            run()
+            self.add(kind, case, dtype, backend, False, error="not refused")
+        except RuntimeError as ex:
+            self.add(kind, case, dtype, backend, "cannot compute" in str(ex), refused=True)
 
     def add(self, kind, case, dtype, backend, ok, **info):
         self.rows.append(dict(kind=kind, case=case, dtype=str(dtype).removeprefix("torch."),
@@ -145,12 +145,8 @@ def check_ffn(rep, device, dtype, case):
         def run():
             return moeyard.expert_ffn(xs, p, ws, gus, dns, b1s, b2s, act, layout, backend=backend)
 
-        if backend == "grouped_mm" and not grouped_mm_serves(device, dtype, cap, (H, N1, I)):
-            try:
-                run()
-                rep.add("ffn", name, dtype, backend, False, error="not refused")
-            except RuntimeError as ex:
-                rep.add("ffn", name, dtype, backend, "cannot compute" in str(ex), refused=True)
+        if backend == "grouped_mm" and not ref.grouped_mm_serves(device, dtype, cap, (H, N1, I)):
+            rep.refusal("ffn", name, dtype, backend, run)
             continue
         poison(device)
         try:
@@ -202,13 +198,8 @@ def check_gmm(rep, device, dtype, case):
         def run():
             return moeyard.grouped_mm(ac, bc, offsets, a_index, cap, backend=backend)
 
-        if backend == "grouped_mm" and not grouped_mm_serves(device, dtype, cap, (K, N)):
-            try:
-                run()
-                rep.add("grouped_mm", name, dtype, backend, False, error="not refused")
-            except RuntimeError as ex:
-                rep.add("grouped_mm", name, dtype, backend, "cannot compute" in str(ex),
-                        refused=True)
+        if backend == "grouped_mm" and not ref.grouped_mm_serves(device, dtype, cap, (K, N)):
+            rep.refusal("grouped_mm", name, dtype, backend, run)
             continue
         poison(device)
         try:

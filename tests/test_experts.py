@@ -108,24 +108,10 @@ def gmm_inputs(R, E, K, N, load, mode, order, dtype, device):
     return torch.randn(T, K, device=device).to(dtype), b, p.offsets, a_index, C
 
 
-def grouped_mm_serves(device, dtype, capacity, *widths):
-    """Whether backend="grouped_mm" computes products with these row widths, the rule of
-    csrc/experts/backend.cpp stated independently: never float64; 16-byte aligned rows; on CUDA,
-    dropless plans only where torch's grouped GEMM is sync-free (bf16 on compute capability 9.x
-    and 10.x)."""
-    if dtype == torch.float64:
-        return False
-    if device == "cuda" and capacity is None and (
-            dtype != torch.bfloat16 or torch.cuda.get_device_capability()[0] not in (9, 10)):
-        return False
-    align = 16 // dtype.itemsize
-    return all(w > 0 and w % align == 0 for w in widths)
-
-
 def refused(backend, device, dtype, capacity, widths, call):
     """True, after checking that ``call()`` raises the backend's refusal, where ``backend`` cannot
     compute these products; False where it can (then the test goes on)."""
-    if backend == "grouped_mm" and not grouped_mm_serves(device, dtype, capacity, *widths):
+    if backend == "grouped_mm" and not ref.grouped_mm_serves(device, dtype, capacity, widths):
         with pytest.raises(RuntimeError, match="backend 'grouped_mm' .*cannot compute"):
             call()
         return True
@@ -584,7 +570,7 @@ def test_opcheck_grouped_mm(backend, device):
                         ("plan_capacity", "kn")):
         a, b, offsets, a_index, C = gmm_inputs(30, 4, 12, 8, "random", mode, order, torch.float32,
                                                device)
-        if not (backend == "moeyard" or grouped_mm_serves(device, torch.float32, C, 12, 8)):
+        if not (backend == "moeyard" or ref.grouped_mm_serves(device, torch.float32, C, (12, 8))):
             continue  # refusals: test_grouped_mm_matches_reference
         for rg in (False, True):
             ar, br = a.clone().requires_grad_(rg), b.clone().requires_grad_(rg)
@@ -601,7 +587,7 @@ def test_opcheck_grouped_mm(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_expert_ffn(backend, device, activation, capacity):
     ops = torch.ops.moeyard
-    if not (backend == "moeyard" or grouped_mm_serves(device, torch.float32, capacity, 8)):
+    if not (backend == "moeyard" or ref.grouped_mm_serves(device, torch.float32, capacity, (8,))):
         pytest.skip("refusals: test_expert_ffn_matches_reference")
     x, p, weights, (gu, dn, b1, b2) = ffn_setup(20, 2, 4, 8, 8, activation, torch.float32, device,
                                                 capacity=capacity, p_none=0.1, bias=True)
@@ -919,8 +905,8 @@ def test_grouped_mm_backend_refusals():
     with pytest.raises(RuntimeError, match=r"strides \[272, 1, 17\] is not 16-byte aligned"):
         moeyard.expert_ffn(x, p, weights, wide[:, :, :16], dn, backend="grouped_mm")
     with pytest.raises(RuntimeError, match="row width of 6 elements"):
-        moeyard.grouped_mm(torch.randn(5, 6), torch.randn(2, 6, 8), offsets_of(torch.tensor([2, 3])),
-                           backend="grouped_mm")
+        moeyard.grouped_mm(torch.randn(5, 6), torch.randn(2, 6, 8),
+                           offsets_of(torch.tensor([2, 3])), backend="grouped_mm")
     # the moeyard backend takes them all
     moeyard.expert_ffn(x, p, weights, wide[:, :, :16], dn, backend="moeyard")
 

@@ -403,6 +403,19 @@ def activation(h, act):
     raise ValueError(f"unknown activation {act!r}")
 
 
+def grouped_mm_serves(device, dtype, capacity, widths):
+    """Whether ``backend="grouped_mm"`` computes expert products with these row widths (operands
+    and outputs), the rule of csrc/experts/backend.cpp: never float64; rows 16-byte aligned
+    (every width a positive multiple of 16 bytes); on CUDA, dropless plans (``capacity`` None)
+    only where torch's grouped GEMM is sync-free, bf16 on compute capability 9.x and 10.x."""
+    if dtype == torch.float64:
+        return False
+    if device == "cuda" and capacity is None and (
+            dtype != torch.bfloat16 or torch.cuda.get_device_capability()[0] not in (9, 10)):
+        return False
+    return all(w > 0 and w % (16 // dtype.itemsize) == 0 for w in widths)
+
+
 def expert_rows(offsets, capacity, num_rows):
     """(expert, used) of every row: expert e owns rows offsets[e]..offsets[e+1] (dropless) or
     e*C .. e*C + offsets[e+1] - offsets[e] (capacity C, fixed stride); other rows are unused."""
