@@ -776,7 +776,7 @@ FFN_BAD = {
     "w2-E": (_ffn(w2=torch.randn(2, 2, 4)), r"down must be logical .* got \[2, 2, 4\]"),
     "E-vs-offsets": (_ffn(w1=torch.randn(4, 4, 4), w2=torch.randn(4, 2, 4)),
                      r"offsets must have E\+1 = 5"),
-    "unknown-activation": (_ffn("silu"), "activation must be one of"),
+    "unknown-activation": (_ffn("swish"), "activation must be one of 'none', 'silu', .*'swish'"),
     "swiglu-odd-N1": (_ffn(w1=W1_ODD, w2=W2_FOR_ODD), "'swiglu' needs an even gate_up width"),
     "swiglu_oss-odd-N1": (_ffn("swiglu_oss", w1=W1_ODD, w2=W2_FOR_ODD),
                           "'swiglu_oss' needs an even gate_up width"),
