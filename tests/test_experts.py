@@ -141,7 +141,7 @@ def ffn_setup(T, k, E, H, I, activation, dtype, device, *, capacity=None, p_none
     """Routing, plan and expert parameters for expert_ffn: (x, plan, weights, params) with
     params = (gate_up, down, gate_up_bias, down_bias) as the wrapper takes them in ``layout``
     (contiguous; :func:`logical` gives the reference's views)."""
-    N1 = 2 * I if activation in ("swiglu", "swiglu_oss") else I
+    N1 = 2 * I if ref.is_gated(activation) else I
     experts = zipf_experts(T, k, E, device) if zipf else random_experts(T, k, E, device, p_none)
     p = moeyard.plan(experts, E, capacity)
     x = torch.randn(T, H, device=device).to(dtype)
@@ -179,7 +179,7 @@ def ffn(x, p, weights, gate_up, down, b1, b2, activation, layout, backend="auto"
 
 def ffn_widths(H, I, activation):
     """Row widths of expert_ffn's products: H, N1 and I."""
-    return (H, 2 * I if activation in ("swiglu", "swiglu_oss") else I, I)
+    return (H, 2 * I if ref.is_gated(activation) else I, I)
 
 
 # Plans for expert_ffn: (T, k, E, H, I, capacity, p_none, zipf).
