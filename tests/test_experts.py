@@ -348,16 +348,13 @@ def test_grouped_mm_gradcheck(mode, order):
 
 # ------------------------------------------------------------------------------ activations
 
-# Each elementwise function of the activation table, as torch writes it.
-TORCH_FUNCTIONS = {
-    "identity": lambda v: v,
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
-    "relu": torch.relu,
-    "relu2": lambda v: torch.relu(v) ** 2,
-    "quick_gelu": lambda v: v * torch.sigmoid(1.702 * v),
-}
+# Each elementwise function of the activation table as torch's modules write it (relu2 and
+# quick_gelu as transformers' ReLUSquaredActivation and QuickGELUActivation): the oracle, kept
+# apart from reference.ELEMENTWISE on purpose.
+TORCH_FUNCTIONS = dict(identity=torch.nn.Identity(), silu=torch.nn.SiLU(), gelu=torch.nn.GELU(),
+                       gelu_tanh=torch.nn.GELU(approximate="tanh"), relu=torch.nn.ReLU(),
+                       relu2=lambda v: F.relu(v) ** 2,
+                       quick_gelu=lambda v: v * torch.sigmoid(1.702 * v))
 
 
 def test_activation_tables_agree_and_refuse_unknown_names():
