@@ -2,7 +2,7 @@
 every backend (moeyard, grouped_mm, auto) of grouped_mm and expert_ffn against float64 references
 (python/moeyard/reference.py on the same inputs cast to float64), on fresh random inputs, in bf16,
 fp16 and fp32, forward and backward, aligned and odd shapes, dropless and capacity plans, empty
-experts and -1 slots.
+experts and -1 slots, every activation of the table.
 
 Each case also checks, on CUDA:
   every element written  the caching allocator's free memory is filled with NaN before each case
@@ -34,7 +34,6 @@ from moeyard import reference as ref
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BACKENDS = ("moeyard", "grouped_mm", "auto")
-GATED = ("swiglu", "swiglu_oss")
 
 # expert_ffn cases: name, T, k, E, H, I, capacity, p_none, zipf, activation, layout, bias
 FFN_CASES = [
@@ -49,7 +48,15 @@ FFN_CASES = [
     ("odd-capacity", 50, 2, 3, 13, 7, 20, 0.0, False, "gelu", "matmul", False),
     ("T0", 0, 2, 4, 32, 16, None, 0.0, False, "swiglu", "linear", False),
 ]
-SMOKE_FFN = ("aligned-swiglu", "aligned-oss-bias", "capacity-gelu-bias", "odd-widths", "T0")
+# Every other activation of the table on one small aligned case each (E = 4: the float64
+# reference loops over experts), alternating dropless / capacity, layout and bias.
+FFN_CASES += [
+    (f"act-{act}", 96, 2, 4, 32, 16, (None, 40)[i % 2], 0.1, False, act,
+     ("linear", "matmul")[i // 2 % 2], i % 3 == 0)
+    for i, act in enumerate(a for a in ref.ACTIVATIONS if a not in {c[9] for c in FFN_CASES})
+]
+SMOKE_FFN = ("aligned-swiglu", "aligned-oss-bias", "capacity-gelu-bias", "odd-widths", "T0",
+             "act-geglu", "act-relu2")
 
 # grouped_mm cases: name, R (rows), E, K, N, mode ("plain" | "gathered" | "capacity"), b order
 GMM_CASES = [
@@ -109,7 +116,7 @@ def routing(T, k, E, p_none, zipf, device):
 
 def check_ffn(rep, device, dtype, case):
     name, T, k, E, H, I, cap, p_none, zipf, act, layout, bias = case
-    N1 = 2 * I if act in GATED else I
+    N1 = 2 * I if ref.is_gated(act) else I
     p = moeyard.plan(routing(T, k, E, p_none, zipf, device), E, cap)
     dev64 = dict(device=device, dtype=torch.float64)
     x = torch.randn(T, H, **dev64)

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "experts/backend.h"
+#include "experts/grouped_mm.h"
 #include "merge/merge.h"
 
 #ifndef MOEYARD_CUDA_ARCHS
@@ -108,6 +109,8 @@ TORCH_LIBRARY(moeyard, m) {
   m.def("_merged_linear_backward(Tensor grad, Tensor x, Tensor probs, Tensor weight, "
         "Tensor? bias, bool[4] output_mask) -> (Tensor grad_x, Tensor grad_probs, "
         "Tensor grad_weight, Tensor grad_bias)");
+  // The names of the experts' activations (csrc/experts/grouped_mm.h's table), in order.
+  m.def("_activations() -> str[]", &moeyard::activation_names);
   // JSON: the expert-compute backends' "auto" table and its choice per dtype on each device.
   m.def("_experts_backend_table() -> str", &moeyard::experts_backend_table);
 

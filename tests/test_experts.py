@@ -2,9 +2,12 @@
 reference.py in every dtype and layout, gradients, gradcheck, opcheck, torch.compile, CUDA graphs
 (forward and backward), the backend choice and bad input."""
 import math
+import re
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import moeyard
 from moeyard import reference as ref
@@ -141,7 +144,7 @@ def ffn_setup(T, k, E, H, I, activation, dtype, device, *, capacity=None, p_none
     """Routing, plan and expert parameters for expert_ffn: (x, plan, weights, params) with
     params = (gate_up, down, gate_up_bias, down_bias) as the wrapper takes them in ``layout``
     (contiguous; :func:`logical` gives the reference's views)."""
-    N1 = 2 * I if activation in ("swiglu", "swiglu_oss") else I
+    N1 = 2 * I if ref.is_gated(activation) else I
     experts = zipf_experts(T, k, E, device) if zipf else random_experts(T, k, E, device, p_none)
     p = moeyard.plan(experts, E, capacity)
     x = torch.randn(T, H, device=device).to(dtype)
@@ -179,7 +182,7 @@ def ffn(x, p, weights, gate_up, down, b1, b2, activation, layout, backend="auto"
 
 def ffn_widths(H, I, activation):
     """Row widths of expert_ffn's products: H, N1 and I."""
-    return (H, 2 * I if activation in ("swiglu", "swiglu_oss") else I, I)
+    return (H, 2 * I if ref.is_gated(activation) else I, I)
 
 
 # Plans for expert_ffn: (T, k, E, H, I, capacity, p_none, zipf).
@@ -198,6 +201,10 @@ FFN_PLANS = [
 GRAD_PLANS = ("none-slots", "capacity-drops", "E1-capacity", "T0", "T0-capacity")
 LAYOUT_BIAS = [pytest.param(l, b, id=f"{l}-{'bias' if b else 'nobias'}")
                for l in ("linear", "matmul") for b in (False, True)]
+# The activations that run the whole plan x layout x dtype matrix: every gating (none, halves,
+# GPT-OSS pairs), relu's kink, erf; test_expert_ffn_every_activation runs all of them on a smaller
+# matrix, test_elementwise_functions each function against torch's own.
+MATRIX_ACTIVATIONS = ("none", "gelu", "relu", "swiglu", "geglu", "swiglu_oss")
 
 
 # ------------------------------------------------------------------------- grouped_mm forward
@@ -339,12 +346,106 @@ def test_grouped_mm_gradcheck(mode, order):
         lambda a, b: moeyard.grouped_mm(a, b, offsets, a_index, C, backend="moeyard"), (a, b))
 
 
+# ------------------------------------------------------------------------------ activations
+
+# Each elementwise function of the activation table as torch's modules write it (relu2 and
+# quick_gelu as transformers' ReLUSquaredActivation and QuickGELUActivation): the oracle, kept
+# apart from reference.ELEMENTWISE on purpose.
+TORCH_FUNCTIONS = dict(identity=torch.nn.Identity(), silu=torch.nn.SiLU(), gelu=torch.nn.GELU(),
+                       gelu_tanh=torch.nn.GELU(approximate="tanh"), relu=torch.nn.ReLU(),
+                       relu2=lambda v: F.relu(v) ** 2,
+                       quick_gelu=lambda v: v * torch.sigmoid(1.702 * v))
+
+
+def test_activation_tables_agree_and_refuse_unknown_names():
+    """The C++ table (moeyard::_activations) and reference.ACTIVATIONS list the same names in the
+    same order; activation_name and is_gated read the table; an unknown name is refused with a
+    message naming the known ones by the CPU kernel, the fake (meta) kernel, the modules and the
+    reference."""
+    assert torch.ops.moeyard._activations() == list(ref.ACTIVATIONS) == list(moeyard.ACTIVATIONS)
+    assert {a.fn for a in ref.ACTIVATIONS.values()} == set(ref.ELEMENTWISE) == set(TORCH_FUNCTIONS)
+    for name, a in ref.ACTIVATIONS.items():
+        assert ref.is_gated(name) == (a.gate is not None)
+        if a.gate != "oss":
+            assert ref.activation_name(a.fn, a.gate == "halves") == name
+    assert ref.ACTIVATIONS["swiglu_oss"].gate == "oss"
+    with pytest.raises(ValueError, match="gated .* function 'identity'"):
+        ref.activation_name("identity", True)
+    with pytest.raises(ValueError, match="'tanh'"):
+        ref.activation_name("tanh", False)
+
+    known = ", ".join(f"'{n}'" for n in ref.ACTIVATIONS)
+    msg = re.escape(f"activation must be one of {known}, got 'swish'")
+    with pytest.raises(RuntimeError, match=msg):
+        _ffn("swish")()
+    x, p, weights, (gu, dn, _, _) = ffn_setup(10, 2, 4, 8, 8, "gelu", torch.float32, "cpu")
+    meta = [t.to("meta") for t in (x, p.row_source, p.token_row, p.offsets)]
+    w1, w2 = (t.to("meta").transpose(1, 2) for t in (gu, dn))
+    args = (*meta, None, weights.to("meta"), w1, w2, None, None)
+    assert torch.ops.moeyard.expert_ffn(*args, "gelu").shape == x.shape
+    with pytest.raises(Exception, match=msg):
+        torch.ops.moeyard.expert_ffn(*args, "swish")
+    with FakeTensorMode():
+        assert torch.ops.moeyard._activations() == list(ref.ACTIVATIONS)
+    with pytest.raises(ValueError, match=msg):
+        moeyard.Experts(4, 8, 8, activation="swish")
+    with pytest.raises(ValueError, match=msg):
+        ref.activation(torch.zeros(2, 4), "swish")
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float64), pytest.param(
+    "cuda", torch.float32, marks=pytest.mark.gpu)], ids=["cpu-float64", "cuda-float32"])
+@pytest.mark.parametrize("gated", [False, True], ids=["ungated", "gated"])
+@pytest.mark.parametrize("fn", list(TORCH_FUNCTIONS))
+def test_elementwise_functions(fn, gated, device, dtype):
+    """The kernels' elementwise function f and its derivative equal torch's (through its autograd),
+    0 included (relu, relu2: f'(0) = 0 as torch). expert_ffn with one expert and identity weights
+    computes f(v) (ungated) or f(v) * u (gated on the halves [v | u]); its backward gives the
+    gradients of v and u. The reference's activation agrees too."""
+    if fn == "identity" and gated:  # no gated identity in the table
+        with pytest.raises(ValueError, match="'identity'"):
+            ref.activation_name(fn, gated)
+        return
+    name = ref.activation_name(fn, gated)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
+    v = torch.cat([torch.linspace(-8, 8, 161, dtype=torch.float64),
+                   torch.tensor([0.0, -0.0, 1e-9, -1e-9, 30.0, -30.0], dtype=torch.float64)])
+    u = torch.randn(v.shape, dtype=torch.float64)
+    v, u = v.to(device, dtype), u.to(device, dtype)
+    T = v.numel()
+    x = torch.stack([v, u], 1).requires_grad_()  # H = 2
+    plan = moeyard.plan(torch.zeros(T, 1, dtype=I32, device=device), 1)
+    weights = torch.ones(T, 1, dtype=dtype, device=device)
+    # layout="matmul": gate_up [E=1, H=2, N1], down [E=1, I=1, H=2]; the first product is [v | u]
+    # (gated) or v (ungated), the second puts the activation in y[:, 0].
+    eye = torch.eye(2, dtype=dtype, device=device)
+    gate_up = (eye if gated else eye[:, :1])[None]
+    down = eye[:1][None]
+    out = moeyard.expert_ffn(x, plan, weights, gate_up, down, activation=name, layout="matmul",
+                             backend="moeyard")
+    vt, ut = v.clone().requires_grad_(), u.clone().requires_grad_()
+    want = TORCH_FUNCTIONS[fn](vt) * (ut if gated else 1)
+    torch.testing.assert_close(out[:, 0], want.detach(), **tol)
+    assert (out[:, 1] == 0).all()
+    h = torch.stack([v, u], 1) if gated else v[:, None]
+    torch.testing.assert_close(ref.activation(h, name)[:, 0], want.detach(), **tol)
+    g = torch.randn(T, 2, dtype=dtype, device=device)
+    got = torch.autograd.grad(out, x, g)[0]
+    want_v, want_u = torch.autograd.grad(want, (vt, ut), g[:, 0], allow_unused=True,
+                                         materialize_grads=True)
+    torch.testing.assert_close(got[:, 0], want_v, **tol)
+    torch.testing.assert_close(got[:, 1], want_u, **tol)
+    if fn in ("relu", "relu2"):  # at 0 (+0 and -0): f = 0 and f' = 0
+        zero = v == 0
+        assert (out[zero, 0] == 0).all() and (got[zero, 0] == 0).all()
+
+
 # ------------------------------------------------------------------------- expert_ffn forward
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("T,k,E,H,I,capacity,p_none,zipf", FFN_PLANS)
-@pytest.mark.parametrize("activation", ref.ACTIVATIONS)
+@pytest.mark.parametrize("activation", MATRIX_ACTIVATIONS)
 @pytest.mark.parametrize("layout,bias", LAYOUT_BIAS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_expert_ffn_matches_reference(backend, device, dtype, T, k, E, H, I, capacity, p_none,
@@ -362,7 +463,7 @@ def test_expert_ffn_matches_reference(backend, device, dtype, T, k, E, H, I, cap
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("activation", ref.ACTIVATIONS)
+@pytest.mark.parametrize("activation", list(ref.ACTIVATIONS))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_expert_ffn_dropped_tokens_are_zero_and_never_nan(backend, device, activation):
     """A token with no kept slot (dropped by the capacity or routed nowhere) gets an exactly zero
@@ -439,7 +540,7 @@ def test_expert_ffn_strided_inputs(backend, device):
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("T,k,E,H,I,capacity,p_none,zipf",
                          [p for p in FFN_PLANS if p.id in GRAD_PLANS])
-@pytest.mark.parametrize("activation", ref.ACTIVATIONS)
+@pytest.mark.parametrize("activation", MATRIX_ACTIVATIONS)
 @pytest.mark.parametrize("layout,bias", LAYOUT_BIAS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_expert_ffn_grads_match_reference(backend, device, dtype, T, k, E, H, I, capacity, p_none,
@@ -459,6 +560,36 @@ def test_expert_ffn_grads_match_reference(backend, device, dtype, T, k, E, H, I,
     want = grads(ffn_ref(x, p, weights, *params, activation, layout, backend), leaves, g)
     for leaf, a, b in zip(leaves, got, want):
         assert a.stride() == leaf.stride() or leaf.numel() == 0
+        assert_close(a, b, GRAD_TOL[dtype], scaled=True)
+
+
+# Every activation of the table, on a smaller matrix than MATRIX_ACTIVATIONS': (T, k, E, H, I,
+# capacity, p_none, layout, bias), dropless with -1 slots and a capacity with drops.
+EVERY_ACTIVATION_CASES = [
+    pytest.param(41, 3, 6, 24, 16, None, 0.3, "linear", True, id="dropless-linear-bias"),
+    pytest.param(50, 2, 4, 32, 16, 18, 0.1, "matmul", False, id="capacity-matmul"),
+]
+
+
+@pytest.mark.parametrize("device,dtype", [p for p in DEVICE_DTYPES if p.values[1] != torch.float16])
+@pytest.mark.parametrize("T,k,E,H,I,capacity,p_none,layout,bias", EVERY_ACTIVATION_CASES)
+@pytest.mark.parametrize("activation", list(ref.ACTIVATIONS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expert_ffn_every_activation(backend, activation, T, k, E, H, I, capacity, p_none, layout,
+                                     bias, device, dtype):
+    """Every activation: the output and the gradients of x, the routing weights, gate_up, down
+    and the biases match the reference."""
+    x, p, weights, params = ffn_setup(T, k, E, H, I, activation, dtype, device, capacity=capacity,
+                                      p_none=p_none, bias=bias, layout=layout)
+    leaves = [t.requires_grad_() for t in (x, weights, *params) if t is not None]
+    g = torch.randn(T, H, device=device).to(dtype)
+    call = lambda: ffn(x, p, weights, *params, activation, layout, backend)  # noqa: E731
+    if refused(backend, device, dtype, capacity, ffn_widths(H, I, activation), call):
+        return
+    out = call()
+    want = ffn_ref(x, p, weights, *params, activation, layout, backend)
+    assert_close(out, want, TOL[dtype], scaled=True)
+    for a, b in zip(torch.autograd.grad(out, leaves, g), grads(want, leaves, g)):
         assert_close(a, b, GRAD_TOL[dtype], scaled=True)
 
 
@@ -482,13 +613,13 @@ def test_expert_ffn_one_bias_grads(backend, device, given):
         assert_close(a, b, GRAD_TOL[torch.float32], scaled=True)
 
 
-@pytest.mark.parametrize("activation", ref.ACTIVATIONS)
-@pytest.mark.parametrize("capacity,p_none", [(None, 0.3), (3, 0.0)], ids=["dropless", "capacity"])
-@pytest.mark.parametrize("layout", ["linear", "matmul"])
+@pytest.mark.parametrize("activation", list(ref.ACTIVATIONS))
+@pytest.mark.parametrize("capacity,p_none,layout", [(None, 0.3, "linear"), (3, 0.0, "matmul")],
+                         ids=["dropless-linear", "capacity-matmul"])
 def test_expert_ffn_gradcheck(activation, capacity, p_none, layout):
     """fp64 gradcheck of every input (moeyard's backend: torch's grouped GEMM has no float64; its
     gradients are held to the reference's autograd in fp32 above). Pre-activations stay far below
-    swiglu_oss's clamp at 7 and away from relu's kink with probability ~1."""
+    swiglu_oss's clamp at 7 and away from the relu kinks with probability ~1."""
     x, p, weights, params = ffn_setup(7, 2, 3, 5, 3, activation, torch.float64, "cpu",
                                       capacity=capacity, p_none=p_none, bias=True, layout=layout)
     weights = weights.double()
@@ -776,7 +907,7 @@ FFN_BAD = {
     "w2-E": (_ffn(w2=torch.randn(2, 2, 4)), r"down must be logical .* got \[2, 2, 4\]"),
     "E-vs-offsets": (_ffn(w1=torch.randn(4, 4, 4), w2=torch.randn(4, 2, 4)),
                      r"offsets must have E\+1 = 5"),
-    "unknown-activation": (_ffn("silu"), "activation must be one of"),
+    "unknown-activation": (_ffn("swish"), "activation must be one of 'none', 'silu', .*'swish'"),
     "swiglu-odd-N1": (_ffn(w1=W1_ODD, w2=W2_FOR_ODD), "'swiglu' needs an even gate_up width"),
     "swiglu_oss-odd-N1": (_ffn("swiglu_oss", w1=W1_ODD, w2=W2_FOR_ODD),
                           "'swiglu_oss' needs an even gate_up width"),

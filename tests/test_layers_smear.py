@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import moeyard
+from moeyard import reference as ref
 from conftest import DEVICES, check_layer_against, close, fwd_bwd
 
 D, I, E, B, S = 16, 8, 4, 3, 10
@@ -18,6 +19,7 @@ CONFIGS = {
     "silu_bias": dict(activation="silu", expert_bias=True),  # SMEAR's swish adapters
     "gelu": dict(activation="gelu"),
     "relu_bias": dict(activation="relu", expert_bias=True),
+    "geglu_bias": dict(activation="geglu", expert_bias=True),  # a gated one besides swiglu
 }
 
 # The router's gradients sum many token terms of both signs through the softmax backward
@@ -47,10 +49,13 @@ def make(name="swiglu", device="cpu", dtype=torch.float32, **kw):
 
 
 def act(h, name):
-    if name == "swiglu":
+    """The activation in torch's functions: f(h), or f(gate) * up over the halves [gate | up]."""
+    a = ref.ACTIVATIONS[name]
+    f = {"silu": F.silu, "gelu": F.gelu, "relu": torch.relu}[a.fn]
+    if a.gate == "halves":
         g, u = h.chunk(2, dim=-1)
-        return F.silu(g) * u
-    return {"silu": F.silu, "gelu": F.gelu, "relu": torch.relu}[name](h)
+        return f(g) * u
+    return f(h)
 
 
 def naive_probs(layer, x, mask=None, keep=None):
@@ -218,7 +223,7 @@ def test_adam_steps_lower_the_loss():
 def test_state_dict_round_trip(name):
     layer = make(name)
     sd = layer.state_dict()
-    n1 = 2 * I if name == "swiglu" else I
+    n1 = 2 * I if ref.is_gated(layer.experts.activation) else I
     assert sd["router.weight"].shape == (E, D)
     assert {"router.norm.weight", "router.norm.bias", "router.weight_norm.weight"} <= sd.keys()
     assert sd["experts.gate_up_proj"].shape == (E, n1, D)
@@ -270,7 +275,7 @@ def test_compile_fullgraph_matches_eager(training, device):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(activation="tanh"), "activation"),
-    (dict(activation="swiglu_oss"), "activation"),
+    (dict(activation="swish"), "activation must be one of 'none', 'silu', "),
     (dict(expert_dropout=1.0), "expert_dropout=1.0"),
     (dict(expert_dropout=-0.1), "expert_dropout=-0.1"),
     (dict(router_init_scale=0.0), "router_init_scale"),

@@ -355,6 +355,39 @@ def test_opcheck(device, order, chunks):
                                       (g, x, probs, weight, bias, mask))
 
 
+# ------------------------------------------------------------------------- SMEAR's experts
+
+
+@pytest.mark.parametrize("device,dtype", [p for p in DEVICE_DTYPES if p.values[1] != torch.float16])
+@pytest.mark.parametrize("activation", list(ref.ACTIVATIONS))
+def test_merged_experts_every_activation(activation, device, dtype):
+    """MergedExperts (SMEAR's experts) take every activation of the table: merged_linear, the
+    reference's activation in fp32 (fp64 for fp64) rounded to x's dtype, merged_linear. Output
+    and the gradients of x, probs and every parameter match that composition of the reference."""
+    B, S, D, I, E = 3, 5, 8, 6, 4
+    ex = moeyard.MergedExperts(E, D, I, activation, bias=True, initializer_range=0.3,
+                               device=device, dtype=dtype)
+    with torch.no_grad():
+        ex.gate_up_proj_bias.normal_(std=0.3), ex.down_proj_bias.normal_(std=0.3)
+    assert ex.gate_up_proj.shape[1] == (2 * I if ref.is_gated(activation) else I)
+    x, probs, _, _ = inputs(B, S, D, E, I, dtype, device)
+    leaves = [x.requires_grad_(), probs.requires_grad_(), *ex.parameters()]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def reference(x, probs):
+        h = ref.merged_linear(x, probs, ex.gate_up_proj, ex.gate_up_proj_bias)
+        a = ref.activation(h.to(acc), activation).to(dtype)
+        return ref.merged_linear(a, probs, ex.down_proj, ex.down_proj_bias)
+
+    out, want = ex(x, probs), reference(x, probs)
+    assert out.dtype == dtype
+    assert_close(out, want, TOL[dtype], scaled=True)
+    g = torch.randn_like(out)
+    got_grads = torch.autograd.grad(out, leaves, g)
+    for a, b in zip(got_grads, torch.autograd.grad(want, leaves, g)):
+        assert_close(a, b, GRAD_TOL[dtype], scaled=True)
+
+
 # ------------------------------------------------------------------------------ torch.compile
 
 

@@ -4,11 +4,11 @@
 // act_forward: one block per row r. Every thread finds r's expert itself (fixed stride: r / C;
 //   dropless: a binary search of the E+1 offsets, cached in L1), then owns VEC output columns at a
 //   time (VEC = 16 bytes of the dtype when every row and pointer allows, else 1): it loads the
-//   pre-activation columns that feed them (SwiGLU: VEC of the gate half and VEC of the up half;
-//   GPT-OSS: 2*VEC interleaved; ungated: VEC), adds the bias in fp32, writes the biased columns
-//   back, and writes act() of them. Each pre column is read and written by exactly one thread, so
-//   the in-place update needs no barrier. Unused rows get zeros. Bytes: R*N1 read, R*I written
-//   (+ R*N1 written with a bias): a bandwidth-bound pass, ~R*(N1+I)*2 bytes in bf16.
+//   pre-activation columns that feed them (gated on halves: VEC of the gate half and VEC of the
+//   up half; GPT-OSS: 2*VEC interleaved; ungated: VEC), adds the bias in fp32, writes the biased
+//   columns back, and writes act() of them. Each pre column is read and written by exactly one
+//   thread, so the in-place update needs no barrier. Unused rows get zeros. Bytes: R*N1 read, R*I
+//   written (+ R*N1 written with a bias): a bandwidth-bound pass, ~R*(N1+I)*2 bytes in bf16.
 // zero_empty_experts: grid (chunks, E); the blocks of an expert that owns rows exit at once, the
 //   others write zeros. Bytes: only the empty experts' gradients.
 // No host synchronization; launches on the current stream.
@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kRowThreads)
   }
   for (int64_t j = threadIdx.x * VEC; j < out_width; j += kRowThreads * VEC) {
     float res[VEC];
-    if (act == Activation::SwiGLU) {  // gate columns j.., up columns I + j..
+    if (act.glu == Glu::Halves) {  // gate columns j.., up columns I + j..
       float g[VEC], u[VEC];
       load_biased<T, VEC>(row, b, j, g);
       load_biased<T, VEC>(row, b, out_width + j, u);
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kRowThreads)
       }
 #pragma unroll
       for (int i = 0; i < VEC; ++i) res[i] = glu_value<float>(act, g[i], u[i]);
-    } else if (act == Activation::SwiGLUOss) {  // (gate, up) pairs at columns 2j, 2j+1
+    } else if (act.glu == Glu::OssPairs) {  // (gate, up) pairs at columns 2j, 2j+1
       float h[2 * VEC];
       load_biased<T, VEC>(row, b, 2 * j, h);
       load_biased<T, VEC>(row, b, 2 * j + VEC, h + VEC);
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kRowThreads)
       load_biased<T, VEC>(row, b, j, v);
       if (b) store<T, VEC>(row, j, v);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) res[i] = act_value<float>(act, v[i]);
+      for (int i = 0; i < VEC; ++i) res[i] = act_value<float>(act.fn, v[i]);
     }
     store<T, VEC>(o, j, res);
   }

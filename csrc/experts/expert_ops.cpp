@@ -226,7 +226,7 @@ at::Tensor grouped_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor
   const c10::OptionalDeviceGuard guard(a.device());
   const Products pr = grouped_products(std::string(backend), a, b, offsets, s);
   const auto a_rows = pr.operand(a, a_index.value_or(at::Tensor()));
-  return pr.rows(a_rows, b, std::nullopt, Activation::None, false).first;
+  return pr.rows(a_rows, b, std::nullopt, kNoActivation, false).first;
 }
 
 std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(
@@ -245,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(
   at::Tensor grad_a = a.new_empty({0}), grad_b = b.new_empty({0});
   if (need_a) {
     auto grad_rows =
-        pr.rows(grad, b.transpose(1, 2), std::nullopt, Activation::None, false).first;
+        pr.rows(grad, b.transpose(1, 2), std::nullopt, kNoActivation, false).first;
     if (!a_index) {
       grad_a = grad_rows;
     } else {
@@ -283,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor> ffn_forward(
   const Products pr = ffn_products(backend, x_in, w1, w2, offsets, s);
   const auto row_source = row_source_in.contiguous();
   auto [act, pre] = pr.rows(pr.operand(x_in, row_source, s.k), w1, b1, s.act, keep_pre);
-  const auto y = pr.rows(pr.operand(act), w2, b2, Activation::None, false).first;
+  const auto y = pr.rows(pr.operand(act), w2, b2, kNoActivation, false).first;
   act.reset();
   auto out = unpermute(y, row_source, token_row, weights);
   return {out, keep_pre ? pre : x_in.new_empty({0})};
@@ -342,7 +342,7 @@ expert_ffn_backward(const at::Tensor& grad_in, const at::Tensor& x,
   // grad's rows in plan order (the grouped_mm backend copies them once, for g, grad_w2, grad_b2).
   Operand grad_rows = pr.operand(grad_in, row_source, s.k);
   // g = grad[t] @ w2[e]^T, then the activation's backward.
-  auto g = pr.rows(grad_rows, w2.transpose(1, 2), std::nullopt, Activation::None, false).first;
+  auto g = pr.rows(grad_rows, w2.transpose(1, 2), std::nullopt, kNoActivation, false).first;
   // The activation's backward reads each pre-activation element before it writes that element's
   // gradient, so with a consumable h it writes in place: [R, N1] less at the peak.
   auto grad_pre = consume_h ? pre : at::empty({R, s.N1}, x.options());
@@ -384,7 +384,7 @@ expert_ffn_backward(const at::Tensor& grad_in, const at::Tensor& x,
   grad_rows = Operand{};
   if (mask[0]) {
     const auto rows_dx = pr.rows(pr.operand(grad_pre), w1.transpose(1, 2), std::nullopt,
-                                 Activation::None, false).first;
+                                 kNoActivation, false).first;
     grad_x = unpermute(rows_dx, row_source, token_row, std::nullopt);
   }
   if (mask[2])

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "common/checks.h"
 #include "experts/backend.h"
@@ -31,27 +32,68 @@
 namespace moeyard {
 
 // ------------------------------------------------------------------------------ activations
+//
+// An activation is an elementwise function (ActFn) and a gating (Glu): ungated, out = f(h) (one
+// output column per column of the first product, N1 = I); gated on the halves h = [gate | up]
+// (Hugging Face's gate_up_proj), out = f(gate) * up; or GPT-OSS's interleaved (gate, up) pairs,
+// clamped, out = (up + 1) * f(gate) (see glu_value). Gated activations have N1 = 2I. The math runs
+// in the accumulation type: fp32, fp64 for fp64. Runtime values: one kernel serves every row.
 
-enum class Activation { SwiGLU, SwiGLUOss, Gelu, GeluTanh, Relu, None };
+enum class ActFn : uint8_t { Identity, Silu, Gelu, GeluTanh, Relu, Relu2, QuickGelu };
+enum class Glu : uint8_t { None, Halves, OssPairs };
+
+struct Activation {
+  ActFn fn = ActFn::Identity;
+  Glu glu = Glu::None;
+  constexpr bool operator==(const Activation&) const = default;
+};
+
+constexpr Activation kNoActivation{};  // identity, ungated: a plain product
+
+// The activations by name, the one table: python/moeyard/reference.py's ACTIVATIONS holds the same
+// rows in the same order, which the tests check through moeyard::_activations.
+struct NamedActivation {
+  const char* name;
+  Activation act;
+};
+
+inline constexpr NamedActivation kActivations[] = {
+    {"none", {ActFn::Identity, Glu::None}},
+    {"silu", {ActFn::Silu, Glu::None}},
+    {"gelu", {ActFn::Gelu, Glu::None}},
+    {"gelu_tanh", {ActFn::GeluTanh, Glu::None}},
+    {"relu", {ActFn::Relu, Glu::None}},
+    {"relu2", {ActFn::Relu2, Glu::None}},
+    {"quick_gelu", {ActFn::QuickGelu, Glu::None}},
+    {"swiglu", {ActFn::Silu, Glu::Halves}},
+    {"geglu", {ActFn::Gelu, Glu::Halves}},
+    {"geglu_tanh", {ActFn::GeluTanh, Glu::Halves}},
+    {"reglu", {ActFn::Relu, Glu::Halves}},
+    {"relu2_glu", {ActFn::Relu2, Glu::Halves}},
+    {"quick_geglu", {ActFn::QuickGelu, Glu::Halves}},
+    {"swiglu_oss", {ActFn::QuickGelu, Glu::OssPairs}},  // GPT-OSS: gate * sigmoid(1.702 gate)
+};
+
+// The names of kActivations, in order (the op moeyard::_activations).
+inline std::vector<std::string> activation_names() {
+  std::vector<std::string> names;
+  for (const auto& row : kActivations) names.emplace_back(row.name);
+  return names;
+}
 
 inline Activation parse_activation(const std::string& s) {
-  if (s == "swiglu") return Activation::SwiGLU;
-  if (s == "swiglu_oss") return Activation::SwiGLUOss;
-  if (s == "gelu") return Activation::Gelu;
-  if (s == "gelu_tanh") return Activation::GeluTanh;
-  if (s == "relu") return Activation::Relu;
-  if (s == "none") return Activation::None;
-  TORCH_CHECK(false, "moeyard: activation must be one of 'swiglu', 'swiglu_oss', 'gelu', "
-              "'gelu_tanh', 'relu', 'none', got '", s, "'");
+  for (const auto& row : kActivations)
+    if (s == row.name) return row.act;
+  std::string known;
+  for (const auto& row : kActivations)
+    known += (known.empty() ? "'" : ", '") + std::string(row.name) + "'";
+  TORCH_CHECK(false, "moeyard: activation must be one of ", known, ", got '", s, "'");
 }
 
-// Gated activations read two columns of the first product per output column: SwiGLU the two
-// halves [gate | up], GPT-OSS's variant interleaved pairs (gate, up).
-constexpr bool is_gated(Activation a) {
-  return a == Activation::SwiGLU || a == Activation::SwiGLUOss;
-}
+// Gated activations read two columns of the first product per output column (gate_col, up_col).
+constexpr bool is_gated(Activation a) { return a.glu != Glu::None; }
 
-constexpr double kOssAlpha = 1.702;  // GPT-OSS swiglu_alpha
+constexpr double kOssAlpha = 1.702;  // GPT-OSS swiglu_alpha (and quick_gelu's 1.702)
 constexpr double kOssLimit = 7.0;    // GPT-OSS swiglu_limit
 
 MOEYARD_HD float m_exp(float v) { return expf(v); }
@@ -66,79 +108,94 @@ MOEYARD_HD T sigmoid(T v) {
   return T(1) / (T(1) + m_exp(-v));
 }
 
-// Ungated activation and its derivative.
+// The elementwise functions: silu x sigmoid(x); gelu (erf); gelu_tanh (tanh approximation:
+// transformers' gelu_new / gelu_pytorch_tanh); relu; relu2 = relu(x)^2; quick_gelu
+// x sigmoid(1.702 x); identity.
 template <typename T>
-MOEYARD_HD T act_value(Activation a, T v) {
-  switch (a) {
-    case Activation::Gelu:
+MOEYARD_HD T act_value(ActFn f, T v) {
+  switch (f) {
+    case ActFn::Silu:
+      return v * sigmoid(v);
+    case ActFn::Gelu:
       return T(0.5) * v * (T(1) + m_erf(v * T(0.70710678118654752)));
-    case Activation::GeluTanh: {
+    case ActFn::GeluTanh: {
       const T c = T(0.79788456080286536);  // sqrt(2 / pi)
       return T(0.5) * v * (T(1) + m_tanh(c * (v + T(0.044715) * v * v * v)));
     }
-    case Activation::Relu:
+    case ActFn::Relu:
       return v > T(0) ? v : T(0);
+    case ActFn::Relu2:
+      return v > T(0) ? v * v : T(0);
+    case ActFn::QuickGelu:
+      return v * sigmoid(T(kOssAlpha) * v);
     default:
       return v;
   }
 }
 
+// d f / d v (0 at relu's and relu2's kink, as torch's autograd).
 template <typename T>
-MOEYARD_HD T act_grad(Activation a, T v) {
-  switch (a) {
-    case Activation::Gelu:
+MOEYARD_HD T act_grad(ActFn f, T v) {
+  switch (f) {
+    case ActFn::Silu: {
+      const T s = sigmoid(v);
+      return s * (T(1) + v * (T(1) - s));
+    }
+    case ActFn::Gelu:
       return T(0.5) * (T(1) + m_erf(v * T(0.70710678118654752))) +
              v * T(0.39894228040143268) * m_exp(T(-0.5) * v * v);  // 1 / sqrt(2 pi)
-    case Activation::GeluTanh: {
+    case ActFn::GeluTanh: {
       const T c = T(0.79788456080286536);
       const T th = m_tanh(c * (v + T(0.044715) * v * v * v));
       return T(0.5) * (T(1) + th) +
              T(0.5) * v * (T(1) - th * th) * c * (T(1) + T(3 * 0.044715) * v * v);
     }
-    case Activation::Relu:
+    case ActFn::Relu:
       return v > T(0) ? T(1) : T(0);
+    case ActFn::Relu2:
+      return v > T(0) ? T(2) * v : T(0);
+    case ActFn::QuickGelu: {
+      const T s = sigmoid(T(kOssAlpha) * v);
+      return s + T(kOssAlpha) * v * s * (T(1) - s);
+    }
     default:
       return T(1);
   }
 }
 
-// Gated: out = f(gate, up); SwiGLU silu(gate) * up; GPT-OSS (min(up, 7) clamped to [-7, 7] + 1) *
-// g * sigmoid(1.702 g) with g = min(gate, 7).
+// Gated: out = f(gate) * up (halves); GPT-OSS: (clamp(up, -7, 7) + 1) * f(min(gate, 7)).
 template <typename T>
 MOEYARD_HD T glu_value(Activation a, T gate, T up) {
-  if (a == Activation::SwiGLU) return gate * sigmoid(gate) * up;
+  if (a.glu != Glu::OssPairs) return act_value(a.fn, gate) * up;
   const T g = gate < T(kOssLimit) ? gate : T(kOssLimit);
   const T u = up < T(-kOssLimit) ? T(-kOssLimit) : (up > T(kOssLimit) ? T(kOssLimit) : up);
-  return (u + T(1)) * g * sigmoid(T(kOssAlpha) * g);
+  return (u + T(1)) * act_value(a.fn, g);
 }
 
-// d out / d gate and d out / d up (the clamps pass gradient inside their closed interval, as
-// torch.clamp does).
+// d out / d gate and d out / d up (GPT-OSS's clamps pass gradient inside their closed interval,
+// as torch.clamp does).
 template <typename T>
 MOEYARD_HD void glu_grad(Activation a, T gate, T up, T& d_gate, T& d_up) {
-  if (a == Activation::SwiGLU) {
-    const T s = sigmoid(gate);
-    d_up = gate * s;
-    d_gate = up * s * (T(1) + gate * (T(1) - s));
+  if (a.glu != Glu::OssPairs) {
+    d_up = act_value(a.fn, gate);
+    d_gate = act_grad(a.fn, gate) * up;
     return;
   }
   const bool g_in = gate <= T(kOssLimit);
   const T g = g_in ? gate : T(kOssLimit);
   const bool u_in = up >= T(-kOssLimit) && up <= T(kOssLimit);
   const T u = u_in ? up : (up < T(0) ? T(-kOssLimit) : T(kOssLimit));
-  const T s = sigmoid(T(kOssAlpha) * g);
-  const T glu = g * s;
-  d_up = u_in ? glu : T(0);
-  d_gate = g_in ? (u + T(1)) * (s + T(kOssAlpha) * g * s * (T(1) - s)) : T(0);
+  d_up = u_in ? act_value(a.fn, g) : T(0);
+  d_gate = g_in ? (u + T(1)) * act_grad(a.fn, g) : T(0);
 }
 
-// Column c of the first product that holds the gate (or up) input of output column j, for width
-// n1 of the first product: SwiGLU halves, GPT-OSS pairs.
+// Column of the first product (width n1) that holds the gate (or up) input of output column j:
+// halves j and n1 / 2 + j, GPT-OSS pairs 2j and 2j + 1 (ungated: gate_col is j itself).
 MOEYARD_HD int64_t gate_col(Activation a, int64_t j, int64_t n1) {
-  return a == Activation::SwiGLU ? j : 2 * j;
+  return a.glu == Glu::OssPairs ? 2 * j : j;
 }
 MOEYARD_HD int64_t up_col(Activation a, int64_t j, int64_t n1) {
-  return a == Activation::SwiGLU ? n1 / 2 + j : 2 * j + 1;
+  return a.glu == Glu::OssPairs ? 2 * j + 1 : n1 / 2 + j;
 }
 
 // out[j] = act(v)[j] for the out_width output columns of one row whose pre-activation is v (the
@@ -146,9 +203,9 @@ MOEYARD_HD int64_t up_col(Activation a, int64_t j, int64_t n1) {
 template <typename acc_t, typename T>
 inline void act_row(Activation act, const acc_t* v, int64_t width, T* out, int64_t out_width) {
   for (int64_t j = 0; j < out_width; ++j)
-    out[j] = static_cast<T>(is_gated(act) ? glu_value<acc_t>(act, v[gate_col(act, j, width)],
-                                                             v[up_col(act, j, width)])
-                                          : act_value<acc_t>(act, v[j]));
+    out[j] = static_cast<T>(
+        is_gated(act) ? glu_value<acc_t>(act, v[gate_col(act, j, width)], v[up_col(act, j, width)])
+                      : act_value<acc_t>(act.fn, v[j]));
 }
 
 // Backward of the activation at output column j of one row, given wg = d loss / d act(pre)[j]:
@@ -167,8 +224,8 @@ MOEYARD_HD acc_t act_backward_at(Activation act, const T* pre_row, T* grad_pre_r
     return glu_value<acc_t>(act, gate, up);
   }
   const acc_t v = static_cast<acc_t>(pre_row[j]);
-  grad_pre_row[j] = static_cast<T>(act_grad<acc_t>(act, v) * wg);
-  return act_value<acc_t>(act, v);
+  grad_pre_row[j] = static_cast<T>(act_grad<acc_t>(act.fn, v) * wg);
+  return act_value<acc_t>(act.fn, v);
 }
 
 // ---------------------------------------------------------------------------------- shapes
@@ -205,7 +262,7 @@ void check_index_values_cpu(const at::Tensor& index, int64_t A, const char* name
 struct FfnShape {
   GroupedShape up;  // the first product: x [T,H] gathered through the plan, w1 [E,H,N1]
   int64_t T = 0, k = 0, H = 0, N1 = 0, I = 0;
-  Activation act = Activation::SwiGLU;
+  Activation act;
 };
 
 FfnShape check_expert_ffn_args(const at::Tensor& x, const at::Tensor& row_source,
@@ -236,7 +293,7 @@ struct RowsGemm {
   at::Tensor offsets;  // [E+1] int32
   Segments seg;
   std::optional<at::Tensor> bias;  // [E, N]
-  Activation act = Activation::None;
+  Activation act;
   at::Tensor out;  // [R, N or N/2], written
   at::Tensor pre;  // [R, N] or undefined
 };
@@ -274,7 +331,7 @@ struct ActForward {
   std::optional<at::Tensor> bias;  // [E, N1]
   at::Tensor offsets;              // [E+1] int32
   Segments seg;
-  Activation act = Activation::None;
+  Activation act;
   at::Tensor out;  // [R, I] contiguous, or undefined
 };
 
@@ -302,7 +359,7 @@ struct ActBackward {
   at::Tensor grad_act;    // [R, I]
   at::Tensor pre;         // [R, N1]
   at::Tensor row_weight;  // [R] acc dtype
-  Activation act = Activation::None;
+  Activation act;
   at::Tensor grad_pre;  // [R, N1], written
   at::Tensor act_w;     // [R, I], written
   at::Tensor grad_w;    // [R] acc dtype, written

@@ -54,7 +54,7 @@ void rows_gemm_cpu(const RowsGemm& p) {
     auto v = at::mm(gather_rows(p.a, p.a_rows, start, n, acc), p.b[e].to(acc));
     if (p.bias) v.add_(p.bias->select(0, e).to(acc));
     if (p.pre.defined()) p.pre.narrow(0, start, n).copy_(v);
-    if (p.act == Activation::None) {
+    if (p.act == kNoActivation) {
       p.out.narrow(0, start, n).copy_(v);
       continue;
     }

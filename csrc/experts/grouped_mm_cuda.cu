@@ -383,11 +383,11 @@ struct RowsParams {
 };
 
 // Column map of the product tile: local column l of column tile nt -> column of b, and whether
-// it exists. SwiGLU (halves): each 16 local columns are 8 gate columns then the 8 matching up
+// it exists. Gated on halves: each 16 local columns are 8 gate columns then the 8 matching up
 // columns, so a thread's fragments j and j+1 hold gate and up of the same output column.
 template <typename T>
 __device__ __forceinline__ int b_column(const RowsParams<T>& p, int nt, int l, int& valid) {
-  if (p.act == Activation::SwiGLU) {
+  if (p.act.glu == Glu::Halves) {
     const int I = p.N / 2;
     const int j = nt * (kBN / 2) + (l >> 4) * 8 + (l & 7);
     valid = I - j;
@@ -517,7 +517,7 @@ __global__ void __launch_bounds__(kThreads, 1) rows_gemm_kernel(const RowsParams
         if (lr >= rows) continue;
         const bool on = lr < used;
         const int64_t r = start + m0 + lr;
-        if (p.act == Activation::SwiGLU) {
+        if (p.act.glu == Glu::Halves) {
 #pragma unroll
           for (int ni = 0; ni < 4; ni += 2) {  // fragments ni: gate, ni + 1: up
             int valid;
@@ -545,12 +545,12 @@ __global__ void __launch_bounds__(kThreads, 1) rows_gemm_kernel(const RowsParams
             const float v0 = acc[mi][ni][2 * h] + bias_at(col);
             const float v1 = both ? acc[mi][ni][2 * h + 1] + bias_at(col + 1) : 0.f;
             if (p.pre) store2(p.pre, p.ldp, p.pair_pre, r, col, on ? v0 : 0.f, on ? v1 : 0.f, both);
-            if (p.act == Activation::SwiGLUOss)  // (gate, up) = (col, col + 1) -> column col / 2
+            if (p.act.glu == Glu::OssPairs)  // (gate, up) = (col, col + 1) -> column col / 2
               p.out[r * p.ldo + col / 2] =
                   static_cast<T>(on ? glu_value<float>(p.act, v0, v1) : 0.f);
             else
-              store2(p.out, p.ldo, p.pair_out, r, col, on ? act_value<float>(p.act, v0) : 0.f,
-                     on ? act_value<float>(p.act, v1) : 0.f, both);
+              store2(p.out, p.ldo, p.pair_out, r, col, on ? act_value<float>(p.act.fn, v0) : 0.f,
+                     on ? act_value<float>(p.act.fn, v1) : 0.f, both);
           }
         }
       }
@@ -867,9 +867,9 @@ void launch_rows_gemm(const RowsGemm& p) {
     return reinterpret_cast<uintptr_t>(base) % (2 * sizeof(T)) == 0 && ld % 2 == 0;
   };
   k.pair_out = pairs_ok(k.out, k.ldo);
-  k.pair_pre = k.pre && pairs_ok(k.pre, k.ldp) && (p.act != Activation::SwiGLU || (k.N / 2) % 2 == 0);
-  k.n_tiles = static_cast<int>(p.act == Activation::SwiGLU ? ceil_div(k.N / 2, kBN / 2)
-                                                           : ceil_div(k.N, kBN));
+  const bool halves = p.act.glu == Glu::Halves;
+  k.pair_pre = k.pre && pairs_ok(k.pre, k.ldp) && (!halves || (k.N / 2) % 2 == 0);
+  k.n_tiles = static_cast<int>(halves ? ceil_div(k.N / 2, kBN / 2) : ceil_div(k.N, kBN));
   k.prefix = prefix.const_data_ptr<int32_t>();
   k.l2_rows = l2_panel_rows<T>();
   const bool bkn = p.b.stride(2) == 1;
@@ -877,7 +877,7 @@ void launch_rows_gemm(const RowsGemm& p) {
   const int64_t b_outer = bkn ? k.sbk : k.sbn;
   const bool vec = aligned(k.a.data, 16) && aligned(k.b, 16) && k.a.ld % V == 0 &&
                    b_outer % V == 0 && k.sbe % V == 0 &&
-                   (!bkn || p.act != Activation::SwiGLU || (k.N / 2) % V == 0);
+                   (!bkn || !halves || (k.N / 2) % V == 0);
   if (!vec) warn_unaligned("an operand of a grouped product");
   constexpr size_t smem_kn = Operands<T, false, true>::kSmemBytes;
   constexpr size_t smem_nk = Operands<T, false, false>::kSmemBytes;

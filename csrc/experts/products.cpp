@@ -81,12 +81,12 @@ std::pair<at::Tensor, at::Tensor> Products::rows(const Operand& a, const at::Ten
   } else {
     prod = at::_grouped_mm(aligned_rows(a.src), b, offsets.slice(0, 1));
   }
-  auto out = act == Activation::None ? prod : at::empty({R, width}, prod.options());
+  auto out = act == kNoActivation ? prod : at::empty({R, width}, prod.options());
   // One pass: bias, activation, zeros in the unused rows (rows past offsets[E] hold whatever
   // torch's grouped GEMM left there; capacity padding rows hold products of whatever a has there).
   if (R > 0)
     act_forward(
-        ActForward{prod, bias, offsets, seg, act, act == Activation::None ? at::Tensor() : out});
+        ActForward{prod, bias, offsets, seg, act, act == kNoActivation ? at::Tensor() : out});
   return {out, keep_pre ? prod : at::Tensor()};
 }
 
@@ -105,8 +105,8 @@ at::Tensor Products::weight_grad(const Operand& lhs, const Operand& rhs, const a
     // The batched product sums every row of a segment: zero the unused ones first (in copies).
     l = l.clone();
     r = r.clone();
-    act_forward(ActForward{l, std::nullopt, offsets, seg, Activation::None, at::Tensor()});
-    act_forward(ActForward{r, std::nullopt, offsets, seg, Activation::None, at::Tensor()});
+    act_forward(ActForward{l, std::nullopt, offsets, seg, kNoActivation, at::Tensor()});
+    act_forward(ActForward{r, std::nullopt, offsets, seg, kNoActivation, at::Tensor()});
   }
   // out[e] = l_e^T r_e as [E, M, N] when `like` is row-major, else as its transpose [E, N, M]
   // (r_e^T l_e), so the GEMM writes the gradient in the weight's own memory order.

@@ -2,9 +2,10 @@
 dense SwiGLU MLP used as a shared expert, and SMEAR's merged experts (:func:`moeyard.merged_linear`).
 
 Weights are stored in Hugging Face v5's layout so checkpoints map one to one:
-``gate_up_proj [E, N1, d]`` (nn.Linear order; N1 = 2I, gate rows then up rows, for SwiGLU, N1 = I
-for ungated activations), ``down_proj [E, d, I]``, optional ``gate_up_proj_bias [E, N1]`` and
-``down_proj_bias [E, d]``.
+``gate_up_proj [E, N1, d]`` (nn.Linear order; N1 = 2I for the gated activations: gate rows then up
+rows, or GPT-OSS's interleaved (gate, up) rows for ``"swiglu_oss"``; N1 = I for ungated ones),
+``down_proj [E, d, I]``, optional ``gate_up_proj_bias [E, N1]`` and ``down_proj_bias [E, d]``.
+Every module here takes every activation of :data:`moeyard.ACTIVATIONS`.
 """
 from __future__ import annotations
 
@@ -12,27 +13,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import reference
 from .ops import EXPERTS_BACKENDS, RoutingPlan, expert_ffn, merged_linear
 from .reference import ACTIVATIONS
 
 __all__ = ["Experts", "SwiGLUMLP", "MergedExperts"]
 
-_GATED = ("swiglu", "swiglu_oss")
-
 
 class _StackedExperts(nn.Module):
     """E expert MLPs' parameters, stacked in Hugging Face v5's layout (see the module docstring),
-    their initialization and repr; subclasses say how the experts run (``forward``) and which
-    activations they take (``activations``)."""
-
-    activations: tuple = ACTIVATIONS
+    their initialization and repr; subclasses say how the experts run (``forward``)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
                  activation: str = "swiglu", bias: bool = False, initializer_range: float = 0.02,
                  device=None, dtype=None):
         super().__init__()
-        if activation not in self.activations:
-            raise ValueError(f"activation must be one of {self.activations}, got {activation!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(reference.unknown_activation(activation))
         for name, v in (("num_experts", num_experts), ("hidden_size", hidden_size),
                         ("intermediate_size", intermediate_size)):
             if v < 1:
@@ -40,7 +37,7 @@ class _StackedExperts(nn.Module):
         self.num_experts, self.hidden_size = num_experts, hidden_size
         self.intermediate_size, self.activation = intermediate_size, activation
         self.initializer_range = initializer_range
-        n1 = 2 * intermediate_size if activation in _GATED else intermediate_size
+        n1 = (2 if reference.is_gated(activation) else 1) * intermediate_size
         kw = dict(device=device, dtype=dtype)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, n1, hidden_size, **kw))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size,
@@ -78,7 +75,8 @@ class Experts(_StackedExperts):
         num_experts: E.
         hidden_size: d (the model width).
         intermediate_size: I (each expert's hidden width).
-        activation: one of ``moeyard.ACTIVATIONS``; default ``"swiglu"`` (Mixtral, Qwen, DeepSeek).
+        activation: a name of :data:`moeyard.ACTIVATIONS` (see :func:`moeyard.expert_ffn`);
+            default ``"swiglu"`` (Mixtral, Qwen, DeepSeek).
         bias: add ``gate_up_proj_bias`` and ``down_proj_bias`` (initialized to zero). Default False.
         initializer_range: std of the normal init of the weights, as Hugging Face's
             ``_init_weights`` (``config.initializer_range``, default 0.02).
@@ -134,26 +132,6 @@ class SwiGLUMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-SMEAR_ACTIVATIONS = ("swiglu", "silu", "gelu", "relu")
-
-
-def _smear_activation(h: Tensor, name: str) -> Tensor:
-    """act(h) in fp32 (fp64 for fp64), returned in h's dtype. swiglu: ``silu(gate) * up`` over the
-    halves [gate | up]; silu (swish, SMEAR's adapters), gelu (erf) and relu: elementwise."""
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    hf = h.to(acc)
-    if name == "swiglu":
-        gate, up = hf.chunk(2, dim=-1)
-        out = F.silu(gate) * up
-    elif name == "silu":
-        out = F.silu(hf)
-    elif name == "gelu":
-        out = F.gelu(hf)
-    else:
-        out = torch.relu(hf)
-    return out.to(h.dtype)
-
-
 class MergedExperts(_StackedExperts):
     """SMEAR's experts (ALGORITHMS.md 3.3): E MLPs whose parameters are averaged per example with
     its routing probabilities, then run once: ``forward(x [B, S, d], probs [B, E]) -> [B, S, d]``,
@@ -161,21 +139,22 @@ class MergedExperts(_StackedExperts):
     (two :func:`moeyard.merged_linear` calls around the activation; no per-expert forward).
 
     Parameters in Hugging Face v5's layout, named as :class:`Experts`: ``gate_up_proj [E, N1, d]``
-    (N1 = 2I, gate rows then up rows, for ``"swiglu"``; I otherwise), ``down_proj [E, d, I]``,
-    optional ``gate_up_proj_bias [E, N1]`` and ``down_proj_bias [E, d]``.
+    (N1 = 2I for the gated activations, I otherwise), ``down_proj [E, d, I]``, optional
+    ``gate_up_proj_bias [E, N1]`` and ``down_proj_bias [E, d]``.
 
     Args:
         num_experts, hidden_size, intermediate_size: E, d, I.
-        activation: ``"swiglu"`` (default, as the other layers), or ``"silu"`` (swish: SMEAR's
-            bottleneck adapters), ``"gelu"``, ``"relu"``. Computed in fp32, kept in x's dtype.
+        activation: a name of :data:`moeyard.ACTIVATIONS`: ``"swiglu"`` (default, as the other
+            layers), ``"silu"`` (swish: SMEAR's bottleneck adapters), ``"gelu"``, ``"relu"``, ...
+            Computed in fp32 (fp64 for fp64) by :func:`moeyard.reference.activation`, kept in
+            x's dtype.
         bias: with ``gate_up_proj_bias`` and ``down_proj_bias`` (zeros at init; SMEAR's adapters
             have a down-projection bias). Default False.
         initializer_range: std of the normal init of the weights (default 0.02).
     """
 
-    activations = SMEAR_ACTIVATIONS
-
     def forward(self, x: Tensor, probs: Tensor) -> Tensor:
         h = merged_linear(x, probs, self.gate_up_proj, self.gate_up_proj_bias)
-        return merged_linear(_smear_activation(h, self.activation), probs, self.down_proj,
-                             self.down_proj_bias)
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        a = reference.activation(h.to(acc), self.activation).to(h.dtype)
+        return merged_linear(a, probs, self.down_proj, self.down_proj_bias)

@@ -65,8 +65,9 @@ class TopKMoE(nn.Module):
             output (Qwen2-MoE, DeepSeek-V3); None (default) = none.
         shared_gate: scale the shared expert by ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE,
             ``Linear(d, 1, bias=False)``); default False.
-        activation, expert_bias: the routed experts' activation (default ``"swiglu"``) and
-            whether they have biases (default False).
+        activation, expert_bias: the routed experts' activation, a name of
+            :data:`moeyard.ACTIVATIONS` (default ``"swiglu"``), and whether they have biases
+            (default False).
         initializer_range: std of the normal init of every weight (default 0.02, Hugging Face).
         backend: the expert-compute backend, ``"auto"`` (default), ``"grouped_mm"`` or
             ``"moeyard"`` (:func:`moeyard.expert_ffn`; ``layer.experts.backend`` changes it later).
@@ -410,8 +411,9 @@ class BaseMoE(nn.Module):
 
     Args:
         hidden_size, intermediate_size, num_experts: d, d_ffn (per expert), E.
-        activation: ``"relu"`` (default, fairseq's ``activation_fn``), ``"gelu"``, ``"gelu_tanh"``,
-            ``"none"`` or the gated ``"swiglu"`` (``gate_up_proj [E, 2I, d]``).
+        activation: ``"relu"`` (default, fairseq's ``activation_fn``) or another name of
+            :data:`moeyard.ACTIVATIONS`, e.g. ``"gelu"`` or a gated one such as ``"swiglu"``
+            (``gate_up_proj [E, 2I, d]``).
         expert_bias: ff1 / ff2 biases (default True, as fairseq's Linear).
         residual: return ``x + delta`` instead of the delta (default False).
         norm_eps: LayerNorm epsilon (default 1e-5).
@@ -509,8 +511,8 @@ class SmearMoE(nn.Module):
 
     Args:
         hidden_size, intermediate_size, num_experts: d, I, E.
-        activation: ``"swiglu"`` (default, as the other layers), ``"silu"`` (swish, SMEAR's
-            adapters), ``"gelu"`` or ``"relu"``.
+        activation: a name of :data:`moeyard.ACTIVATIONS`: ``"swiglu"`` (default, as the other
+            layers), ``"silu"`` (swish, SMEAR's adapters), ``"gelu"``, ``"relu"``, ...
         expert_bias: biases in both expert projections (default False).
         expert_dropout: probability of dropping each (example, expert) pair in training, the kept
             probabilities renormalized; default 0.1, the value of SMEAR's runs (ALGORITHMS.md 3.4).

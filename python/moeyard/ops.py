@@ -412,7 +412,8 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int = 1, capacity_fact
 
 # ------------------------------------------------------------------------------ expert compute
 
-from .reference import ACTIVATIONS  # noqa: E402  (one list of the activation names)
+from .reference import ACTIVATIONS  # noqa: E402  (the one table of the activations, by name)
+from .reference import unknown_activation  # noqa: E402
 
 EXPERTS_BACKENDS = ("auto", "grouped_mm", "moeyard")
 
@@ -498,11 +499,15 @@ def expert_ffn(
         gate_up, down: expert weights in x's dtype. ``layout="linear"`` (Hugging Face v5 Mixtral,
             Qwen, OLMoE, DeepSeek: nn.Linear order) takes ``gate_up [E, N1, H]``,
             ``down [E, H, I]``; ``layout="matmul"`` (GPT-OSS) takes ``gate_up [E, H, N1]``,
-            ``down [E, I, H]``. N1 = 2I for the SwiGLU activations, else I. Never copied.
+            ``down [E, I, H]``. N1 = 2I for the gated activations, else I. Never copied.
         gate_up_bias ``[E, N1]``, down_bias ``[E, H]``: optional (GPT-OSS has both).
-        activation: ``"swiglu"`` (gate and up as the two halves of N1), ``"swiglu_oss"`` (GPT-OSS:
-            interleaved gate/up, clamped at 7, ``(up + 1) * gate * sigmoid(1.702 gate)``),
-            ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"none"``.
+        activation: a name of :data:`moeyard.ACTIVATIONS` (:mod:`moeyard.reference` defines each):
+            ungated ``"none"``, ``"silu"``, ``"gelu"`` (erf), ``"gelu_tanh"``, ``"relu"``,
+            ``"relu2"`` (relu squared), ``"quick_gelu"`` (``x * sigmoid(1.702 x)``); gated on the
+            two halves ``[gate | up]`` of N1, ``act(gate) * up``: ``"swiglu"`` (silu),
+            ``"geglu"``, ``"geglu_tanh"``, ``"reglu"``, ``"relu2_glu"``, ``"quick_geglu"``;
+            ``"swiglu_oss"`` (GPT-OSS: interleaved gate/up, clamped at 7,
+            ``(up + 1) * gate * sigmoid(1.702 gate)``).
         backend: which code computes the products (the result is the same up to rounding):
             ``"moeyard"``: moeyard's own grouped GEMM (any dtype, any GPU, any width; reads x's
             rows through the plan inside the GEMM, activation in its epilogue).
@@ -532,11 +537,6 @@ def expert_ffn(
                                    weights, w1, w2, gate_up_bias, down_bias, activation, backend)
 
 
-def _ffn_width(w1, activation):
-    n1 = w1.shape[2]
-    return n1 // 2 if activation in ("swiglu", "swiglu_oss") else n1
-
-
 @torch.library.register_fake("moeyard::expert_ffn")
 def _expert_ffn_fake(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1=None,
                      b2=None, activation="swiglu", backend="auto"):
@@ -544,7 +544,7 @@ def _expert_ffn_fake(x, row_source, token_row, offsets, capacity, weights, w1, w
     _check_backend(backend)
     torch._check(x.dim() == 2 and w1.dim() == 3 and w2.dim() == 3,
                  lambda: "x must be 2-D, w1 and w2 3-D")
-    torch._check(activation in ACTIVATIONS, lambda: f"unknown activation {activation!r}")
+    torch._check(activation in ACTIVATIONS, lambda: unknown_activation(activation))
     return x.new_empty(x.shape)
 
 

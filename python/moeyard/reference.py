@@ -10,6 +10,7 @@ compared in fp32.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -373,34 +374,92 @@ def sequence_balance_loss(scores, experts, num_sequences):
 # as b.transpose(1, 2) views, never copied. Products, bias and activation are computed in fp32
 # (fp64 for fp64), rounded once to the data dtype.
 
-ACTIVATIONS = ("swiglu", "swiglu_oss", "gelu", "gelu_tanh", "relu", "none")
+class Act(NamedTuple):
+    """One activation: its elementwise function ``fn`` (a key of :data:`ELEMENTWISE`) and its
+    gating: ``gate`` None (ungated: ``out = fn(h)``, N1 = I), ``"halves"`` (``h = [gate | up]``,
+    the halves of Hugging Face's gate_up_proj: ``out = fn(gate) * up``, N1 = 2I) or ``"oss"``
+    (GPT-OSS: ``gate = h[..., 0::2]``, ``up = h[..., 1::2]`` interleaved, ``gate = min(gate, 7)``,
+    ``up = clamp(up, -7, 7)``, ``out = (up + 1) * fn(gate)``, N1 = 2I)."""
+
+    fn: str
+    gate: Optional[str]
+
+
 OSS_ALPHA, OSS_LIMIT = 1.702, 7.0  # GPT-OSS's swiglu_alpha and swiglu_limit
+
+# The elementwise functions, on fp32 (fp64 for fp64) tensors. gelu_tanh is transformers'
+# gelu_new / gelu_pytorch_tanh / gelu_fast; relu2 its ReLUSquaredActivation; quick_gelu its
+# QuickGELUActivation (and GPT-OSS's glu, 1.702 = OSS_ALPHA).
+ELEMENTWISE = {
+    "identity": lambda h: h,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+    "relu": torch.relu,
+    "relu2": lambda h: torch.relu(h).square(),
+    "quick_gelu": lambda h: h * torch.sigmoid(OSS_ALPHA * h),
+}
+
+# The one table of the experts' activations, name -> Act, in the order of csrc/experts/
+# grouped_mm.h's kActivations (the C++ table; torch.ops.moeyard._activations() returns its names).
+ACTIVATIONS = {
+    "none": Act("identity", None),
+    "silu": Act("silu", None),
+    "gelu": Act("gelu", None),
+    "gelu_tanh": Act("gelu_tanh", None),
+    "relu": Act("relu", None),
+    "relu2": Act("relu2", None),
+    "quick_gelu": Act("quick_gelu", None),
+    "swiglu": Act("silu", "halves"),
+    "geglu": Act("gelu", "halves"),
+    "geglu_tanh": Act("gelu_tanh", "halves"),
+    "reglu": Act("relu", "halves"),
+    "relu2_glu": Act("relu2", "halves"),
+    "quick_geglu": Act("quick_gelu", "halves"),
+    "swiglu_oss": Act("quick_gelu", "oss"),
+}
+
+
+def unknown_activation(name):
+    """The message refusing activation ``name``: the table's names (C++ writes the same)."""
+    return f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {name!r}"
+
+
+def _act(name):
+    if name not in ACTIVATIONS:
+        raise ValueError(unknown_activation(name))
+    return ACTIVATIONS[name]
+
+
+def is_gated(name):
+    """Whether activation ``name`` reads two columns (gate and up) per output column: N1 = 2I."""
+    return _act(name).gate is not None
+
+
+def activation_name(fn, gated):
+    """The table's name of elementwise function ``fn`` ungated, or gated on the halves
+    ``[gate | up]`` (``out = fn(gate) * up``, transformers' ``act_fn(gate) * up``); ValueError
+    naming ``fn`` where the table has none (GPT-OSS's clamped pairs are only ``"swiglu_oss"``)."""
+    for name, a in ACTIVATIONS.items():
+        if a.fn == fn and a.gate == ("halves" if gated else None):
+            return name
+    raise ValueError(f"moeyard has no {'gated' if gated else 'ungated'} activation of the "
+                     f"elementwise function {fn!r} (functions: {', '.join(ELEMENTWISE)})")
 
 
 def activation(h, act):
-    """act(h) over the last dim of the first GEMM's output (fp32 in, fp32 out).
-
-    swiglu      h = [gate | up] (the two halves, HF v5 gate_up_proj): silu(gate) * up
-    swiglu_oss  GPT-OSS: gate = h[..., 0::2], up = h[..., 1::2] (interleaved);
-                gate = min(gate, 7), up = clamp(up, -7, 7); (up + 1) * gate * sigmoid(1.702 gate)
-    gelu        erf GELU;  gelu_tanh: tanh approximation;  relu;  none: identity
-    """
-    if act == "swiglu":
+    """act(h) over the last dim of the first GEMM's output (fp32 in, fp32 out; fp64 for fp64),
+    for every entry of :data:`ACTIVATIONS` (see :class:`Act` for the gatings)."""
+    a = _act(act)
+    f = ELEMENTWISE[a.fn]
+    if a.gate is None:
+        return f(h)
+    if a.gate == "halves":
         g, u = h.chunk(2, dim=-1)
-        return F.silu(g) * u
-    if act == "swiglu_oss":
-        g = h[..., 0::2].clamp(max=OSS_LIMIT)
-        u = h[..., 1::2].clamp(min=-OSS_LIMIT, max=OSS_LIMIT)
-        return (u + 1) * g * torch.sigmoid(OSS_ALPHA * g)
-    if act == "gelu":
-        return F.gelu(h)
-    if act == "gelu_tanh":
-        return F.gelu(h, approximate="tanh")
-    if act == "relu":
-        return torch.relu(h)
-    if act == "none":
-        return h
-    raise ValueError(f"unknown activation {act!r}")
+        return f(g) * u
+    g = h[..., 0::2].clamp(max=OSS_LIMIT)
+    u = h[..., 1::2].clamp(min=-OSS_LIMIT, max=OSS_LIMIT)
+    return (u + 1) * f(g)
 
 
 def grouped_mm_serves(device, dtype, capacity, widths):
@@ -451,13 +510,14 @@ def grouped_mm(a, b, offsets, a_index=None, capacity=None):
 
 
 def expert_ffn(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1=None, b2=None,
-               activation_name="swiglu", round_first_product=False):
+               act="swiglu", round_first_product=False):
     """The routed expert MLP: y[t] = sum_j weights[t,j] * f_e(x[t]) over the slots j with a row,
-    f_e(v) = act(v @ w1[e] + b1[e]) @ w2[e] + b2[e], e the expert owning that row.
+    f_e(v) = act(v @ w1[e] + b1[e]) @ w2[e] + b2[e], e the expert owning that row, act a name of
+    ACTIVATIONS.
 
-    w1 logical [E, H, N1] (N1 = 2I for the SwiGLU kinds, else I), w2 logical [E, I, H]. The first
-    GEMM's activation output is rounded to x's dtype before the second GEMM (as the kernels keep
-    it); the combine accumulates in fp32. Returns [T, H] in x's dtype.
+    w1 logical [E, H, N1] (N1 = 2I for the gated activations, else I), w2 logical [E, I, H]. The
+    first GEMM's activation output is rounded to x's dtype before the second GEMM (as the kernels
+    keep it); the combine accumulates in fp32. Returns [T, H] in x's dtype.
 
     round_first_product: the grouped_mm backend's numerics: torch's grouped GEMM has no bias, so
     its first product is rounded to x's dtype before b1 is added (moeyard's kernel adds b1 to the
@@ -474,7 +534,7 @@ def expert_ffn(x, row_source, token_row, offsets, capacity, weights, w1, w2, b1=
         h = h.to(x.dtype).to(acc)
     if b1 is not None:
         h = h + torch.where((expert >= 0)[:, None], b1.to(acc)[expert.clamp(min=0)], 0)
-    a = activation(h, activation_name).to(x.dtype)
+    a = activation(h, act).to(x.dtype)
     y = grouped_mm(a.to(acc), w2.to(acc), offsets, None, capacity)
     if b2 is not None:
         y = y + torch.where((expert >= 0)[:, None], b2.to(acc)[expert.clamp(min=0)], 0)
