@@ -1,9 +1,9 @@
 """Hugging Face transformers integration: ``import moeyard.hf``.
 
 Importing this module (and only this one: ``import moeyard`` leaves transformers alone) does two
-things: it checks that the installed transformers is one this integration was tested with
-(:data:`SUPPORTED_TRANSFORMERS`; any other version raises ImportError), and it registers
-``"moeyard"`` in transformers' experts-implementation registry (``ExpertsInterface``).
+things: it checks the installed transformers against the releases this integration is tested with
+(:data:`SUPPORTED_TRANSFORMERS`: an older one raises ImportError, a newer one gets a warning), and
+it registers ``"moeyard"`` in transformers' experts-implementation registry (``ExpertsInterface``).
 
 Two ways to use it:
 
@@ -11,16 +11,20 @@ Two ways to use it:
     ``AutoModelForCausalLM.from_pretrained(name, experts_implementation="moeyard")`` or
     ``model.set_experts_implementation("moeyard")``. The model's own routers run unchanged; every
     experts module (``gate_up_proj`` / ``down_proj`` or ``up_proj``, their biases, nn.Linear or
-    transposed layouts, GPT-OSS's interleaved gate/up) runs as one :func:`moeyard.expert_ffn`
-    that reads the parameters where they are (no copy, no host synchronization).
+    transposed layouts, any elementwise activation of :data:`moeyard.ACTIVATIONS`, gated or not,
+    GPT-OSS's interleaved gate/up) runs as one :func:`moeyard.expert_ffn` that reads the
+    parameters where they are (no copy, no host synchronization).
 
 :func:`replace_moe`
     Swaps every sparse MoE block (router + experts + optional shared expert) for a
-    :class:`SparseMoeBlock` that routes with :func:`moeyard.route` and :func:`moeyard.plan` too,
-    reusing the block's parameters and keeping their names (a replaced model's ``state_dict`` loads
-    into the original and back). By default it keeps the model's routing exactly; options switch
-    it for fine-tuning (auxiliary-loss-free balancing, capacity). Router logits are still recorded
-    for ``output_router_logits`` (and the model's aux loss).
+    :class:`SparseMoeBlock` that routes with :func:`moeyard.route` and :func:`moeyard.plan`,
+    reusing the block's modules and parameters under their names (a replaced model's
+    ``state_dict`` loads into the original and back). By default it routes exactly as the original
+    (up to exact ties, see :class:`HFRouter`); options switch it for fine-tuning
+    (auxiliary-loss-free balancing, capacity). The experts run on the model's experts
+    implementation, ``"moeyard"`` unless asked otherwise. Router logits are still recorded for
+    ``output_router_logits`` (and the model's aux loss), and transformers still initialises the
+    routers (``init_weights()``, loading with missing keys).
 
 An experts module or MoE block this integration cannot reproduce exactly (an activation or gate it
 does not know, a post-expert norm, an unknown router) is refused with an error that names it;
@@ -28,7 +32,6 @@ nothing falls back silently.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -39,14 +42,14 @@ from torch import Tensor, nn
 
 from .layers import TopKMoE
 from .ops import expert_ffn, load_stats, plan
-from .reference import OSS_ALPHA, OSS_LIMIT
+from .reference import OSS_ALPHA, OSS_LIMIT, activation_name
 from .routers import TopKRouter
 
-#: transformers versions this integration is tested with: ``[low, high)``. The CPU tests run on
-#: the newest (what the Makefile installs), the GPU tests on the GPU machine's (5.17).
+#: transformers releases this integration is tested with: the oldest and the newest minor release
+#: (CI runs tests/test_hf.py on both). Older releases lack what it reads and are refused; newer ones
+#: are allowed with a warning (it detects the features it needs, and refuses what it cannot read).
 SUPPORTED_TRANSFORMERS = ("5.17", "5.24")
-_PIN = f"transformers>={SUPPORTED_TRANSFORMERS[0]},<{SUPPORTED_TRANSFORMERS[1]}"
-_ALLOW_ENV = "MOEYARD_HF_ALLOW_UNTESTED"
+_PIN = f"transformers>={SUPPORTED_TRANSFORMERS[0]}"
 
 try:
     import transformers
@@ -57,39 +60,53 @@ from packaging.version import Version  # noqa: E402  (a dependency of transforme
 
 
 def _check_version(version: str) -> None:
-    low, high = (Version(v) for v in SUPPORTED_TRANSFORMERS)
-    if low <= Version(version) < high:
-        return
-    msg = (f"moeyard.hf supports {_PIN}; transformers {version} is installed. The integration "
-           "reads transformers' MoE modules and registries, which change between releases; "
-           f"install a supported version (pip install '{_PIN}').")
-    if os.environ.get(_ALLOW_ENV) != "1":
-        raise ImportError(msg + f" To try it anyway, set {_ALLOW_ENV}=1 (and run moeyard's "
-                          "tests/test_hf.py with it).")
-    warnings.warn(msg + f" Going on because {_ALLOW_ENV}=1: results are unverified.",
-                  stacklevel=3)
+    """ImportError for a transformers older than the oldest tested release; a warning for one newer
+    than the newest tested minor release (5.24.x passes, 5.25.0.dev0 warns)."""
+    low, high = SUPPORTED_TRANSFORMERS
+    tested = f"transformers {low} to {high}.x"
+    v = Version(version)
+    if v < Version(low):
+        raise ImportError(f"moeyard.hf needs {_PIN}; transformers {version} is installed "
+                          f"(tested: {tested}). pip install -U '{_PIN}'")
+    if v.release[:2] > Version(high).release[:2]:
+        warnings.warn(f"moeyard.hf is tested with {tested}; transformers {version} is newer. "
+                      "It reads transformers' MoE modules, which can change between releases: "
+                      "anything it cannot read is refused with an error, but run moeyard's "
+                      "tests/test_hf.py to be sure.", stacklevel=3)
 
 
 _check_version(transformers.__version__)
 
-from transformers.integrations import moe as _hf_moe  # noqa: E402
-from transformers.utils import output_capturing as _hf_capture  # noqa: E402
+try:  # what this integration reads of transformers, checked once (newer releases may move it)
+    from transformers.integrations import moe as _hf_moe  # noqa: E402
+    _hf_moe.ALL_EXPERTS_FUNCTIONS, _hf_moe.ExpertsInterface, _hf_moe._default_apply_gate
+except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the release
+    raise ImportError(f"moeyard.hf: transformers {transformers.__version__} has no experts "
+                      "implementation registry as moeyard knows it (transformers.integrations.moe"
+                      f".ExpertsInterface); tested: transformers {SUPPORTED_TRANSFORMERS[0]} to "
+                      f"{SUPPORTED_TRANSFORMERS[1]}.x") from e
 
 
 # ------------------------------------------------------------------------- experts functions
 
-# transformers' activation modules, by class name, as moeyard activation names. Gated experts
-# (``has_gate``) apply the activation to the gate half and multiply by the up half.
-_GATED_ACTIVATIONS = {"SiLU": "swiglu", "SiLUActivation": "swiglu"}
-_ACTIVATIONS = {"ReLU": "relu", "GELUActivation": "gelu", "GELUTanh": "gelu_tanh",
-                "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
-                "GELUPytorchTanh": "gelu_tanh", "FastGELUActivation": "gelu_tanh"}
+# transformers' (and torch's) activation modules, by class name, as the elementwise functions of
+# moeyard's activation table (reference.ACTIVATIONS). Gated experts (``has_gate``, transformers'
+# default gate ``act_fn(gate) * up``) take the table's gated activation of that function.
+_ACTIVATION_FUNCTIONS = {
+    "SiLU": "silu", "SiLUActivation": "silu",
+    "GELUActivation": "gelu",
+    "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "GELUPytorchTanh": "gelu_tanh",
+    "NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh",
+    "AccurateGELUActivation": "gelu_tanh",
+    "ReLU": "relu", "ReLUSquaredActivation": "relu2", "QuickGELUActivation": "quick_gelu",
+    "LinearActivation": "identity", "Identity": "identity",
+}
 
 
-def _torch_gelu_name(act: nn.Module) -> Optional[str]:
+def _activation_function(act: nn.Module) -> Optional[str]:
     if isinstance(act, nn.GELU):
         return "gelu_tanh" if act.approximate == "tanh" else "gelu"
-    return None
+    return _ACTIVATION_FUNCTIONS.get(type(act).__name__)
 
 
 def _is_oss_gate(module: nn.Module) -> bool:
@@ -119,14 +136,14 @@ def experts_activation(module: nn.Module) -> str:
         if not module.is_concatenated:
             raise NotImplementedError(f"moeyard cannot run {name}: interleaved gate/up with the "
                                       "default gate")
-        if act_name in _GATED_ACTIVATIONS:
-            return _GATED_ACTIVATIONS[act_name]
-        raise NotImplementedError(f"moeyard cannot run {name}: gated activation {act_name} "
-                                  "(moeyard's gated experts are SwiGLU)")
-    found = _ACTIVATIONS.get(act_name) or _torch_gelu_name(act)
-    if found is None:
-        raise NotImplementedError(f"moeyard cannot run {name}: activation {act_name}")
-    return found
+    fn = _activation_function(act)
+    try:
+        return activation_name(fn, gated=module.has_gate)
+    except ValueError:
+        raise NotImplementedError(f"moeyard cannot run {name}: {'gated ' * module.has_gate}"
+                                  f"activation {act_name} (moeyard's: "
+                                  f"{', '.join(sorted(set(_ACTIVATION_FUNCTIONS.values())))})"
+                                  ) from None
 
 
 def _expert_params(module: nn.Module):
@@ -234,56 +251,148 @@ _RETURNS_ROUTER_SCORES = {"GptOssMLP"}
 
 
 class HFRouter(TopKRouter):
-    """A transformers router run by :func:`moeyard.route`: it holds the original router's
-    parameters and buffers under their names (``weight``, ``bias``, ``e_score_correction_bias``)
-    and computes its logits as the original does (in x's dtype or in fp32), so the logits that
-    transformers records for ``output_router_logits`` are the same.
+    """A transformers router that routes with :func:`moeyard.route`.
 
-    ``forward(x [T, d]) -> (logits [T, E], weights [T, k] fp32, experts [T, k] int32)``.
+    :func:`replace_moe` does not build a new router: it changes the class of the model's own
+    router to a subclass of both its class and this one (``Moeyard<Class>``, see
+    :func:`router_class`). So the router keeps its parameters, buffers and hooks, and stays an
+    instance of its transformers class: transformers still initialises it (``_init_weights``)
+    and records its logits for ``output_router_logits``. ``forward(x [T, d]) -> (logits [T, E],
+    weights [T, k] fp32, experts [T, k] int32)``; the logits are computed as the original computes
+    them (in x's dtype, or in fp32), so the recorded logits are the same.
+
+    The routing is transformers' rule, with two documented differences:
+
+    * exact ties at the k-th score go to the lower expert index (moeyard's rule); transformers'
+      ``torch.topk`` picks among tied experts in an order of its own. Rare in fp32, a fraction of a
+      percent of tokens in bf16 (see the README).
+    * group-limited routers (DeepSeek-V3 and its kin) whose k exceeds the experts of the kept
+      groups: transformers masks the other groups with -inf and ``topk`` still takes k experts,
+      the rest from the masked groups in its own tie order. :func:`moeyard.route` refuses such a
+      k, so these routers run transformers' own ops instead (op for op; a warning says so once).
     """
 
-    def __init__(self, hf_router: nn.Module, routing: _Routing, k: int, *,
-                 bias_balancing: bool = False):
+    def __init__(self, *args, **kwargs):
+        raise TypeError("HFRouter is not built: replace_moe turns a transformers router into one "
+                        "(HFRouter.adopt)")
+
+    @classmethod
+    def adopt(cls, hf_router: nn.Module, routing: _Routing, k: int, *,
+              bias_balancing: bool = False) -> "HFRouter":
+        """Turn ``hf_router`` (in place) into an HFRouter routing as ``routing`` says."""
         weight = hf_router.weight
         num_experts, hidden_size = weight.shape
         renormalize = routing.renormalize
         if renormalize is None:
             renormalize = bool(getattr(hf_router, "norm_topk_prob", True))
-        grouped = {}
+        n_group = topk_group = 1
+        scale = 1.0
         if routing.grouped:
-            grouped = dict(n_group=hf_router.num_group or 1, topk_group=hf_router.topk_group or 1,
-                           scale=float(hf_router.routed_scaling_factor))
+            n_group, topk_group = hf_router.num_group or 1, hf_router.topk_group or 1
+            scale = float(hf_router.routed_scaling_factor)
         hf_bias = getattr(hf_router, "e_score_correction_bias", None)
-        super().__init__(hidden_size, num_experts, k, routing.score,
-                         topk_before_score=routing.topk_before_score, renormalize=renormalize,
-                         bias_balancing=bias_balancing or hf_bias is not None, device="meta",
-                         **grouped)
+        hf_router.__class__ = router_class(type(hf_router))
+        self = hf_router
+        # what TopKRouter.__init__ sets, over the router's own parameters
+        self.hidden_size, self.num_experts, self.k = hidden_size, num_experts, k
+        self.jitter_eps, self.initializer_range = 0.0, 0.02
+        self.score, self.topk_before_score = routing.score, routing.topk_before_score
+        self.renormalize, self.scale = renormalize, scale
+        self.n_group, self.topk_group = n_group, topk_group
         self.logits_fp32 = routing.logits_fp32
-        self.weight = weight
-        self.bias = getattr(hf_router, "bias", None)
+        self.bias = getattr(self, "bias", None)
         device = weight.device
-        if hf_bias is not None:  # kept in fp32 (transformers keeps it so when loading)
-            self.e_score_correction_bias = hf_bias.detach().float()
+        if hf_bias is not None:  # fp32, as transformers keeps it when loading
+            if hf_bias.dtype != torch.float32:
+                self.e_score_correction_bias = hf_bias.float()
         elif bias_balancing:
-            self.e_score_correction_bias = torch.zeros(num_experts, device=device)
-        self.load_since_update = (torch.zeros(num_experts, device=device, dtype=torch.int64)
-                                  if bias_balancing else None)
+            self.register_buffer("e_score_correction_bias",
+                                 torch.zeros(num_experts, device=device))
+        else:
+            self.e_score_correction_bias = None
+        if bias_balancing:
+            self.register_buffer("load_since_update",
+                                 torch.zeros(num_experts, device=device, dtype=torch.int64),
+                                 persistent=False)
+        else:
+            self.load_since_update = None
+        # k beyond the kept groups' experts: transformers' ops (see the class docstring)
+        self.transformers_grouped_topk = k > topk_group * (num_experts // n_group)
+        if self.transformers_grouped_topk:
+            warnings.warn(
+                f"replace_moe: {type(self).__name__} routes k={k} experts from "
+                f"topk_group={topk_group} of {n_group} groups of {num_experts // n_group} experts; "
+                "moeyard.route refuses that, so this router runs transformers' own ops (the "
+                "remaining experts come from the masked groups in torch.topk's order)")
+        return self
 
     def router_logits(self, x: Tensor) -> Tensor:
+        x = x.reshape(-1, self.hidden_size)
         if self.logits_fp32:
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias)
         return F.linear(x, self.weight, self.bias)
 
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if not self.transformers_grouped_topk:
+            return super().forward(x)
+        logits = self.router_logits(x)
+        return (logits, *self._transformers_grouped_topk(logits))
+
+    def _transformers_grouped_topk(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """transformers' group-limited sigmoid routing (DeepseekV3TopkRouter.forward), op for op."""
+        E, G = self.num_experts, self.n_group
+        scores = logits.float().sigmoid()
+        choice = scores
+        if self.e_score_correction_bias is not None:
+            choice = scores + self.e_score_correction_bias
+        group_scores = choice.view(-1, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        keep = group_mask.unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E).bool()
+        choice = choice.masked_fill(~keep, float("-inf"))
+        experts = torch.topk(choice, k=self.k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, experts)
+        if self.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scale, experts.int()
+
+
+_ROUTER_CLASSES: dict = {}
+
+
+def router_class(cls: type) -> type:
+    """``Moeyard<cls>``: the subclass of :class:`HFRouter` and the transformers router class
+    ``cls`` that :func:`replace_moe` gives a router (one per class; also reachable as
+    ``moeyard.hf.Moeyard<cls>``, so a pickled model loads in a process that replaced the same
+    kind of model)."""
+    if issubclass(cls, HFRouter):
+        return cls
+    if cls not in _ROUTER_CLASSES:
+        name = f"Moeyard{cls.__name__}"
+        new = type(name, (HFRouter, cls), {"__module__": __name__, "__qualname__": name})
+        _ROUTER_CLASSES[cls] = new
+        globals().setdefault(name, new)
+    return _ROUTER_CLASSES[cls]
+
+
+def _experts_implementation(experts: nn.Module) -> str:
+    """The experts implementation transformers dispatches ``experts`` to (its config's)."""
+    config = getattr(experts, "config", None)
+    return getattr(config, "_experts_implementation", None) or "eager"
+
 
 class SparseMoeBlock(nn.Module):
     """moeyard's replacement of a transformers sparse MoE block (see :func:`replace_moe`).
 
-    The children keep the original block's names: the router (``gate`` or ``router``, an
-    :class:`HFRouter` holding the original's parameters), ``experts`` (the original experts
-    module, run by :func:`moeyard.expert_ffn`) and the shared expert modules (the originals). So
-    ``state_dict`` keys are unchanged. ``forward`` returns what the original returns (GPT-OSS:
-    ``(out, routing weights)``). After each forward, ``last_stats`` holds
+    The children are the original block's, under its names: the router (``gate`` or ``router``,
+    now an :class:`HFRouter`), ``experts`` and the shared expert modules. So ``state_dict`` keys
+    are unchanged. Routing: :func:`moeyard.route` (in the router) and :func:`moeyard.plan`. The
+    experts run on the model's experts implementation (``config._experts_implementation``, set by
+    ``model.set_experts_implementation``): ``"moeyard"`` runs :func:`moeyard.expert_ffn` on the
+    plan; any other (``"eager"``, ``"grouped_mm"``, ...) runs the experts module as transformers
+    would, on the same routing (capacity needs ``"moeyard"``). ``forward`` returns what the original
+    returns (GPT-OSS: ``(out, routing weights)``). After each forward, ``last_stats`` holds
     :func:`moeyard.load_stats` of the plan and ``aux_losses`` is empty (transformers computes its
     aux loss from the recorded router logits).
     """
@@ -293,17 +402,11 @@ class SparseMoeBlock(nn.Module):
                  eval_capacity_factor: Optional[float] = None, min_capacity: int = 4):
         super().__init__()
         self.source = type(block).__name__
-        self.router_name = "gate" if hasattr(block, "gate") else "router"
-        hf_router = getattr(block, self.router_name)
-        # the router holds k (transformers 5.17's Jamba: a plain nn.Linear, k on the block)
-        k = getattr(hf_router, "top_k", None) or getattr(block, "top_k", None)
-        if k is None or getattr(hf_router, "weight", None) is None:
-            raise NotImplementedError(f"replace_moe cannot read the router of {self.source} in "
-                                      f"transformers {transformers.__version__}")
-        router = HFRouter(hf_router, routing, k, bias_balancing=bias_balancing)
+        self.router_name = _router_name(block)
+        router = HFRouter.adopt(getattr(block, self.router_name), routing, _router_k(block),
+                                bias_balancing=bias_balancing)
         setattr(self, self.router_name, router)
         self.experts = block.experts
-        experts_activation(self.experts)  # refuse now, not at the first forward
         self.shared_expert = getattr(block, "shared_expert", None)
         self.shared_expert_gate = getattr(block, "shared_expert_gate", None)
         self.shared_experts = getattr(block, "shared_experts", None)
@@ -332,8 +435,19 @@ class SparseMoeBlock(nn.Module):
         _, weights, experts = router(h)
         if self.weights_to_hidden:
             weights = weights.to(h.dtype)
-        routing_plan = plan(experts, self.num_experts, self.capacity(h.shape[0]))
-        out = run_experts(self.experts, h, routing_plan, weights)
+        capacity = self.capacity(h.shape[0])
+        routing_plan = plan(experts, self.num_experts, capacity)
+        implementation = _experts_implementation(self.experts)
+        if implementation == "moeyard":
+            out = run_experts(self.experts, h, routing_plan, weights)
+        elif capacity is not None:
+            raise RuntimeError(
+                f"{self.source}: capacity (capacity_factor={self.capacity_factor}, "
+                f"eval_capacity_factor={self.eval_capacity_factor}) needs the experts "
+                f"implementation 'moeyard'; the model's is {implementation!r} "
+                "(model.set_experts_implementation('moeyard'))")
+        else:
+            out = self.experts(h, experts.long(), weights)
         if self.shared_expert is not None:
             shared = self.shared_expert(h)
             if self.shared_expert_gate is not None:
@@ -351,6 +465,20 @@ class SparseMoeBlock(nn.Module):
                 f"eval_capacity_factor={self.eval_capacity_factor}")
 
 
+def _router_name(block: nn.Module) -> str:
+    return "gate" if hasattr(block, "gate") else "router"
+
+
+def _router_k(block: nn.Module) -> int:
+    """k of a block's router (transformers 5.17's Jamba: a plain nn.Linear, k on the block)."""
+    hf_router = getattr(block, _router_name(block), None)
+    k = getattr(hf_router, "top_k", None) or getattr(block, "top_k", None)
+    if k is None or getattr(hf_router, "weight", None) is None:
+        raise NotImplementedError(f"replace_moe cannot read the router of {type(block).__name__} "
+                                  f"in transformers {transformers.__version__}")
+    return k
+
+
 def _owned_blocks(model: nn.Module):
     """(parent, name, qualified name, block) of every MoE block: a module with an ``experts``
     child of transformers' experts kind (decorated by ``use_experts_implementation``)."""
@@ -362,55 +490,45 @@ def _owned_blocks(model: nn.Module):
             yield parent, name, f"{qual}.{name}" if qual else name, child
 
 
-def _record_router_logits(model: nn.Module) -> None:
-    """Make transformers record the HFRouters' logits wherever it records router logits: add an
-    ``OutputRecorder(HFRouter, index=0)`` to each model class's recording table that has a
-    ``router_logits`` entry, and hook the routers of models whose hooks are already installed."""
-    from transformers import PreTrainedModel
-    registry = _hf_capture._CAN_RECORD_REGISTRY
-    for sub in model.modules():
-        if not isinstance(sub, PreTrainedModel):
-            continue
-        key = str(type(sub))
-        table = dict.get(registry, key) or {}
-        if "router_logits" not in table:
-            continue
-        specs = table["router_logits"]
-        specs = list(specs) if isinstance(specs, (list, tuple)) else [specs]
-        if not any(getattr(s, "target_class", None) is HFRouter for s in specs):
-            ours = _hf_capture.OutputRecorder(HFRouter, index=0)
-            dict.__setitem__(registry, key, {**table, "router_logits": specs + [ours]})
-        if getattr(sub, "_output_capturing_hooks_installed", False):
-            for module in sub.modules():
-                if isinstance(module, HFRouter) and not getattr(module, "_moeyard_recorded", False):
-                    _hf_capture.install_output_capuring_hook(module, "router_logits", 0)
-                    module._moeyard_recorded = True
+def _check_experts_implementation(name: str) -> None:
+    if name != "eager" and name not in _hf_moe.ALL_EXPERTS_FUNCTIONS:
+        raise ValueError(f"replace_moe: experts_implementation={name!r} is not registered in "
+                         f"transformers (registered: eager, "
+                         f"{', '.join(_hf_moe.ALL_EXPERTS_FUNCTIONS)})")
 
 
 def replace_moe(model: nn.Module, *, bias_balancing: bool = False,
                 capacity_factor: Optional[float] = None,
                 eval_capacity_factor: Optional[float] = None,
-                min_capacity: int = 4) -> list[str]:
+                min_capacity: int = 4,
+                experts_implementation: Optional[str] = "moeyard") -> list[str]:
     """Swap every sparse MoE block of a transformers model for a :class:`SparseMoeBlock`, in
     place; returns the qualified names of the swapped blocks.
 
-    The new blocks reuse the original parameters (the same ``nn.Parameter`` objects, under the same
-    ``state_dict`` keys) and, by default, route exactly as the originals (softmax or sigmoid,
-    renormalization, group limits, ``e_score_correction_bias``, scaling, router bias), with
-    :func:`moeyard.route`, :func:`moeyard.plan` and :func:`moeyard.expert_ffn`. Router logits are
-    still recorded for ``output_router_logits`` (so the model's aux loss is unchanged).
+    The new blocks reuse the original modules and parameters (the same objects, under the same
+    ``state_dict`` keys; each router becomes an :class:`HFRouter` in place) and, by default, route
+    as the originals (softmax or sigmoid, renormalization, group limits,
+    ``e_score_correction_bias``, scaling, router bias; exact ties aside, see :class:`HFRouter`),
+    with :func:`moeyard.route` and :func:`moeyard.plan`. Router logits are still recorded for
+    ``output_router_logits`` (so the model's aux loss is unchanged), and transformers still
+    initialises the routers (``init_weights()``, missing keys).
 
-    Options, for fine-tuning:
+    Options:
+        experts_implementation: the experts implementation the model is switched to (as
+            ``model.set_experts_implementation``; it stays switchable afterwards). Default
+            ``"moeyard"`` (:func:`moeyard.expert_ffn` on moeyard's plan); None keeps the model's.
         bias_balancing: auxiliary-loss-free balancing: each router gets a trainable selection bias
             ``e_score_correction_bias`` (DeepSeek-V3 style models already have one; others get
             zeros, a new ``state_dict`` key) and counts its load; call
             ``moeyard.BiasBalancer(model).step()`` after each optimizer step. Default False.
         capacity_factor, eval_capacity_factor, min_capacity: per-expert capacity in training / in
-            eval, as :class:`moeyard.TopKMoE`; over-capacity assignments are dropped by position.
-            Default None: dropless, as transformers.
+            eval, as :class:`moeyard.TopKMoE`; over-capacity assignments are dropped by position
+            (needs the ``"moeyard"`` experts implementation). Default None: dropless, as
+            transformers.
 
-    Supported blocks: :data:`SUPPORTED_BLOCKS`. A model with any other MoE block raises
-    NotImplementedError before anything is changed; a model with none raises ValueError.
+    Supported blocks: :data:`SUPPORTED_BLOCKS`. A model with any other MoE block, or experts
+    moeyard cannot run, raises NotImplementedError before anything is changed; a model with none
+    raises ValueError.
     """
     found = list(_owned_blocks(model))
     unsupported = sorted({type(b).__name__ for *_, b in found
@@ -422,12 +540,17 @@ def replace_moe(model: nn.Module, *, bias_balancing: bool = False,
             "experts of any model on moeyard and keeps its own routing")
     if not found:
         raise ValueError(f"replace_moe: {type(model).__name__} has no sparse MoE block")
-    new = [SparseMoeBlock(block, SUPPORTED_BLOCKS[type(block).__name__],
-                          bias_balancing=bias_balancing, capacity_factor=capacity_factor,
-                          eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity)
-           for *_, block in found]  # built first: a refusal leaves the model untouched
-    for (parent, name, _, block), moe in zip(found, new):
+    if experts_implementation is not None:
+        _check_experts_implementation(experts_implementation)
+    for *_, block in found:  # every refusal before anything changes
+        _router_k(block)
+        experts_activation(block.experts)
+    for parent, name, _, block in found:
+        moe = SparseMoeBlock(block, SUPPORTED_BLOCKS[type(block).__name__],
+                             bias_balancing=bias_balancing, capacity_factor=capacity_factor,
+                             eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity)
         moe.train(block.training)
         setattr(parent, name, moe)
-    _record_router_logits(model)
+        if experts_implementation is not None:
+            block.experts.config._experts_implementation = experts_implementation
     return [qual for _, _, qual, _ in found]
