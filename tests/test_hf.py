@@ -356,6 +356,8 @@ def test_replace_moe_matches_eager(family):
     assert len(names) == 2
     blocks = [got.get_submodule(n) for n in names]
     assert all(isinstance(b, mh.SparseMoeBlock) for b in blocks)
+    # still instances of their transformers classes (what _init_weights and recorders look for)
+    assert all(isinstance(b, type(want.get_submodule(n))) for b, n in zip(blocks, names))
     assert blocks[0].source in mh.SUPPORTED_BLOCKS
     # the same parameter objects, under the same names
     assert dict(got.named_parameters()).keys() == dict(want.named_parameters()).keys()
@@ -523,10 +525,11 @@ def test_capacity_needs_moeyard_experts():
         model(ids)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "qwen3_next"])
 def test_transformers_initialises_replaced_routers(family):
-    """transformers' own _init_weights still reaches a replaced router (it stays an instance of
-    its class): a model replaced before its weights are initialised gets them as the original."""
+    """transformers' own _init_weights still reaches a replaced router (router and block stay
+    instances of their classes; Qwen3-Next initialises the router through its block): a model
+    replaced before its weights are initialised gets them as the original."""
     model = tiny_model(family)
     _, router = _first_router(model)
     mh.replace_moe(model)

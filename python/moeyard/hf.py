@@ -255,7 +255,7 @@ class HFRouter(TopKRouter):
 
     :func:`replace_moe` does not build a new router: it changes the class of the model's own
     router to a subclass of both its class and this one (``Moeyard<Class>``, see
-    :func:`router_class`). So the router keeps its parameters, buffers and hooks, and stays an
+    :func:`moeyard_class`). So the router keeps its parameters, buffers and hooks, and stays an
     instance of its transformers class: transformers still initialises it (``_init_weights``)
     and records its logits for ``output_router_logits``. ``forward(x [T, d]) -> (logits [T, E],
     weights [T, k] fp32, experts [T, k] int32)``; the logits are computed as the original computes
@@ -291,7 +291,7 @@ class HFRouter(TopKRouter):
             n_group, topk_group = hf_router.num_group or 1, hf_router.topk_group or 1
             scale = float(hf_router.routed_scaling_factor)
         hf_bias = getattr(hf_router, "e_score_correction_bias", None)
-        hf_router.__class__ = router_class(type(hf_router))
+        hf_router.__class__ = moeyard_class(cls, type(hf_router))
         self = hf_router
         # what TopKRouter.__init__ sets, over the router's own parameters
         self.hidden_size, self.num_experts, self.k = hidden_size, num_experts, k
@@ -358,22 +358,22 @@ class HFRouter(TopKRouter):
         return weights * self.scale, experts.int()
 
 
-_ROUTER_CLASSES: dict = {}
+_CLASSES: dict = {}
 
 
-def router_class(cls: type) -> type:
-    """``Moeyard<cls>``: the subclass of :class:`HFRouter` and the transformers router class
-    ``cls`` that :func:`replace_moe` gives a router (one per class; also reachable as
-    ``moeyard.hf.Moeyard<cls>``, so a pickled model loads in a process that replaced the same
-    kind of model)."""
-    if issubclass(cls, HFRouter):
+def moeyard_class(mixin: type, cls: type) -> type:
+    """``Moeyard<cls>``: the subclass of ``mixin`` (:class:`HFRouter` or :class:`SparseMoeBlock`)
+    and the transformers class ``cls`` that :func:`replace_moe` gives a router or a block in place
+    (one per class; also reachable as ``moeyard.hf.Moeyard<cls>``, so a pickled model loads in a
+    process that replaced the same kind of model)."""
+    if issubclass(cls, mixin):
         return cls
-    if cls not in _ROUTER_CLASSES:
+    if (mixin, cls) not in _CLASSES:
         name = f"Moeyard{cls.__name__}"
-        new = type(name, (HFRouter, cls), {"__module__": __name__, "__qualname__": name})
-        _ROUTER_CLASSES[cls] = new
+        new = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name})
+        _CLASSES[mixin, cls] = new
         globals().setdefault(name, new)
-    return _ROUTER_CLASSES[cls]
+    return _CLASSES[mixin, cls]
 
 
 def _experts_implementation(experts: nn.Module) -> str:
@@ -383,41 +383,52 @@ def _experts_implementation(experts: nn.Module) -> str:
 
 
 class SparseMoeBlock(nn.Module):
-    """moeyard's replacement of a transformers sparse MoE block (see :func:`replace_moe`).
+    """moeyard's sparse MoE block, as :func:`replace_moe` makes a transformers block.
 
-    The children are the original block's, under its names: the router (``gate`` or ``router``,
-    now an :class:`HFRouter`), ``experts`` and the shared expert modules. So ``state_dict`` keys
-    are unchanged. Routing: :func:`moeyard.route` (in the router) and :func:`moeyard.plan`. The
-    experts run on the model's experts implementation (``config._experts_implementation``, set by
-    ``model.set_experts_implementation``): ``"moeyard"`` runs :func:`moeyard.expert_ffn` on the
-    plan; any other (``"eager"``, ``"grouped_mm"``, ...) runs the experts module as transformers
-    would, on the same routing (capacity needs ``"moeyard"``). ``forward`` returns what the original
-    returns (GPT-OSS: ``(out, routing weights)``). After each forward, ``last_stats`` holds
-    :func:`moeyard.load_stats` of the plan and ``aux_losses`` is empty (transformers computes its
-    aux loss from the recorded router logits).
+    Like the router (:class:`HFRouter`), the block is not rebuilt: its class becomes
+    ``Moeyard<Class>``, a subclass of both its transformers class and this one (see
+    :func:`moeyard_class`), so it keeps its children (the router ``gate`` or ``router``, now an
+    :class:`HFRouter`, ``experts``, the shared expert modules), their parameters and
+    ``state_dict`` keys, and stays an instance of its class (transformers' ``_init_weights`` and
+    output recorders that look for it still find it). Routing: :func:`moeyard.route` (in the
+    router) and :func:`moeyard.plan`. The experts run on the model's experts implementation
+    (``config._experts_implementation``, set by ``model.set_experts_implementation``):
+    ``"moeyard"`` runs :func:`moeyard.expert_ffn` on the plan; any other (``"eager"``,
+    ``"grouped_mm"``, ...) runs the experts module as transformers would, on the same routing
+    (capacity needs ``"moeyard"``). ``forward`` returns what the original returns (GPT-OSS:
+    ``(out, routing weights)``). After each forward, ``last_stats`` holds :func:`moeyard.load_stats`
+    of the plan and ``aux_losses`` is empty (transformers computes its aux loss from the recorded
+    router logits).
     """
 
-    def __init__(self, block: nn.Module, routing: _Routing, *, bias_balancing: bool = False,
-                 capacity_factor: Optional[float] = None,
-                 eval_capacity_factor: Optional[float] = None, min_capacity: int = 4):
-        super().__init__()
-        self.source = type(block).__name__
-        self.router_name = _router_name(block)
-        router = HFRouter.adopt(getattr(block, self.router_name), routing, _router_k(block),
+    def __init__(self, *args, **kwargs):
+        raise TypeError("SparseMoeBlock is not built: replace_moe turns a transformers block into "
+                        "one (SparseMoeBlock.adopt)")
+
+    @classmethod
+    def adopt(cls, block: nn.Module, routing: _Routing, *, bias_balancing: bool = False,
+              capacity_factor: Optional[float] = None,
+              eval_capacity_factor: Optional[float] = None,
+              min_capacity: int = 4) -> "SparseMoeBlock":
+        """Turn ``block`` (in place) into a SparseMoeBlock routing as ``routing`` says."""
+        source, router_name, k = type(block).__name__, _router_name(block), _router_k(block)
+        router = HFRouter.adopt(getattr(block, router_name), routing, k,
                                 bias_balancing=bias_balancing)
-        setattr(self, self.router_name, router)
-        self.experts = block.experts
-        self.shared_expert = getattr(block, "shared_expert", None)
-        self.shared_expert_gate = getattr(block, "shared_expert_gate", None)
-        self.shared_experts = getattr(block, "shared_experts", None)
+        block.__class__ = moeyard_class(cls, type(block))
+        self = block
+        self.source, self.router_name = source, router_name
+        for name in ("shared_expert", "shared_expert_gate", "shared_experts"):
+            if not hasattr(self, name):
+                setattr(self, name, None)
         self.num_experts, self.k = router.num_experts, router.k
-        self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
+        self.jitter_noise = float(getattr(self, "jitter_noise", 0.0) or 0.0)
         self.weights_to_hidden = routing.weights_to_hidden
-        self.returns_weights = self.source in _RETURNS_ROUTER_SCORES
+        self.returns_weights = source in _RETURNS_ROUTER_SCORES
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.min_capacity = min_capacity
         self.aux_losses: dict[str, Tensor] = {}
         self.last_stats: dict[str, Tensor] = {}
+        return self
 
     def hf_router(self) -> HFRouter:
         """The router (``gate`` or ``router``, as the original block names it)."""
@@ -502,11 +513,12 @@ def replace_moe(model: nn.Module, *, bias_balancing: bool = False,
                 eval_capacity_factor: Optional[float] = None,
                 min_capacity: int = 4,
                 experts_implementation: Optional[str] = "moeyard") -> list[str]:
-    """Swap every sparse MoE block of a transformers model for a :class:`SparseMoeBlock`, in
-    place; returns the qualified names of the swapped blocks.
+    """Turn every sparse MoE block of a transformers model into a :class:`SparseMoeBlock`, in
+    place; returns the qualified names of the blocks.
 
-    The new blocks reuse the original modules and parameters (the same objects, under the same
-    ``state_dict`` keys; each router becomes an :class:`HFRouter` in place) and, by default, route
+    The blocks keep their modules and parameters (the same objects, under the same ``state_dict``
+    keys; each block becomes a :class:`SparseMoeBlock` and its router an :class:`HFRouter`, both
+    still instances of their transformers classes) and, by default, route
     as the originals (softmax or sigmoid, renormalization, group limits,
     ``e_score_correction_bias``, scaling, router bias; exact ties aside, see :class:`HFRouter`),
     with :func:`moeyard.route` and :func:`moeyard.plan`. Router logits are still recorded for
@@ -545,12 +557,10 @@ def replace_moe(model: nn.Module, *, bias_balancing: bool = False,
     for *_, block in found:  # every refusal before anything changes
         _router_k(block)
         experts_activation(block.experts)
-    for parent, name, _, block in found:
-        moe = SparseMoeBlock(block, SUPPORTED_BLOCKS[type(block).__name__],
+    for *_, block in found:
+        SparseMoeBlock.adopt(block, SUPPORTED_BLOCKS[type(block).__name__],
                              bias_balancing=bias_balancing, capacity_factor=capacity_factor,
                              eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity)
-        moe.train(block.training)
-        setattr(parent, name, moe)
         if experts_implementation is not None:
             block.experts.config._experts_implementation = experts_implementation
     return [qual for _, _, qual, _ in found]
