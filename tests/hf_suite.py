@@ -12,15 +12,18 @@ runs in three modes (see tests/hf_suite_plugin.py, loaded with ``-p``):
 
 and prints, per family and mode, passed / failed / errors / skipped, and then every test that
 PASSES in baseline but FAILS in a moeyard mode, grouped by its first error line (exception type
-and message, numbers folded), so that the causes stand out. ``--silu`` gives gated GELU experts
-SiLU in every mode (baseline too): transformers' test configs use hidden_act="gelu", which moeyard
-refuses, and that one refusal hides everything behind it.
+and message, numbers and model class names folded), so that the causes stand out. ``--silu``
+gives gated GELU experts SiLU in every mode (baseline too): transformers' test configs use
+hidden_act="gelu", and where moeyard refuses GeGLU experts that one refusal hides all behind it.
 
 Getting transformers' tests: the tests of the INSTALLED transformers version (the driver warns if
 the checkout's version differs), from its repository at the release tag:
 
     git clone --depth 1 --branch v5.23.0 https://github.com/huggingface/transformers hf-tests
 
+(The PyPI sdist, pip download --no-binary :all: --no-deps transformers==5.23.0, has src/ and the
+top-level tests/test_*.py at exactly that version but not tests/models/, causal_lm_tester.py,
+generation/, exporters/, utils/ nor conftest.py: those have to come from the repository.)
 The checkout needs tests/ (test_modeling_common.py, causal_lm_tester.py, generation/,
 exporters/, utils/, models/<family>/), conftest.py, pyproject.toml and src/ (read by
 tests/test_pipeline_mixin.py; the tests still run the installed transformers: the plugin imports
@@ -44,13 +47,14 @@ out/hf_suite in this checkout, git-ignored); --report-only re-reads them.
 The distributed mixins (tensor/expert parallel, FSDP: several processes each, without the plugin)
 are skipped unless --distributed.
 
-How long: on 2 CPU cores, one pytest process, about 3-5 minutes per family and mode (Mixtral
-baseline: 165 passed, 107 skipped in 3m41s); the 11 families in three modes take about two
-hours. --workers 2 (pytest-xdist) shortens that where cores are free.
+How long (2 shared CPU cores, one pytest process, transformers 5.23.0): 0.7-5 minutes per
+family and mode; baseline Mixtral 2.7 min (163 passed, 99 skipped), Qwen3-MoE 3.4, DeepSeek-V3
+2.8, OLMoE 1.5, MiniMax 4.9; a moeyard mode takes about as long, less where tests fail early.
+All 11 families in three modes: about 1.5 hours. --workers 2 (pytest-xdist) where cores are free.
 
 Not for CI: it needs a transformers checkout (network) and hours of CPU. Not collected by
 pytest (no test_ prefix). Exit status 1 if any test passes in baseline and fails in a moeyard
-mode (or a mode was run without a baseline to compare with: 0 then), else 0.
+mode, else 0 (a mode whose family has no baseline results compares nothing).
 """
 from __future__ import annotations
 
@@ -228,6 +232,14 @@ def report(results: dict, families, modes, width: int = 160) -> dict:
             continue
         n = sum(len(v) for _, v in keyed)
         print(f"\n== {mode}: {n} tests pass in baseline and fail here, {len(keyed)} causes ==")
+        other = [(f, t) for (f, m), res in sorted(results.items()) if m == mode
+                 for t, v in sorted(res["tests"].items()) if v["outcome"] in BAD
+                 and (results.get((f, "baseline")) or {"tests": {}})["tests"].get(
+                     t, {}).get("outcome") in ("skipped", None)]
+        if other:
+            print(f"(and {len(other)} that fail here but were skipped or absent in baseline: "
+                  + ", ".join(f"{f}: {t}" for f, t in other[:8])
+                  + (", ..." if len(other) > 8 else "") + ")")
         for (_, key), items in keyed:
             fams = collections.Counter(f for f, *_ in items)
             print(f"\n[{len(items)}] {first_line(items[0][3], width)}")
@@ -295,7 +307,8 @@ def main(argv=None) -> int:
                 print(f"running {fam} {mode} ...", end=" ", flush=True)
                 r = run_one(args, fam, mode)
                 print(f"{r['seconds'] / 60:.1f} min (pytest exit {r['returncode']})", flush=True)
-    results = load_results(args.results_dir, families, args.modes)
+    # the baseline is read whenever it is there: the modes run now are compared with it
+    results = load_results(args.results_dir, families, ["baseline"] + args.modes)
     out = report(results, families, args.modes)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")

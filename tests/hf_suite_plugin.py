@@ -19,8 +19,8 @@ variable ``MOEYARD_HF_SUITE_MODE``:
     (an activation moeyard refuses, a routing it cannot build) fails the test, as it would a user.
 
 ``MOEYARD_HF_SUITE_SILU=1`` (any mode, baseline included): gated experts whose activation is a
-GELU get SiLU after post_init, so that the tests get past moeyard's refusal of GeGLU experts
-(transformers' test configs use hidden_act="gelu") and show what fails behind it.
+GELU get SiLU after post_init, so that the tests get past a moeyard that refuses GeGLU experts
+(transformers' test configs use hidden_act="gelu") and show what fails behind that refusal.
 
 Each test's junit entry gets properties: ``moeyard_models`` (models built with moeyard experts
 or replaced blocks) and ``moeyard_refused`` (replace_moe refusals, with the message in
@@ -65,7 +65,7 @@ _orig_post_init = PreTrainedModel.post_init
 
 def _silu_experts(model):
     """Gated experts with a GELU activation get SiLU (transformers' test configs use
-    hidden_act="gelu", which moeyard refuses): what runs behind that refusal."""
+    hidden_act="gelu"): what runs behind a refusal of GeGLU experts."""
     from torch import nn
     for module in model.modules():
         act = getattr(module, "act_fn", None)
