@@ -16,9 +16,9 @@ Two ways to use it:
     parameters where they are (no copy, no host synchronization).
 
 :func:`replace_moe`
-    Swaps every sparse MoE block (router + experts + optional shared expert) for a
+    Turns every sparse MoE block (router + experts + optional shared expert), in place, into a
     :class:`SparseMoeBlock` that routes with :func:`moeyard.route` and :func:`moeyard.plan`,
-    reusing the block's modules and parameters under their names (a replaced model's
+    keeping the block's modules and parameters under their names (a replaced model's
     ``state_dict`` loads into the original and back). By default it routes exactly as the original
     (up to exact ties, see :class:`HFRouter`); options switch it for fine-tuning
     (auxiliary-loss-free balancing, capacity). The experts run on the model's experts
