@@ -367,7 +367,7 @@ def test_replace_moe_matches_eager(family):
 
 def _first_router(model):
     """(qualified name of the first MoE block, its router)."""
-    _, _, qual, block = next(mh._owned_blocks(model))
+    qual, block = next(mh._owned_blocks(model))
     return qual, getattr(block, mh._router_name(block))
 
 

@@ -491,14 +491,12 @@ def _router_k(block: nn.Module) -> int:
 
 
 def _owned_blocks(model: nn.Module):
-    """(parent, name, qualified name, block) of every MoE block: a module with an ``experts``
+    """(qualified name, block) of every MoE block not yet replaced: a module with an ``experts``
     child of transformers' experts kind (decorated by ``use_experts_implementation``)."""
-    for qual, parent in model.named_modules():
-        for name, child in parent.named_children():
-            experts = getattr(child, "experts", None)
-            if isinstance(child, SparseMoeBlock) or not hasattr(experts, "has_gate"):
-                continue
-            yield parent, name, f"{qual}.{name}" if qual else name, child
+    for qual, block in model.named_modules():
+        experts = getattr(block, "experts", None)
+        if qual and not isinstance(block, SparseMoeBlock) and hasattr(experts, "has_gate"):
+            yield qual, block
 
 
 def _check_experts_implementation(name: str) -> None:
@@ -543,7 +541,7 @@ def replace_moe(model: nn.Module, *, bias_balancing: bool = False,
     raises ValueError.
     """
     found = list(_owned_blocks(model))
-    unsupported = sorted({type(b).__name__ for *_, b in found
+    unsupported = sorted({type(b).__name__ for _, b in found
                           if type(b).__name__ not in SUPPORTED_BLOCKS})
     if unsupported:
         raise NotImplementedError(
@@ -554,13 +552,13 @@ def replace_moe(model: nn.Module, *, bias_balancing: bool = False,
         raise ValueError(f"replace_moe: {type(model).__name__} has no sparse MoE block")
     if experts_implementation is not None:
         _check_experts_implementation(experts_implementation)
-    for *_, block in found:  # every refusal before anything changes
+    for _, block in found:  # every refusal before anything changes
         _router_k(block)
         experts_activation(block.experts)
-    for *_, block in found:
+    for _, block in found:
         SparseMoeBlock.adopt(block, SUPPORTED_BLOCKS[type(block).__name__],
                              bias_balancing=bias_balancing, capacity_factor=capacity_factor,
                              eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity)
         if experts_implementation is not None:
             block.experts.config._experts_implementation = experts_implementation
-    return [qual for _, _, qual, _ in found]
+    return [qual for qual, _ in found]
