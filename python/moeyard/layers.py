@@ -33,6 +33,24 @@ from .routers import ReLURouter, RouterLinear, SmearRouter, TopKRouter, check_si
 __all__ = ["TopKMoE", "SwitchMoE", "ReMoE", "ExpertChoiceMoE", "BaseMoE", "SmearMoE"]
 
 
+def _experts(ep_group, *args, **kwargs) -> Experts:
+    """The routed experts: all of them, or with an expert-parallel group this rank's block
+    (:class:`moeyard.distributed.ShardedExperts`; torch.distributed is imported only then)."""
+    if ep_group is None:
+        return Experts(*args, **kwargs)
+    from .distributed import ShardedExperts
+    return ShardedExperts(*args, **kwargs, ep_group=ep_group)
+
+
+def _check_capacity(capacity_factor, eval_capacity_factor, min_capacity) -> None:
+    for name, cf in (("capacity_factor", capacity_factor),
+                     ("eval_capacity_factor", eval_capacity_factor)):
+        if cf is not None and not cf > 0:
+            raise ValueError(f"{name}={cf} must be > 0 or None (dropless)")
+    if min_capacity < 0:
+        raise ValueError(f"min_capacity={min_capacity} must be >= 0")
+
+
 def _tokens(layer: nn.Module, x: Tensor) -> Tensor:
     """``x [..., d]`` as ``[T, d]``; ValueError if its last dim is not the layer's hidden size."""
     if x.dim() < 1 or x.shape[-1] != layer.hidden_size:
@@ -71,6 +89,15 @@ class TopKMoE(nn.Module):
         initializer_range: std of the normal init of every weight (default 0.02, Hugging Face).
         backend: the expert-compute backend, ``"auto"`` (default), ``"grouped_mm"`` or
             ``"moeyard"`` (:func:`moeyard.expert_ffn`; ``layer.experts.backend`` changes it later).
+        ep_group: expert parallelism: a process group (or 1-D DeviceMesh) over which the experts
+            are sharded; the layer then holds only this rank's ``E / P`` experts
+            (:class:`moeyard.distributed.ShardedExperts`) and every forward is collective. With a
+            capacity factor the exchange is sync-free; dropless it syncs once per forward (see
+            :mod:`moeyard.distributed`). Default None: all experts local.
+        balance_group: compute the load-balancing loss on the global batch of this process
+            group (arXiv 2501.11873): the expert counts (and token counts) are summed over its
+            ranks (one all-reduce, no gradient), the mean probabilities stay local. Default None:
+            the local batch.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, k: int = 2, *,
@@ -82,15 +109,10 @@ class TopKMoE(nn.Module):
                  bias_balancing: bool = False, jitter_eps: float = 0.0,
                  shared_intermediate_size: Optional[int] = None, shared_gate: bool = False,
                  activation: str = "swiglu", expert_bias: bool = False,
-                 initializer_range: float = 0.02, backend: str = "auto", device=None,
-                 dtype=None):
+                 initializer_range: float = 0.02, backend: str = "auto", ep_group=None,
+                 balance_group=None, device=None, dtype=None):
         super().__init__()
-        for name, cf in (("capacity_factor", capacity_factor),
-                         ("eval_capacity_factor", eval_capacity_factor)):
-            if cf is not None and not cf > 0:
-                raise ValueError(f"{name}={cf} must be > 0 or None (dropless)")
-        if min_capacity < 0:
-            raise ValueError(f"min_capacity={min_capacity} must be >= 0")
+        _check_capacity(capacity_factor, eval_capacity_factor, min_capacity)
         if aux_loss_coef < 0 or z_loss_coef < 0:
             raise ValueError(f"aux_loss_coef={aux_loss_coef} and z_loss_coef={z_loss_coef} must "
                              "be >= 0")
@@ -101,13 +123,14 @@ class TopKMoE(nn.Module):
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.min_capacity = min_capacity
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.balance_group = balance_group
         self.router = TopKRouter(hidden_size, num_experts, k, score,
                                  topk_before_score=topk_before_score, renormalize=renormalize,
                                  scale=scale, n_group=n_group, topk_group=topk_group,
                                  bias_balancing=bias_balancing, jitter_eps=jitter_eps,
                                  initializer_range=initializer_range, **kw)
-        self.experts = Experts(num_experts, hidden_size, intermediate_size, activation,
-                               expert_bias, initializer_range, **kw, backend=backend)
+        self.experts = _experts(ep_group, num_experts, hidden_size, intermediate_size,
+                                activation, expert_bias, initializer_range, **kw, backend=backend)
         self.shared_expert = self.shared_expert_gate = None
         if shared_intermediate_size is not None:
             self.shared_expert = SwiGLUMLP(hidden_size, shared_intermediate_size,
@@ -186,7 +209,13 @@ class TopKMoE(nn.Module):
     def _aux_losses(self, logits: Tensor, counts: Tensor) -> dict[str, Tensor]:
         losses = {}
         if self.aux_loss_coef > 0 or self.z_loss_coef > 0:
+            share = None
+            if self.aux_loss_coef > 0 and self.balance_group is not None:
+                from .distributed import global_batch_counts
+                counts, share = global_batch_counts(counts, logits.shape[0], self.balance_group)
             balance, z = router_losses(logits, counts, self.k)
+            if share is not None:  # router_losses divides the counts by the local T
+                balance = balance * share
             if self.aux_loss_coef > 0:
                 losses["balance"] = self.aux_loss_coef * balance
             if self.z_loss_coef > 0:
@@ -247,25 +276,35 @@ class ReMoE(nn.Module):
             (default) = E, exactly ReMoE.
         l1_coef_init: lambda_0 (default 1e-8, ReMoE's ``moe_relu_l1_reg_coeff_init``).
         jitter_eps: multiplicative router input jitter in training (default 0).
+        capacity_factor, eval_capacity_factor, min_capacity: an expert capacity, as
+            :class:`TopKMoE` with the target k (``max(ceil(T k / E * cf), min_capacity)``,
+            position-order drops); default None: dropless, as ReMoE. With ``ep_group`` a capacity
+            makes the exchange sync-free.
+        ep_group: expert parallelism, as :class:`TopKMoE`.
         activation, expert_bias, initializer_range, backend: the experts, as :class:`TopKMoE`.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, k: int = 1, *,
                  k_max: Optional[int] = None, l1_coef_init: float = 1e-8,
-                 jitter_eps: float = 0.0, activation: str = "swiglu", expert_bias: bool = False,
-                 initializer_range: float = 0.02, backend: str = "auto", device=None,
-                 dtype=None):
+                 jitter_eps: float = 0.0, capacity_factor: Optional[float] = None,
+                 eval_capacity_factor: Optional[float] = None, min_capacity: int = 4,
+                 activation: str = "swiglu", expert_bias: bool = False,
+                 initializer_range: float = 0.02, backend: str = "auto", ep_group=None,
+                 device=None, dtype=None):
         super().__init__()
         if not 1 <= k <= num_experts:
             raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
+        _check_capacity(capacity_factor, eval_capacity_factor, min_capacity)
         if not l1_coef_init > 0:
             raise ValueError(f"l1_coef_init={l1_coef_init} must be > 0")
         kw = dict(device=device, dtype=dtype)
         self.hidden_size, self.num_experts, self.k = hidden_size, num_experts, k
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.min_capacity = min_capacity
         self.router = ReLURouter(hidden_size, num_experts, k_max, jitter_eps=jitter_eps,
                                  initializer_range=initializer_range, **kw)
-        self.experts = Experts(num_experts, hidden_size, intermediate_size, activation,
-                               expert_bias, initializer_range, **kw, backend=backend)
+        self.experts = _experts(ep_group, num_experts, hidden_size, intermediate_size,
+                                activation, expert_bias, initializer_range, **kw, backend=backend)
         self.register_buffer("l1_reg_coeff",
                              torch.tensor(float(l1_coef_init), device=device, dtype=torch.float32))
         self.register_buffer("sparsity_since_update",
@@ -274,6 +313,8 @@ class ReMoE(nn.Module):
                              torch.zeros((), device=device, dtype=torch.int64), persistent=False)
         self.aux_losses: dict[str, Tensor] = {}
         self.last_stats: dict[str, Tensor] = {}
+
+    capacity = TopKMoE.capacity
 
     @property
     def target_sparsity(self) -> float:
@@ -293,7 +334,7 @@ class ReMoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = _tokens(self, x)
         logits, weights, experts = self.router(h)
-        p = plan(experts, self.num_experts)
+        p = plan(experts, self.num_experts, self.capacity(h.shape[0]))
         out = self.experts(h, p, weights)
         T, E = h.shape[0], self.num_experts
         sparsity = 1.0 - p.counts.sum().float() / max(T * E, 1)
@@ -335,12 +376,15 @@ class ExpertChoiceMoE(nn.Module):
         hidden_size, intermediate_size, num_experts: d, I, E.
         capacity_factor: c, the average experts per token (default 2, as the paper).
         activation, expert_bias, initializer_range, backend: the experts, as :class:`TopKMoE`.
+        ep_group: expert parallelism, as :class:`TopKMoE`: each expert takes its top-C tokens of
+            every rank's batch (C from the local token count, the same on every rank), so each
+            rank's output is the single-device layer's on its tokens; sync-free.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  capacity_factor: float = 2.0, *, activation: str = "swiglu",
                  expert_bias: bool = False, initializer_range: float = 0.02,
-                 backend: str = "auto", device=None, dtype=None):
+                 backend: str = "auto", ep_group=None, device=None, dtype=None):
         super().__init__()
         if not capacity_factor > 0:
             raise ValueError(f"capacity_factor={capacity_factor} must be > 0")
@@ -349,8 +393,8 @@ class ExpertChoiceMoE(nn.Module):
         self.capacity_factor = capacity_factor
         self.router = RouterLinear(hidden_size, num_experts,
                                    initializer_range=initializer_range, **kw)
-        self.experts = Experts(num_experts, hidden_size, intermediate_size, activation,
-                               expert_bias, initializer_range, **kw, backend=backend)
+        self.experts = _experts(ep_group, num_experts, hidden_size, intermediate_size,
+                                activation, expert_bias, initializer_range, **kw, backend=backend)
         self.aux_losses: dict[str, Tensor] = {}
         self.last_stats: dict[str, Tensor] = {}
 
@@ -419,12 +463,19 @@ class BaseMoE(nn.Module):
         norm_eps: LayerNorm epsilon (default 1e-5).
         initializer_range: std of the expert weights' normal init (default 0.02).
         backend: the expert-compute backend, as :class:`TopKMoE`.
+        ep_group: expert parallelism, as :class:`TopKMoE`: the expert MLPs are sharded, the
+            centroids and the experts' LayerNorms (applied before the exchange) stay replicated.
+            In training the assignment balances each rank's own batch (fairseq's ``BaseLayer``
+            too solves it per worker, after shuffling tokens across workers, which moeyard does
+            not do), so each expert takes ``ceil(T / E)`` rows from every rank: a sync-free
+            capacity exchange and each rank's output equals the single-device layer's. Eval
+            (greedy) exchanges dropless: one host sync per forward.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, *,
                  activation: str = "relu", expert_bias: bool = True, residual: bool = False,
                  norm_eps: float = 1e-5, initializer_range: float = 0.02,
-                 backend: str = "auto", device=None, dtype=None):
+                 backend: str = "auto", ep_group=None, device=None, dtype=None):
         super().__init__()
         check_sizes(hidden_size, num_experts)
         if not norm_eps > 0:
@@ -435,8 +486,8 @@ class BaseMoE(nn.Module):
         self.expert_centroids = nn.Parameter(torch.empty(num_experts, hidden_size, **kw))
         self.norm_weight = nn.Parameter(torch.empty(num_experts, hidden_size, **kw))
         self.norm_bias = nn.Parameter(torch.empty(num_experts, hidden_size, **kw))
-        self.experts = Experts(num_experts, hidden_size, intermediate_size, activation,
-                               expert_bias, initializer_range, **kw, backend=backend)
+        self.experts = _experts(ep_group, num_experts, hidden_size, intermediate_size,
+                                activation, expert_bias, initializer_range, **kw, backend=backend)
         self.reset_parameters()
         self.aux_losses: dict[str, Tensor] = {}
         self.last_stats: dict[str, Tensor] = {}
@@ -465,7 +516,10 @@ class BaseMoE(nn.Module):
         else:
             experts = route(scores, 1, "none")[1]
         alpha = torch.sigmoid(logits.gather(1, experts.long()))  # [T, 1], the gate
-        p = plan(experts, self.num_experts)
+        # sharded experts need static exchange sizes: the balanced loads fit ceil(T / E) exactly
+        sharded = getattr(self.experts, "ep_size", 1) > 1
+        capacity = -(-h.shape[0] // self.num_experts) if self.training and sharded else None
+        p = plan(experts, self.num_experts, capacity)
         # expert e's LayerNorm affine per token, gathered by a one-hot product (exact, and its
         # backward is a matmul: deterministic, unlike an indexed gather's scatter-add)
         onehot = F.one_hot(experts[:, 0].long(), self.num_experts).to(h.dtype)
@@ -520,13 +574,19 @@ class SmearMoE(nn.Module):
         router_init_scale: initial gain of the router weight normalization (default 1e-2: near
             uniform routing at init, as the reference).
         initializer_range: std of the normal init of the expert weights (default 0.02).
+        ep_group: must be None: SMEAR merges the experts' parameters for every example instead of
+            sending tokens to experts, so it has no expert-parallel form (shard it with FSDP).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, *,
                  activation: str = "swiglu", expert_bias: bool = False,
                  expert_dropout: float = 0.1, router_init_scale: float = 1e-2,
-                 initializer_range: float = 0.02, device=None, dtype=None):
+                 initializer_range: float = 0.02, ep_group=None, device=None, dtype=None):
         super().__init__()
+        if ep_group is not None:
+            raise ValueError("SmearMoE cannot be expert-parallel (ep_group): it merges every "
+                             "expert's parameters per example instead of routing tokens to "
+                             "experts; shard it with FSDP instead")
         kw = dict(device=device, dtype=dtype)
         self.hidden_size, self.num_experts = hidden_size, num_experts
         self.router = SmearRouter(hidden_size, num_experts, expert_dropout=expert_dropout,

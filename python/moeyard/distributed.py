@@ -1,0 +1,423 @@
+"""Expert parallelism (EP) on torch.distributed: ``import moeyard.distributed``.
+
+The E experts of a layer are split over the P ranks of an EP process group in contiguous blocks:
+expert e lives on rank ``e // E_l`` (``E_l = E / P`` local experts, global ids
+``rank * E_l + i``). The router (and any shared expert) stays replicated; only
+:class:`ShardedExperts` is sharded. A layer's forward is unchanged: its router and
+:func:`moeyard.plan` run on the rank's own tokens, then :class:`ShardedExperts` does
+
+  sender     rows = permute(x, plan)        the plan's rows are expert-major, so destination-major
+  exchange   counts kept per expert          one equal-split all-to-all of [E] int32 (no sync)
+             rows                            all-to-all (:func:`all_to_all`)
+  receiver   a k = 1 plan over the received rows (local expert id, -1 for padding) and
+             :func:`moeyard.expert_ffn` with unit weights on the local experts
+  exchange   outputs back                    the same all-to-all with the splits swapped
+  sender     unpermute(outputs, plan, weights): routing weights never leave the rank, so the
+             router's gradient stays local
+
+Two modes, chosen by the plan the layer builds (its capacity setting, as on one device):
+
+- **capacity** (``plan.capacity = C``, the layer has a capacity factor; always for expert choice
+  and BASE training): every rank sends its ``E * C`` rows in equal splits. Static shapes and **no
+  host synchronization**, forward and backward: works inside CUDA graphs and under
+  ``torch.compile(fullgraph=True)``. C comes from the rank's local token count, so drops are
+  decided per (source rank, expert) and each rank's output equals the single-device layer's on
+  its tokens. Every rank must have the same local token count.
+- **dropless** (``plan.capacity = None``): after the count exchange, **one device-to-host copy of
+  the split sizes per layer forward** (``all_to_all_single`` takes Python split sizes), then the
+  variable exchange of exactly the routed rows. The backward reuses the sizes: no sync. Ranks may
+  have different token counts, zero included. Each rank's output equals the single-device
+  dropless layer's.
+
+Agreement across ranks: constructing a :class:`ShardedExperts` checks that every rank has the
+same experts' shapes (E, d, I, activation code); the first forward with a new (mode, k, dtype,
+capacity, local token count in capacity mode) checks it too (one all-gather of a few integers and
+a host read), so a mismatch raises the same clear error on every rank instead of hanging or
+corrupting the exchange. Later forwards with the same key do not check; the check is skipped
+while ``torch.compile`` traces or a CUDA graph captures (run one eager forward first).
+
+Training: the experts' gradients are already summed over every rank whose tokens they computed,
+while replicated parameters get per-rank gradients; :func:`sync_gradients` averages the
+replicated ones over the data-parallel group and divides the experts' by its size, which makes EP
+training equal to single-device training on the concatenated batch with a mean loss.
+:func:`expert_parameters` lists the sharded parameters (give them to DDP's ignore list instead).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .experts import Experts
+from .ops import RoutingPlan, permute, plan, unpermute
+from .reference import ACTIVATIONS
+
+__all__ = ["all_to_all", "ShardedExperts", "shard_experts", "full_state_dict",
+           "load_full_state_dict", "global_batch_counts", "expert_parameters", "sync_gradients"]
+
+
+def _group_size(group) -> int:
+    return dist.get_world_size(group)
+
+
+# ------------------------------------------------------------------------------- all-to-all
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, output_split_sizes, input_split_sizes, group):
+        ctx.splits, ctx.group = (output_split_sizes, input_split_sizes), group
+        x = x.contiguous()
+        rows = x.shape[0] if output_split_sizes is None else sum(output_split_sizes)
+        out = x.new_empty((rows, *x.shape[1:]))
+        dist.all_to_all_single(out, x, output_split_sizes, input_split_sizes, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return _AllToAll.apply(grad, in_splits, out_splits, ctx.group), None, None, None
+
+
+def all_to_all(x: Tensor, output_split_sizes: Optional[list[int]] = None,
+               input_split_sizes: Optional[list[int]] = None, group=None) -> Tensor:
+    """Differentiable ``dist.all_to_all_single`` along dim 0: ``x``'s rows are cut into
+    ``input_split_sizes`` (None: P equal parts), part r goes to rank r; the result stacks the parts
+    received from ranks 0..P-1 (``output_split_sizes`` rows each; None: equal, as many rows as x).
+    The backward is the same exchange with the splits swapped. Identity for a group of one rank.
+    Any dtype the backend supports (gloo: fp32, bf16, fp16, int32, int64, on CPU and CUDA)."""
+    if _group_size(group) == 1:
+        return x
+    return _AllToAll.apply(x, output_split_sizes, input_split_sizes, group)
+
+
+# -------------------------------------------------------------------------- agreement checks
+
+
+def _skip_checks() -> bool:
+    """True while torch.compile traces or a CUDA graph captures (a check would sync)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _check_agree(group, device, what: str, **values: int) -> None:
+    """All ranks of ``group`` have the same ``values`` (name -> int), else a ValueError naming them
+    on every rank (one all-gather of a few integers and a host read)."""
+    mine = torch.tensor(list(values.values()), dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(_group_size(group))]
+    dist.all_gather(every, mine, group=group)
+    rows = torch.stack(every).cpu().tolist()
+    if any(r != rows[0] for r in rows):
+        per_rank = "; ".join(f"rank {i}: " + ", ".join(f"{n}={v}" for n, v in zip(values, r))
+                             for i, r in enumerate(rows))
+        raise ValueError(f"moeyard.distributed: the ranks of the expert-parallel group disagree "
+                         f"on {what} ({per_rank})")
+
+
+_DTYPES = {dt: i for i, dt in enumerate((torch.float32, torch.float16, torch.bfloat16,
+                                         torch.float64))}
+_ACTIVATION_CODES = {name: i for i, name in enumerate(sorted(ACTIVATIONS))}
+
+
+# ---------------------------------------------------------------------------- sharded experts
+
+
+class ShardedExperts(Experts):
+    """The local block of E experts on one rank of an expert-parallel group, and the exchange that
+    runs them for every rank's tokens (see the module docstring).
+
+    Parameters as :class:`moeyard.Experts` with ``E_l = E / P`` rows: ``gate_up_proj
+    [E_l, N1, d]``, ``down_proj [E_l, d, I]``, optional biases; they hold global experts
+    ``first_expert .. first_expert + E_l - 1``. ``forward(x [T, d], plan, weights [T, k]) ->
+    [T, d]`` takes the rank's own tokens and a plan over the E global experts, exactly as
+    :class:`moeyard.Experts` does, and is collective: every rank of the group must call it.
+
+    Built directly (``TopKMoE(..., ep_group=g)`` and the other layers do this) every rank draws
+    all E experts' initial weights, one expert at a time, and keeps its own: with the same seed on
+    every rank the experts are distinct and the replicated parameters identical.
+    :meth:`from_experts` (and :func:`shard_experts`) keep the local slice of a full
+    :class:`moeyard.Experts` instead (a loaded checkpoint).
+
+    Args:
+        num_experts: E, the global number of experts; P must divide it.
+        ep_group: the expert-parallel process group (a ``ProcessGroup``, a 1-D ``DeviceMesh`` or
+            None for the default group).
+        the rest: as :class:`moeyard.Experts`.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 activation: str = "swiglu", bias: bool = False, initializer_range: float = 0.02,
+                 device=None, dtype=None, *, backend: str = "auto", ep_group=None):
+        group = _process_group(ep_group)
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        if num_experts < 1 or num_experts % size:
+            raise ValueError(f"num_experts={num_experts} must be a positive multiple of the "
+                             f"expert-parallel group size {size}")
+        self.ep_group, self.ep_size, self.ep_rank = group, size, rank
+        self.global_num_experts = num_experts
+        self.first_expert = rank * (num_experts // size)
+        self._agreed: set = set()
+        super().__init__(num_experts // size, hidden_size, intermediate_size, activation, bias,
+                         initializer_range, device, dtype, backend=backend)
+        self._check_shapes()
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts
+
+    def _check_shapes(self) -> None:
+        if self.ep_size > 1:
+            _check_agree(self.ep_group, self._check_device(), "the experts' shapes",
+                         num_experts=self.global_num_experts, hidden_size=self.hidden_size,
+                         intermediate_size=self.intermediate_size,
+                         activation=_ACTIVATION_CODES[self.activation],
+                         bias=int(self.gate_up_proj_bias is not None))
+
+    def _check_device(self) -> torch.device:
+        """Where the group's collectives take their tensors: CUDA for NCCL, else the weights'."""
+        if dist.get_backend(self.ep_group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        dev = self.gate_up_proj.device
+        return torch.device("cpu") if dev.type == "meta" else dev
+
+    def reset_parameters(self) -> None:
+        """As :meth:`moeyard.Experts.reset_parameters` for all E experts, drawn expert by expert
+        in global order (one expert's scratch at a time), keeping this rank's: every rank consumes
+        the same random numbers."""
+        with torch.no_grad():
+            for p in (self.gate_up_proj, self.down_proj):
+                for e in range(self.global_num_experts):
+                    draw = torch.empty_like(p[0]).normal_(std=self.initializer_range)
+                    if 0 <= e - self.first_expert < self.num_experts:
+                        p[e - self.first_expert].copy_(draw)
+        if self.gate_up_proj_bias is not None:
+            nn.init.zeros_(self.gate_up_proj_bias)
+            nn.init.zeros_(self.down_proj_bias)
+
+    @classmethod
+    def from_experts(cls, experts: Experts, ep_group=None) -> "ShardedExperts":
+        """A :class:`ShardedExperts` holding this rank's slice of the full ``experts`` (copies of
+        its rows, same dtype and device, same backend)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        group = _process_group(ep_group)
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        E = experts.num_experts
+        if E % size:
+            raise ValueError(f"num_experts={E} must be a multiple of the expert-parallel group "
+                             f"size {size}")
+        El = E // size
+        self.ep_group, self.ep_size, self.ep_rank = group, size, rank
+        self.global_num_experts, self.first_expert, self._agreed = E, rank * El, set()
+        self.num_experts, self.hidden_size = El, experts.hidden_size
+        self.intermediate_size, self.activation = experts.intermediate_size, experts.activation
+        self.initializer_range = experts.initializer_range
+        self.backend = experts.backend
+        rows = slice(rank * El, (rank + 1) * El)
+        for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+            p = getattr(experts, name)
+            self.register_parameter(name, None if p is None else
+                                    nn.Parameter(p.detach()[rows].clone(), p.requires_grad))
+        self._check_shapes()
+        return self
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", experts {self.first_expert}.."
+                f"{self.first_expert + self.num_experts - 1} of {self.global_num_experts} "
+                f"(rank {self.ep_rank} of {self.ep_size})")
+
+    # ------------------------------------------------------------------------------ forward
+
+    def forward(self, x: Tensor, plan: RoutingPlan, weights: Tensor) -> Tensor:
+        if plan.num_experts != self.global_num_experts:
+            raise ValueError(f"the plan routes to {plan.num_experts} experts, the layer has "
+                             f"{self.global_num_experts}")
+        if self.ep_size == 1:
+            return super().forward(x, plan, weights)
+        self._check_forward(x, plan)
+        if plan.capacity is None:
+            return self._dropless(x, plan, weights)
+        return self._capacity(x, plan, weights)
+
+    def _check_forward(self, x: Tensor, p: RoutingPlan) -> None:
+        capacity = -1 if p.capacity is None else p.capacity
+        key = (capacity, p.token_row.shape[1], x.dtype,
+               x.shape[0] if p.capacity is not None else -1)
+        if key in self._agreed or _skip_checks():
+            return
+        _check_agree(self.ep_group, self._check_device(),
+                     "the exchange (capacity -1 = dropless; tokens are compared in capacity "
+                     "mode, where every rank needs the same local token count)",
+                     capacity=capacity, k=key[1], dtype=_DTYPES.get(x.dtype, -1), tokens=key[3])
+        self._agreed.add(key)
+
+    def _local(self, recv: Tensor, recv_experts: Tensor) -> Tensor:
+        """The local experts on the received rows (``recv_experts [R]``: local expert id, -1 for
+        padding): ``[R, d]``, 0 on padding rows."""
+        p = plan(recv_experts.view(-1, 1), self.num_experts)
+        ones = torch.ones((recv.shape[0], 1), dtype=torch.float32, device=recv.device)
+        return super().forward(recv, p, ones)
+
+    def _capacity(self, x: Tensor, p: RoutingPlan, weights: Tensor) -> Tensor:
+        P, El, C, g = self.ep_size, self.num_experts, p.capacity, self.ep_group
+        kept = p.offsets[1:] - p.offsets[:-1]                      # [E], expert e's kept rows
+        recv_kept = all_to_all(kept, group=g).view(P, El, 1)       # [source, local expert]
+        recv = all_to_all(permute(x, p), group=g)                  # [P * El * C, d]
+        slot = torch.arange(C, device=x.device, dtype=recv_kept.dtype)
+        local = torch.arange(El, device=x.device, dtype=recv_kept.dtype).view(1, El, 1)
+        recv_experts = torch.where(slot < recv_kept, local, -1)    # [P, El, C]
+        y = all_to_all(self._local(recv, recv_experts), group=g)   # [E * C, d]
+        return unpermute(y, p, weights)
+
+    def _dropless(self, x: Tensor, p: RoutingPlan, weights: Tensor) -> Tensor:
+        P, El, g = self.ep_size, self.num_experts, self.ep_group
+        kept = p.offsets[1:] - p.offsets[:-1]
+        recv_kept = all_to_all(kept, group=g)                      # [P * El]
+        sizes = torch.stack([kept.view(P, El).sum(1), recv_kept.view(P, El).sum(1)])
+        send_sizes, recv_sizes = sizes.tolist()                    # the one host sync
+        sent = sum(send_sizes)
+        recv = all_to_all(permute(x, p)[:sent], recv_sizes, send_sizes, g)
+        ids = torch.arange(El, device=x.device, dtype=torch.int32).repeat(P)
+        recv_experts = torch.repeat_interleave(ids, recv_kept, output_size=recv.shape[0])
+        y = all_to_all(self._local(recv, recv_experts), send_sizes, recv_sizes, g)
+        y = F.pad(y, (0, 0, 0, p.num_rows - sent))                 # the plan's unused rows
+        return unpermute(y, p, weights)
+
+
+def _process_group(ep_group):
+    """A ProcessGroup from a ProcessGroup, a 1-D DeviceMesh or None (the default group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("expert parallelism needs torch.distributed: call "
+                           "torch.distributed.init_process_group first")
+    if ep_group is None:
+        return dist.group.WORLD
+    if hasattr(ep_group, "get_group"):  # DeviceMesh
+        if ep_group.ndim != 1:
+            raise ValueError(f"ep_group: a DeviceMesh must be 1-D, got {ep_group.ndim}-D")
+        return ep_group.get_group()
+    return ep_group
+
+
+# --------------------------------------------------------------------- models and checkpoints
+
+
+def _expert_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """(qualified name, layer) of every module whose ``experts`` child is a moeyard
+    :class:`moeyard.Experts` (the token-routed layers)."""
+    for name, m in model.named_modules():
+        if isinstance(getattr(m, "experts", None), Experts):
+            yield name, m
+
+
+def shard_experts(model: nn.Module, ep_group=None) -> nn.Module:
+    """Shard every moeyard MoE layer of ``model`` in place: each layer's :class:`moeyard.Experts`
+    becomes the :class:`ShardedExperts` holding this rank's slice (build or load the full model
+    the same way on every rank first). SMEAR layers are refused (they merge the experts' weights
+    per example; shard them with FSDP instead). Returns ``model``."""
+    from .experts import MergedExperts
+    for name, m in model.named_modules():
+        if isinstance(getattr(m, "experts", None), MergedExperts):
+            raise ValueError(f"shard_experts: {name or type(m).__name__} is a SMEAR layer, which "
+                             "merges the experts' weights instead of routing tokens: it cannot "
+                             "be expert-parallel (use FSDP to shard it)")
+    for _, layer in list(_expert_layers(model)):
+        if not isinstance(layer.experts, ShardedExperts):
+            layer.experts = ShardedExperts.from_experts(layer.experts, ep_group)
+    return model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with every :class:`ShardedExperts` parameter gathered to all E
+    experts (collective over each layer's EP group: call it on every rank). It loads into the
+    unsharded model."""
+    sd = model.state_dict()
+    for prefix, m in model.named_modules():
+        if isinstance(m, ShardedExperts):
+            for name, p in m.named_parameters(recurse=False):
+                parts = [torch.empty_like(p) for _ in range(m.ep_size)]
+                dist.all_gather(parts, p.detach().contiguous(), group=m.ep_group)
+                sd[f"{prefix}.{name}" if prefix else name] = torch.cat(parts)
+    return sd
+
+
+def load_full_state_dict(model: nn.Module, state_dict: dict[str, Tensor], strict: bool = True):
+    """Load an unsharded state dict (all E experts per layer) into a model whose layers hold
+    :class:`ShardedExperts`: each rank keeps its slice. Returns ``model.load_state_dict``'s
+    result."""
+    sd = dict(state_dict)
+    for prefix, m in model.named_modules():
+        if isinstance(m, ShardedExperts):
+            rows = slice(m.first_expert, m.first_expert + m.num_experts)
+            for name, _ in m.named_parameters(recurse=False):
+                key = f"{prefix}.{name}" if prefix else name
+                if key in sd:
+                    full = sd[key]
+                    if full.shape[0] != m.global_num_experts:
+                        raise ValueError(f"{key}: expected {m.global_num_experts} experts in the "
+                                         f"full state dict, got shape {tuple(full.shape)}")
+                    sd[key] = full[rows]
+    return model.load_state_dict(sd, strict=strict)
+
+
+# ------------------------------------------------------------------------------- aux losses
+
+
+def global_batch_counts(counts: Tensor, num_tokens: int, group=None) -> tuple[Tensor, Tensor]:
+    """Global-batch load balancing (Qiu et al. 2025, arXiv 2501.11873): ``(counts summed over
+    group [E] int32, num_tokens / total tokens of the group)`` by one all-reduce with no gradient
+    and no host sync. ``router_losses(logits, summed, k)[0] * share`` is the balance loss with
+    ``f_e`` from the global batch and ``P_e`` from the local tokens."""
+    both = torch.cat([counts.detach().to(torch.int64),
+                      torch.full((1,), num_tokens, dtype=torch.int64, device=counts.device)])
+    if _group_size(group) > 1:
+        dist.all_reduce(both, group=group)
+    return both[:-1].to(counts.dtype), num_tokens / both[-1].clamp(min=1).float()
+
+
+# -------------------------------------------------------------------------------- gradients
+
+
+def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every sharded expert parameter of ``model`` (the parameters that
+    differ per rank): leave them out of DDP (``DistributedDataParallel``'s
+    ``_set_params_and_buffers_to_ignore_for_model``) and of any data-parallel all-reduce over the
+    EP group; :func:`sync_gradients` treats them."""
+    out = []
+    for prefix, m in model.named_modules():
+        if isinstance(m, ShardedExperts) and m.ep_size > 1:
+            out += [(f"{prefix}.{n}" if prefix else n, p)
+                    for n, p in m.named_parameters(recurse=False)]
+    return out
+
+
+@torch.no_grad()
+def sync_gradients(model: nn.Module, group=None, *, replicated: bool = True) -> None:
+    """Make expert-parallel gradients those of single-device training on the concatenated batch.
+
+    Call after ``backward`` and before the optimizer step, with each rank's loss a mean over its
+    own tokens (as with DDP). ``group`` is the data-parallel group (default: the world; for pure
+    expert parallelism it is the EP group). The replicated parameters' gradients are averaged
+    over it (one all-reduce of all of them; ``replicated=False`` skips this when DDP or FSDP does
+    it already). The sharded experts' gradients already hold the sum over every rank's loss (the
+    exchange's backward brings each rank's contribution home), so they are divided by the group
+    size. This recipe assumes the EP group is the data-parallel group (pure expert parallelism);
+    with experts replicated over several EP groups, also all-reduce (average) the experts'
+    gradients over the ranks that hold the same experts."""
+    size = dist.get_world_size(group)
+    experts = {id(p) for _, p in expert_parameters(model)}
+    for _, p in expert_parameters(model):
+        if p.grad is not None:
+            p.grad.div_(size)
+    if not replicated or size == 1:
+        return
+    grads = [p.grad for p in model.parameters() if id(p) not in experts and p.grad is not None]
+    if grads:
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat.div_(size)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
