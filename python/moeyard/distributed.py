@@ -44,6 +44,7 @@ training equal to single-device training on the concatenated batch with a mean l
 """
 from __future__ import annotations
 
+import copy
 from typing import Iterable, Optional
 
 import torch
@@ -55,7 +56,7 @@ from .experts import Experts
 from .ops import RoutingPlan, permute, plan, unpermute
 from .reference import ACTIVATIONS
 
-__all__ = ["all_to_all", "ShardedExperts", "shard_experts", "full_state_dict",
+__all__ = ["all_to_all", "ExpertParallel", "ShardedExperts", "shard_experts", "full_state_dict",
            "load_full_state_dict", "global_batch_counts", "expert_parameters", "sync_gradients"]
 
 
@@ -123,18 +124,121 @@ _DTYPES = {dt: i for i, dt in enumerate((torch.float32, torch.float16, torch.bfl
 _ACTIVATION_CODES = {name: i for i, name in enumerate(sorted(ACTIVATIONS))}
 
 
+# ------------------------------------------------------------------------------ the exchange
+
+
+class ExpertParallel:
+    """The exchange of one expert-parallel layer over ``group`` (see the module docstring): E
+    global experts in contiguous blocks of ``E_l = E / P`` per rank, and the agreement checks'
+    memory (a ``ShardedExperts`` holds one; so does a Hugging Face block sharded by
+    ``moeyard.hf.replace_moe(ep_group=...)``).
+
+    ``ep(x [T, d], plan, weights [T, k], local) -> [T, d]`` sends the plan's rows to the ranks
+    owning their experts, runs ``local(rows [R, d], local_plan, unit_weights [R, 1]) -> [R, d]``
+    there (``local_plan`` a k = 1 plan over the ``E_l`` local experts, e.g.
+    :func:`moeyard.expert_ffn` on the local weights), brings the rows home and combines them with
+    ``weights``. Collective: every rank of the group calls it for the same layer.
+    """
+
+    def __init__(self, num_experts: int, ep_group=None):
+        self.group = _process_group(ep_group)
+        self.size, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        if num_experts < 1 or num_experts % self.size:
+            raise ValueError(f"num_experts={num_experts} must be a positive multiple of the "
+                             f"expert-parallel group size {self.size}")
+        self.num_experts, self.num_local_experts = num_experts, num_experts // self.size
+        self.first_expert = self.rank * self.num_local_experts
+        self._agreed: set = set()
+
+    def __deepcopy__(self, memo):  # a copied layer shares the process group
+        other = copy.copy(self)
+        other._agreed = set(self._agreed)
+        return other
+
+    @property
+    def local_experts(self) -> slice:
+        """The global ids this rank holds."""
+        return slice(self.first_expert, self.first_expert + self.num_local_experts)
+
+    def check_device(self, like: Tensor) -> torch.device:
+        """Where the group's collectives take their tensors: CUDA for NCCL, else ``like``'s."""
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu") if like.device.type == "meta" else like.device
+
+    def check_agree(self, like: Tensor, what: str, **values: int) -> None:
+        """Every rank of the group has the same ``values``, else ValueError on every rank."""
+        if self.size > 1:
+            _check_agree(self.group, self.check_device(like), what, **values)
+
+    def __call__(self, x: Tensor, plan: RoutingPlan, weights: Tensor, local) -> Tensor:
+        if plan.num_experts != self.num_experts:
+            raise ValueError(f"the plan routes to {plan.num_experts} experts, the layer has "
+                             f"{self.num_experts}")
+        if self.size == 1:
+            return local(x, plan, weights)
+        self._check_forward(x, plan)
+        if plan.capacity is None:
+            return self._dropless(x, plan, weights, local)
+        return self._capacity(x, plan, weights, local)
+
+    def _check_forward(self, x: Tensor, p: RoutingPlan) -> None:
+        capacity = -1 if p.capacity is None else p.capacity
+        key = (capacity, p.token_row.shape[1], x.dtype, x.shape[1],
+               x.shape[0] if p.capacity is not None else -1)
+        if key in self._agreed or _skip_checks():
+            return
+        self.check_agree(x, "the exchange (capacity -1 = dropless; tokens are compared in "
+                         "capacity mode, where every rank needs the same local token count)",
+                         capacity=capacity, k=key[1], dtype=_DTYPES.get(x.dtype, -1),
+                         hidden_size=key[3], tokens=key[4])
+        self._agreed.add(key)
+
+    def _local(self, recv: Tensor, recv_experts: Tensor, local) -> Tensor:
+        """``local`` on the received rows (``recv_experts``: local expert id per row, -1 for
+        padding): ``[R, d]``, 0 on padding rows."""
+        p = plan(recv_experts.reshape(-1, 1), self.num_local_experts)
+        ones = torch.ones((recv.shape[0], 1), dtype=torch.float32, device=recv.device)
+        return local(recv, p, ones)
+
+    def _capacity(self, x: Tensor, p: RoutingPlan, weights: Tensor, local) -> Tensor:
+        P, El, C, g = self.size, self.num_local_experts, p.capacity, self.group
+        kept = p.offsets[1:] - p.offsets[:-1]                      # [E], expert e's kept rows
+        recv_kept = all_to_all(kept, group=g).view(P, El, 1)       # [source, local expert]
+        recv = all_to_all(permute(x, p), group=g)                  # [P * El * C, d]
+        slot = torch.arange(C, device=x.device, dtype=recv_kept.dtype)
+        ids = torch.arange(El, device=x.device, dtype=recv_kept.dtype).view(1, El, 1)
+        recv_experts = torch.where(slot < recv_kept, ids, -1)      # [P, El, C]
+        y = all_to_all(self._local(recv, recv_experts, local), group=g)  # [E * C, d]
+        return unpermute(y, p, weights)
+
+    def _dropless(self, x: Tensor, p: RoutingPlan, weights: Tensor, local) -> Tensor:
+        P, El, g = self.size, self.num_local_experts, self.group
+        kept = p.offsets[1:] - p.offsets[:-1]
+        recv_kept = all_to_all(kept, group=g)                      # [P * El]
+        sizes = torch.stack([kept.view(P, El).sum(1), recv_kept.view(P, El).sum(1)])
+        send_sizes, recv_sizes = sizes.tolist()                    # the one host sync
+        sent = sum(send_sizes)
+        recv = all_to_all(permute(x, p)[:sent], recv_sizes, send_sizes, g)
+        ids = torch.arange(El, device=x.device, dtype=torch.int32).repeat(P)
+        recv_experts = torch.repeat_interleave(ids, recv_kept, output_size=recv.shape[0])
+        y = all_to_all(self._local(recv, recv_experts, local), send_sizes, recv_sizes, g)
+        y = F.pad(y, (0, 0, 0, p.num_rows - sent))                 # the plan's unused rows
+        return unpermute(y, p, weights)
+
+
 # ---------------------------------------------------------------------------- sharded experts
 
 
 class ShardedExperts(Experts):
     """The local block of E experts on one rank of an expert-parallel group, and the exchange that
-    runs them for every rank's tokens (see the module docstring).
+    runs them for every rank's tokens (:class:`ExpertParallel`, attribute ``ep``).
 
     Parameters as :class:`moeyard.Experts` with ``E_l = E / P`` rows: ``gate_up_proj
     [E_l, N1, d]``, ``down_proj [E_l, d, I]``, optional biases; they hold global experts
-    ``first_expert .. first_expert + E_l - 1``. ``forward(x [T, d], plan, weights [T, k]) ->
-    [T, d]`` takes the rank's own tokens and a plan over the E global experts, exactly as
-    :class:`moeyard.Experts` does, and is collective: every rank of the group must call it.
+    ``ep.local_experts``. ``forward(x [T, d], plan, weights [T, k]) -> [T, d]`` takes the rank's
+    own tokens and a plan over the E global experts, exactly as :class:`moeyard.Experts` does, and
+    is collective: every rank of the group must call it.
 
     Built directly (``TopKMoE(..., ep_group=g)`` and the other layers do this) every rank draws
     all E experts' initial weights, one expert at a time, and keeps its own: with the same seed on
@@ -152,48 +256,29 @@ class ShardedExperts(Experts):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
                  activation: str = "swiglu", bias: bool = False, initializer_range: float = 0.02,
                  device=None, dtype=None, *, backend: str = "auto", ep_group=None):
-        group = _process_group(ep_group)
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
-        if num_experts < 1 or num_experts % size:
-            raise ValueError(f"num_experts={num_experts} must be a positive multiple of the "
-                             f"expert-parallel group size {size}")
-        self.ep_group, self.ep_size, self.ep_rank = group, size, rank
-        self.global_num_experts = num_experts
-        self.first_expert = rank * (num_experts // size)
-        self._agreed: set = set()
-        super().__init__(num_experts // size, hidden_size, intermediate_size, activation, bias,
-                         initializer_range, device, dtype, backend=backend)
+        self.ep = ExpertParallel(num_experts, ep_group)  # before reset_parameters needs it
+        super().__init__(self.ep.num_local_experts, hidden_size, intermediate_size, activation,
+                         bias, initializer_range, device, dtype, backend=backend)
         self._check_shapes()
 
-    @property
-    def num_local_experts(self) -> int:
-        return self.num_experts
-
     def _check_shapes(self) -> None:
-        if self.ep_size > 1:
-            _check_agree(self.ep_group, self._check_device(), "the experts' shapes",
-                         num_experts=self.global_num_experts, hidden_size=self.hidden_size,
-                         intermediate_size=self.intermediate_size,
-                         activation=_ACTIVATION_CODES[self.activation],
-                         bias=int(self.gate_up_proj_bias is not None))
-
-    def _check_device(self) -> torch.device:
-        """Where the group's collectives take their tensors: CUDA for NCCL, else the weights'."""
-        if dist.get_backend(self.ep_group) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        dev = self.gate_up_proj.device
-        return torch.device("cpu") if dev.type == "meta" else dev
+        self.ep.check_agree(self.gate_up_proj, "the experts' shapes",
+                            num_experts=self.ep.num_experts, hidden_size=self.hidden_size,
+                            intermediate_size=self.intermediate_size,
+                            activation=_ACTIVATION_CODES[self.activation],
+                            bias=int(self.gate_up_proj_bias is not None))
 
     def reset_parameters(self) -> None:
         """As :meth:`moeyard.Experts.reset_parameters` for all E experts, drawn expert by expert
         in global order (one expert's scratch at a time), keeping this rank's: every rank consumes
         the same random numbers."""
+        mine = self.ep.local_experts
         with torch.no_grad():
             for p in (self.gate_up_proj, self.down_proj):
-                for e in range(self.global_num_experts):
+                for e in range(self.ep.num_experts):
                     draw = torch.empty_like(p[0]).normal_(std=self.initializer_range)
-                    if 0 <= e - self.first_expert < self.num_experts:
-                        p[e - self.first_expert].copy_(draw)
+                    if mine.start <= e < mine.stop:
+                        p[e - mine.start].copy_(draw)
         if self.gate_up_proj_bias is not None:
             nn.init.zeros_(self.gate_up_proj_bias)
             nn.init.zeros_(self.down_proj_bias)
@@ -201,91 +286,27 @@ class ShardedExperts(Experts):
     @classmethod
     def from_experts(cls, experts: Experts, ep_group=None) -> "ShardedExperts":
         """A :class:`ShardedExperts` holding this rank's slice of the full ``experts`` (copies of
-        its rows, same dtype and device, same backend)."""
+        its rows, same dtype, device and backend)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        group = _process_group(ep_group)
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
-        E = experts.num_experts
-        if E % size:
-            raise ValueError(f"num_experts={E} must be a multiple of the expert-parallel group "
-                             f"size {size}")
-        El = E // size
-        self.ep_group, self.ep_size, self.ep_rank = group, size, rank
-        self.global_num_experts, self.first_expert, self._agreed = E, rank * El, set()
-        self.num_experts, self.hidden_size = El, experts.hidden_size
+        self.ep = ExpertParallel(experts.num_experts, ep_group)
+        self.num_experts, self.hidden_size = self.ep.num_local_experts, experts.hidden_size
         self.intermediate_size, self.activation = experts.intermediate_size, experts.activation
-        self.initializer_range = experts.initializer_range
-        self.backend = experts.backend
-        rows = slice(rank * El, (rank + 1) * El)
+        self.initializer_range, self.backend = experts.initializer_range, experts.backend
         for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
             p = getattr(experts, name)
-            self.register_parameter(name, None if p is None else
-                                    nn.Parameter(p.detach()[rows].clone(), p.requires_grad))
+            self.register_parameter(name, None if p is None else nn.Parameter(
+                p.detach()[self.ep.local_experts].clone(), p.requires_grad))
         self._check_shapes()
         return self
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", experts {self.first_expert}.."
-                f"{self.first_expert + self.num_experts - 1} of {self.global_num_experts} "
-                f"(rank {self.ep_rank} of {self.ep_size})")
-
-    # ------------------------------------------------------------------------------ forward
+        mine = self.ep.local_experts
+        return (super().extra_repr() + f", experts {mine.start}..{mine.stop - 1} of "
+                f"{self.ep.num_experts} (rank {self.ep.rank} of {self.ep.size})")
 
     def forward(self, x: Tensor, plan: RoutingPlan, weights: Tensor) -> Tensor:
-        if plan.num_experts != self.global_num_experts:
-            raise ValueError(f"the plan routes to {plan.num_experts} experts, the layer has "
-                             f"{self.global_num_experts}")
-        if self.ep_size == 1:
-            return super().forward(x, plan, weights)
-        self._check_forward(x, plan)
-        if plan.capacity is None:
-            return self._dropless(x, plan, weights)
-        return self._capacity(x, plan, weights)
-
-    def _check_forward(self, x: Tensor, p: RoutingPlan) -> None:
-        capacity = -1 if p.capacity is None else p.capacity
-        key = (capacity, p.token_row.shape[1], x.dtype,
-               x.shape[0] if p.capacity is not None else -1)
-        if key in self._agreed or _skip_checks():
-            return
-        _check_agree(self.ep_group, self._check_device(),
-                     "the exchange (capacity -1 = dropless; tokens are compared in capacity "
-                     "mode, where every rank needs the same local token count)",
-                     capacity=capacity, k=key[1], dtype=_DTYPES.get(x.dtype, -1), tokens=key[3])
-        self._agreed.add(key)
-
-    def _local(self, recv: Tensor, recv_experts: Tensor) -> Tensor:
-        """The local experts on the received rows (``recv_experts [R]``: local expert id, -1 for
-        padding): ``[R, d]``, 0 on padding rows."""
-        p = plan(recv_experts.view(-1, 1), self.num_experts)
-        ones = torch.ones((recv.shape[0], 1), dtype=torch.float32, device=recv.device)
-        return super().forward(recv, p, ones)
-
-    def _capacity(self, x: Tensor, p: RoutingPlan, weights: Tensor) -> Tensor:
-        P, El, C, g = self.ep_size, self.num_experts, p.capacity, self.ep_group
-        kept = p.offsets[1:] - p.offsets[:-1]                      # [E], expert e's kept rows
-        recv_kept = all_to_all(kept, group=g).view(P, El, 1)       # [source, local expert]
-        recv = all_to_all(permute(x, p), group=g)                  # [P * El * C, d]
-        slot = torch.arange(C, device=x.device, dtype=recv_kept.dtype)
-        local = torch.arange(El, device=x.device, dtype=recv_kept.dtype).view(1, El, 1)
-        recv_experts = torch.where(slot < recv_kept, local, -1)    # [P, El, C]
-        y = all_to_all(self._local(recv, recv_experts), group=g)   # [E * C, d]
-        return unpermute(y, p, weights)
-
-    def _dropless(self, x: Tensor, p: RoutingPlan, weights: Tensor) -> Tensor:
-        P, El, g = self.ep_size, self.num_experts, self.ep_group
-        kept = p.offsets[1:] - p.offsets[:-1]
-        recv_kept = all_to_all(kept, group=g)                      # [P * El]
-        sizes = torch.stack([kept.view(P, El).sum(1), recv_kept.view(P, El).sum(1)])
-        send_sizes, recv_sizes = sizes.tolist()                    # the one host sync
-        sent = sum(send_sizes)
-        recv = all_to_all(permute(x, p)[:sent], recv_sizes, send_sizes, g)
-        ids = torch.arange(El, device=x.device, dtype=torch.int32).repeat(P)
-        recv_experts = torch.repeat_interleave(ids, recv_kept, output_size=recv.shape[0])
-        y = all_to_all(self._local(recv, recv_experts), send_sizes, recv_sizes, g)
-        y = F.pad(y, (0, 0, 0, p.num_rows - sent))                 # the plan's unused rows
-        return unpermute(y, p, weights)
+        return self.ep(x, plan, weights, super().forward)
 
 
 def _process_group(ep_group):
@@ -338,8 +359,8 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for prefix, m in model.named_modules():
         if isinstance(m, ShardedExperts):
             for name, p in m.named_parameters(recurse=False):
-                parts = [torch.empty_like(p) for _ in range(m.ep_size)]
-                dist.all_gather(parts, p.detach().contiguous(), group=m.ep_group)
+                parts = [torch.empty_like(p) for _ in range(m.ep.size)]
+                dist.all_gather(parts, p.detach().contiguous(), group=m.ep.group)
                 sd[f"{prefix}.{name}" if prefix else name] = torch.cat(parts)
     return sd
 
@@ -351,15 +372,14 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, Tensor], strict
     sd = dict(state_dict)
     for prefix, m in model.named_modules():
         if isinstance(m, ShardedExperts):
-            rows = slice(m.first_expert, m.first_expert + m.num_experts)
             for name, _ in m.named_parameters(recurse=False):
                 key = f"{prefix}.{name}" if prefix else name
                 if key in sd:
                     full = sd[key]
-                    if full.shape[0] != m.global_num_experts:
-                        raise ValueError(f"{key}: expected {m.global_num_experts} experts in the "
+                    if full.shape[0] != m.ep.num_experts:
+                        raise ValueError(f"{key}: expected {m.ep.num_experts} experts in the "
                                          f"full state dict, got shape {tuple(full.shape)}")
-                    sd[key] = full[rows]
+                    sd[key] = full[m.ep.local_experts]
     return model.load_state_dict(sd, strict=strict)
 
 
@@ -388,7 +408,7 @@ def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     EP group; :func:`sync_gradients` treats them."""
     out = []
     for prefix, m in model.named_modules():
-        if isinstance(m, ShardedExperts) and m.ep_size > 1:
+        if isinstance(m, ShardedExperts) and m.ep.size > 1:
             out += [(f"{prefix}.{n}" if prefix else n, p)
                     for n, p in m.named_parameters(recurse=False)]
     return out

@@ -517,7 +517,7 @@ class BaseMoE(nn.Module):
             experts = route(scores, 1, "none")[1]
         alpha = torch.sigmoid(logits.gather(1, experts.long()))  # [T, 1], the gate
         # sharded experts need static exchange sizes: the balanced loads fit ceil(T / E) exactly
-        sharded = getattr(self.experts, "ep_size", 1) > 1
+        sharded = getattr(self.experts, "ep", None) is not None and self.experts.ep.size > 1
         capacity = -(-h.shape[0] // self.num_experts) if self.training and sharded else None
         p = plan(experts, self.num_experts, capacity)
         # expert e's LayerNorm affine per token, gathered by a one-hot product (exact, and its
