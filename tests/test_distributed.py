@@ -2,8 +2,12 @@
 
 Every check runs in all ranks of one spawn per world size (tests/ranks.py) and compares each rank
 with a single-process reference computed inside the rank from the same seeds: the full layer is
-built identically on every rank, then sharded."""
+built identically on every rank and then sharded, and every rank can draw every rank's inputs, so
+references over the whole global batch need no communication."""
 import copy
+import subprocess
+import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -16,23 +20,369 @@ from ranks import run_checks
 pytestmark = pytest.mark.distributed
 
 E, D, I = 8, 16, 24
+FP32 = dict(rtol=1e-5, atol=1e-6)
 
 
-def _inputs(rank, T, seed=0):
+def _inputs(rank, T, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(1000 * seed + rank)
-    return torch.randn(T, D, generator=g)
+    return torch.randn(T, D, generator=g).to(dtype)
+
+
+def _build(cls, *args, seed=0, **kwargs):
+    """(full layer, its expert-parallel copy over the world) from the same seed."""
+    torch.manual_seed(seed)
+    full = cls(*args, **kwargs)
+    return full, md.shard_experts(copy.deepcopy(full))
+
+
+def _gather(t: torch.Tensor) -> list[torch.Tensor]:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return parts
+
+
+def _assert_same(ep, full, x, **tol):
+    """Output and every aux loss / load statistic of one forward agree."""
+    torch.testing.assert_close(ep(x), full(x), **(tol or FP32))
+    assert ep.aux_losses.keys() == full.aux_losses.keys()
+    for name in full.aux_losses:
+        torch.testing.assert_close(ep.aux_losses[name], full.aux_losses[name], **FP32)
+    for name in full.last_stats:
+        torch.testing.assert_close(ep.last_stats[name], full.last_stats[name], **FP32)
+
+
+# ------------------------------------------------------------------------------- all-to-all
+
+
+def check_all_to_all(rank, ws):
+    """Uneven splits with zeros (a rank that sends nothing, one that receives nothing) in several
+    dtypes; the backward is the swapped exchange: with dL/d(out on rank r) = (r + 1) * out, every
+    sent row gets (destination + 1) * itself."""
+    g = torch.Generator().manual_seed(7)
+    sizes = torch.randint(0, 4, (ws, ws), generator=g)
+    sizes[0] = 0        # rank 0 sends nothing
+    sizes[:, -1] = 0    # the last rank receives nothing
+    for dtype in (torch.float32, torch.bfloat16, torch.int32):
+        # row i of what src sends to dst holds (src, dst, i): small integers, exact in bf16
+        rows = [torch.tensor([[rank, dst, i] for i in range(int(sizes[rank, dst]))],
+                             dtype=torch.float32).view(-1, 3) for dst in range(ws)]
+        x = torch.cat(rows).to(dtype)
+        want = torch.cat([torch.tensor([[src, rank, i] for i in range(int(sizes[src, rank]))],
+                                       dtype=torch.float32).view(-1, 3) for src in range(ws)])
+        if dtype.is_floating_point:
+            x.requires_grad_()
+        out = md.all_to_all(x, sizes[:, rank].tolist(), sizes[rank].tolist())
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), want, rtol=0, atol=0)
+        if dtype.is_floating_point:
+            out.backward(out.detach() * (rank + 1))
+            factor = torch.cat([torch.full((int(sizes[rank, d]), 1), d + 1.0) for d in range(ws)])
+            torch.testing.assert_close(x.grad.float(), x.detach().float() * factor, rtol=0,
+                                       atol=0)
+    # equal splits (None)
+    x = torch.arange(ws * 2, dtype=torch.float32).view(ws * 2, 1) + 100 * rank
+    out = md.all_to_all(x)
+    want = torch.cat([torch.tensor([[2.0 * rank], [2.0 * rank + 1]]) + 100 * s for s in range(ws)])
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def check_group_of_one(rank, ws):
+    """A group of one rank: the exchange is the identity and the layer equals the unsharded one."""
+    ones = [dist.new_group([r]) for r in range(ws)]  # every rank creates every group, in order
+    mine = ones[rank]
+    x = _inputs(rank, 9)
+    assert md.all_to_all(x, group=mine) is x
+    for cf in (None, 1.0):
+        torch.manual_seed(0)
+        full = moeyard.TopKMoE(D, I, E, k=2, capacity_factor=cf, min_capacity=1)
+        ep = md.shard_experts(copy.deepcopy(full), mine)
+        assert ep.experts.num_experts == E
+        _assert_same(ep, full, x)
+
+
+# ------------------------------------------------------------------------ forward per mode
 
 
 def check_dropless_forward(rank, ws):
+    """Dropless: each rank equals the single-device layer on its tokens; rank 1 has none, some
+    experts get none; with a selection bias every token goes to rank 0's experts (the other
+    ranks receive nothing)."""
     for k in (1, 2):
-        torch.manual_seed(0)
-        full = moeyard.TopKMoE(D, I, E, k=k)
-        ep = md.shard_experts(copy.deepcopy(full))
-        x = _inputs(rank, 0 if rank == 1 else 9)
-        torch.testing.assert_close(ep(x), full(x), rtol=1e-5, atol=1e-6)
+        full, ep = _build(moeyard.TopKMoE, D, I, E, k=k, shared_intermediate_size=8,
+                          expert_bias=True)
+        _assert_same(ep, full, _inputs(rank, 0 if rank == 1 else 9))
+        full, ep = _build(moeyard.TopKMoE, D, I, E, k=k, bias_balancing=True)
+        for m in (full, ep):
+            m.router.e_score_correction_bias[:E // ws] = 100.0
+        _assert_same(ep, full, _inputs(rank, 0 if rank == 1 else 9))
 
 
-CHECKS = [check_dropless_forward]
+def check_capacity_forward(rank, ws):
+    """Capacity: C from the local token count, the same drops per (rank, expert) as the
+    single-device layer (outputs of dropped tokens 0 in both), in training and eval."""
+    for k, cf in ((1, 1.0), (2, 0.5), (2, 2.0)):
+        full, ep = _build(moeyard.TopKMoE, D, I, E, k=k, capacity_factor=cf,
+                          eval_capacity_factor=cf, min_capacity=1, expert_bias=True)
+        x = _inputs(rank, 12)
+        _assert_same(ep, full, x)
+        if cf < 1:
+            assert float(full.last_stats["dropped_fraction"]) > 0
+        full.eval(), ep.eval()
+        _assert_same(ep, full, x)
+
+
+def check_bf16(rank, ws):
+    """bf16 in both modes, against the single-device layer in bf16."""
+    for cf in (None, 1.0):
+        full, ep = _build(moeyard.TopKMoE, D, I, E, k=2, capacity_factor=cf, min_capacity=1)
+        full, ep = full.to(torch.bfloat16), ep.to(torch.bfloat16)
+        x = _inputs(rank, 10, dtype=torch.bfloat16)
+        torch.testing.assert_close(ep(x).float(), full(x).float(), rtol=1e-2, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def _reference_grads(full, ws, T, g_seed):
+    """Gradients of (1/W) sum_r (<full(x_r), g_r> + aux_r): each rank's loss a local quantity,
+    averaged over the data-parallel ranks, as DDP does."""
+    xs = [_inputs(r, T).requires_grad_() for r in range(ws)]
+    loss = 0
+    for r, x in enumerate(xs):
+        out = full(x)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(g_seed + r))
+        loss = loss + ((out * g).sum() / T + moeyard.collect_aux_losses(full)) / ws
+    loss.backward()
+    return xs
+
+
+def check_backward(rank, ws):
+    """One training step's gradients: x, the router and the shared expert (averaged by
+    sync_gradients) and the experts (local slices, divided by sync_gradients) equal the
+    single-device gradients of the mean of the ranks' losses; in both modes, with biases."""
+    T = 10
+    for cf in (None, 0.75):
+        full, ep = _build(moeyard.TopKMoE, D, I, E, k=2, capacity_factor=cf, min_capacity=1,
+                          shared_intermediate_size=8, expert_bias=True, z_loss_coef=1e-3)
+        xs = _reference_grads(full, ws, T, g_seed=50)
+        x = _inputs(rank, T).requires_grad_()
+        out = ep(x)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(50 + rank))
+        ((out * g).sum() / T + moeyard.collect_aux_losses(ep)).backward()
+        md.sync_gradients(ep)
+        torch.testing.assert_close(x.grad, xs[rank].grad * ws, **FP32)
+        sharded = {name for name, _ in md.expert_parameters(ep)}
+        assert sharded == {"experts.gate_up_proj", "experts.down_proj",
+                           "experts.gate_up_proj_bias", "experts.down_proj_bias"}
+        want = dict(full.named_parameters())
+        for name, p in ep.named_parameters():
+            ref = want[name].grad
+            if name in sharded:
+                ref = ref[ep.experts.ep.local_experts]
+            torch.testing.assert_close(p.grad, ref, **FP32, msg=lambda m: f"{name}: {m}")
+
+
+def check_balance_group(rank, ws):
+    """Global-batch balance loss: f from the counts of every rank's tokens, P from the local
+    ones; the mean over ranks equals the loss of the concatenated batch (equal T)."""
+    T = 11
+    full, ep = _build(moeyard.TopKMoE, D, I, E, k=2, aux_loss_coef=1.0,
+                      balance_group=dist.group.WORLD)
+    ep(_inputs(rank, T))
+    counts = torch.zeros(E)
+    probs = []
+    for r in range(ws):
+        logits, _, experts = full.router(_inputs(r, T))
+        counts += torch.bincount(experts.flatten().long(), minlength=E)
+        probs.append(torch.softmax(logits, -1).mean(0))
+    f = counts / (ws * T * 2)
+    want = E * (f * probs[rank]).sum()
+    torch.testing.assert_close(ep.aux_losses["balance"], want, **FP32)
+    mean = sum(_gather(ep.aux_losses["balance"].detach().view(1))) / ws
+    full.balance_group = None
+    full(torch.cat([_inputs(r, T) for r in range(ws)]))
+    torch.testing.assert_close(mean[0], full.aux_losses["balance"].detach(), **FP32)
+
+
+def check_bias_balancer(rank, ws):
+    """Auxiliary-loss-free balancing: the loads are counted before the capacity drops on the
+    sending rank, summed over ranks by BiasBalancer, and the biases stay bitwise identical."""
+    T = 12
+    full, ep = _build(moeyard.TopKMoE, D, I, E, k=2, bias_balancing=True, capacity_factor=0.5,
+                      min_capacity=1, aux_loss_coef=0.0)
+    ep(_inputs(rank, T)).sum().backward()
+    assert float(ep.last_stats["dropped_fraction"]) > 0
+    moeyard.BiasBalancer(ep, rate=1e-2).step()
+    bias = ep.router.e_score_correction_bias
+    for other in _gather(bias):
+        assert torch.equal(other, bias)
+    load = sum(torch.bincount(full.router(_inputs(r, T))[2].flatten().long(), minlength=E)
+               for r in range(ws))
+    want = torch.zeros(E)
+    moeyard.update_expert_bias(want, load, 1e-2)
+    assert torch.equal(bias, want)
+
+
+# --------------------------------------------------------------------------- other routers
+
+
+def check_remoe(rank, ws):
+    """ReMoE (variable experts per token, -1 slots): dropless and with a capacity, forward (the
+    L1 loss too) and the x gradient."""
+    for cf in (None, 1.0):
+        full, ep = _build(moeyard.ReMoE, D, I, E, k=2, capacity_factor=cf, min_capacity=1)
+        for m in (full, ep):  # a positive router bias so that tokens do use experts
+            m.router.weight.data.add_(0.05)
+        x = _inputs(rank, 9)
+        _assert_same(ep, full, x)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        full(xa).sum().backward(), ep(xb).sum().backward()
+        torch.testing.assert_close(xb.grad, xa.grad, **FP32)
+
+
+def check_expert_choice(rank, ws):
+    """Expert choice: each expert takes its top C of every rank's tokens (capacity mode)."""
+    full, ep = _build(moeyard.ExpertChoiceMoE, D, I, E, capacity_factor=2.0)
+    _assert_same(ep, full, _inputs(rank, 12))
+
+
+def check_base(rank, ws):
+    """BASE: training (balanced assignment of the local batch, capacity ceil(T/E), sync-free)
+    and eval (greedy, dropless)."""
+    torch.manual_seed(0)
+    full = moeyard.BaseMoE(D, I, E)
+    torch.nn.init.normal_(full.experts.down_proj, std=0.02)  # so that the experts contribute
+    ep = md.shard_experts(copy.deepcopy(full))
+    for T in (16, 13):
+        _assert_same(ep, full, _inputs(rank, T))
+    full.eval(), ep.eval()
+    _assert_same(ep, full, _inputs(rank, 13))
+
+
+# ------------------------------------------------------------------------ sync, compile, state
+
+
+@contextmanager
+def _no_host_reads():
+    """Every Python-level way to read a tensor's value on the host raises (what would sync with
+    the device on CUDA; the GPU check runs torch.cuda.set_sync_debug_mode("error") too)."""
+    names = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def trap(name):
+        def f(*a, **k):
+            raise AssertionError(f"host read: Tensor.{name}")
+        return f
+
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, trap(n))
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def check_capacity_mode_is_sync_free(rank, ws):
+    """Capacity mode reads nothing on the host, forward or backward (after the first forward's
+    agreement check); the trap itself catches the dropless mode's one read."""
+    layers = [moeyard.TopKMoE(D, I, E, k=2, capacity_factor=1.0, ep_group=dist.group.WORLD),
+              moeyard.SwitchMoE(D, I, E, ep_group=dist.group.WORLD),
+              moeyard.ReMoE(D, I, E, capacity_factor=1.0, ep_group=dist.group.WORLD),
+              moeyard.ExpertChoiceMoE(D, I, E, ep_group=dist.group.WORLD),
+              moeyard.BaseMoE(D, I, E, ep_group=dist.group.WORLD)]
+    x = _inputs(rank, 16).requires_grad_()
+    for layer in layers:
+        layer(x).sum().backward()  # warm-up: the agreement check
+        with _no_host_reads():
+            layer(x).sum().backward()
+    dropless = moeyard.TopKMoE(D, I, E, k=2, ep_group=dist.group.WORLD)
+    dropless(x)
+    with pytest.raises(AssertionError, match="host read"), _no_host_reads():
+        dropless(x)
+
+
+def check_compile(rank, ws):
+    """Capacity mode under torch.compile(fullgraph=True) (aot_eager on CPU) equals eager, forward
+    and backward. World size 2 only (compiling in 4 processes on 2 cores is slow)."""
+    if ws != 2:
+        return
+    _, ep = _build(moeyard.TopKMoE, D, I, E, k=2, capacity_factor=1.0, min_capacity=1)
+    x = _inputs(rank, 12)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want = ep(xa)
+    want.sum().backward()
+    eager = [p.grad.clone() for p in ep.parameters()]
+    ep.zero_grad()
+    got = torch.compile(ep, backend="aot_eager", fullgraph=True)(xb)
+    got.sum().backward()
+    torch.testing.assert_close(got, want, **FP32)
+    torch.testing.assert_close(xb.grad, xa.grad, **FP32)
+    for a, b in zip(eager, (p.grad for p in ep.parameters())):
+        torch.testing.assert_close(b, a, **FP32)
+
+
+def check_state_dicts(rank, ws):
+    """full_state_dict gathers the experts (loads into the unsharded layer), load_full_state_dict
+    keeps the local slice; a layer built with ep_group has distinct experts and identical
+    replicated parameters on every rank; deepcopy keeps the exchange."""
+    full, ep = _build(moeyard.TopKMoE, D, I, E, k=2, expert_bias=True)
+    sd = md.full_state_dict(ep)
+    ref = full.state_dict()
+    assert sd.keys() == ref.keys()
+    for key in ref:
+        assert torch.equal(sd[key], ref[key]), key
+    torch.manual_seed(rank)  # different on every rank: the loaded values must win
+    fresh = moeyard.TopKMoE(D, I, E, k=2, expert_bias=True, ep_group=dist.group.WORLD)
+    md.load_full_state_dict(fresh, ref)
+    x = _inputs(rank, 9)
+    torch.testing.assert_close(fresh(x), full(x), **FP32)
+    torch.testing.assert_close(copy.deepcopy(fresh)(x), full(x), **FP32)
+
+    torch.manual_seed(3)
+    built = moeyard.TopKMoE(D, I, E, k=2, ep_group=dist.group.WORLD)
+    after = torch.rand(4)
+    for other in _gather(after):
+        assert torch.equal(other, after)  # every rank drew the same random numbers
+    for other in _gather(built.router.weight.detach()):
+        assert torch.equal(other, built.router.weight)
+    experts = md.full_state_dict(built)["experts.gate_up_proj"].flatten(1)
+    assert experts.shape[0] == E
+    assert torch.cdist(experts, experts).add(torch.eye(E)).min() > 0  # all distinct
+
+
+def check_bad_input(rank, ws):
+    """Clear errors on every rank, never a hang: E not divisible by the group size, ranks
+    disagreeing on E, on the local token count in capacity mode, on k or the dtype; SMEAR."""
+    world = dist.group.WORLD
+    with pytest.raises(ValueError, match="multiple of the expert-parallel group size"):
+        moeyard.TopKMoE(D, I, 2 * ws + 1, ep_group=world)
+    with pytest.raises(ValueError, match=r"disagree on the experts' shapes.*num_experts=16"):
+        moeyard.TopKMoE(D, I, E if rank else 2 * E, ep_group=world)
+    layer = moeyard.TopKMoE(D, I, E, k=2, capacity_factor=1.0, ep_group=world)
+    with pytest.raises(ValueError, match=r"disagree on the exchange.*tokens=9"):
+        layer(_inputs(rank, 8 + (rank == 0)))
+    layer(_inputs(rank, 8))  # the group still works afterwards
+    k = 1 if rank == ws - 1 else 2
+    with pytest.raises(ValueError, match=r"disagree on the exchange.*k=1"):
+        moeyard.TopKMoE(D, I, E, k=k, ep_group=world)(_inputs(rank, 5))
+    layer = moeyard.TopKMoE(D, I, E, k=2, ep_group=world)
+    dtype = torch.bfloat16 if rank == 0 else torch.float32
+    with pytest.raises(ValueError, match="disagree on the exchange"):
+        layer.to(dtype)(_inputs(rank, 5, dtype=dtype))
+    with pytest.raises(ValueError, match="plan routes to 4 experts"):
+        layer.experts(_inputs(rank, 3), moeyard.plan(torch.zeros(3, 1, dtype=torch.int32), 4),
+                      torch.ones(3, 1))
+    with pytest.raises(ValueError, match="SmearMoE cannot be expert-parallel"):
+        moeyard.SmearMoE(D, I, E, ep_group=world)
+    with pytest.raises(ValueError, match="SMEAR layer"):
+        md.shard_experts(torch.nn.Sequential(moeyard.SmearMoE(D, I, E)))
+
+
+CHECKS = [check_all_to_all, check_group_of_one, check_dropless_forward, check_capacity_forward,
+          check_bf16, check_backward, check_balance_group, check_bias_balancer, check_remoe,
+          check_expert_choice, check_base, check_capacity_mode_is_sync_free, check_compile,
+          check_state_dicts, check_bad_input]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda ws: f"ws{ws}")
@@ -45,3 +395,12 @@ def test_ep(results, check):
     err = results[check.__name__]
     if err:
         pytest.fail(err, pytrace=False)
+
+
+def test_without_process_group():
+    """Without torch.distributed initialized, ep_group is refused with a message that says so,
+    and importing moeyard alone does not import moeyard.distributed."""
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        moeyard.TopKMoE(D, I, E, ep_group=object())
+    code = "import sys, moeyard; assert 'moeyard.distributed' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

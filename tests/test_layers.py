@@ -1,7 +1,9 @@
 """SwitchMoE and TopKMoE against a naive pure-PyTorch layer on the same weights (forward, backward,
 aux losses, stats), train vs eval behaviour, training, bias balancing, collect_aux_losses,
 state_dict, torch.compile and bad configurations."""
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -386,3 +388,20 @@ def test_bias_balancer_all_reduces_over_the_group(tmp_path):
                                    bias + 0.5 * torch.sign(load.mean() - load).float())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: moeyard.TopKMoE(16, 24, 8, z_loss_coef=1e-3), lambda: moeyard.SwitchMoE(16, 24, 8),
+    lambda: moeyard.ReMoE(16, 24, 8), lambda: moeyard.ExpertChoiceMoE(16, 24, 8),
+    lambda: moeyard.BaseMoE(16, 24, 8), lambda: moeyard.SmearMoE(16, 24, 8)],
+    ids=["topk", "switch", "remoe", "ec", "base", "smear"])
+def test_copy_after_training_forward(make):
+    """A layer can be deep-copied and pickled after a training forward (its aux losses hold the
+    graph); the copy has the same parameters and starts without the last forward's outputs."""
+    layer = make().train()
+    layer(torch.randn(2, 8, 16)).sum().backward()
+    assert layer.last_stats
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert other.aux_losses == {} and other.last_stats == {}
+        for (n, a), (_, b) in zip(layer.state_dict().items(), other.state_dict().items()):
+            assert torch.equal(a, b), n

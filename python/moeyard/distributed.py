@@ -49,6 +49,7 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as _fc
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -67,32 +68,24 @@ def _group_size(group) -> int:
 # ------------------------------------------------------------------------------- all-to-all
 
 
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, output_split_sizes, input_split_sizes, group):
-        ctx.splits, ctx.group = (output_split_sizes, input_split_sizes), group
-        x = x.contiguous()
-        rows = x.shape[0] if output_split_sizes is None else sum(output_split_sizes)
-        out = x.new_empty((rows, *x.shape[1:]))
-        dist.all_to_all_single(out, x, output_split_sizes, input_split_sizes, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out_splits, in_splits = ctx.splits
-        return _AllToAll.apply(grad, in_splits, out_splits, ctx.group), None, None, None
-
-
 def all_to_all(x: Tensor, output_split_sizes: Optional[list[int]] = None,
                input_split_sizes: Optional[list[int]] = None, group=None) -> Tensor:
-    """Differentiable ``dist.all_to_all_single`` along dim 0: ``x``'s rows are cut into
+    """Differentiable ``all_to_all_single`` along dim 0: ``x``'s rows are cut into
     ``input_split_sizes`` (None: P equal parts), part r goes to rank r; the result stacks the parts
     received from ranks 0..P-1 (``output_split_sizes`` rows each; None: equal, as many rows as x).
     The backward is the same exchange with the splits swapped. Identity for a group of one rank.
-    Any dtype the backend supports (gloo: fp32, bf16, fp16, int32, int64, on CPU and CUDA)."""
+    Any dtype the backend supports (gloo: fp32, bf16, fp16, int32, int64, on CPU and CUDA).
+
+    It is torch's functional collective (``all_to_all_single_autograd``), waited on at once, so
+    ``torch.compile`` traces it as one op, forward and backward. (An ``autograd.Function`` around
+    the in-place ``dist.all_to_all_single`` compiles too, but its compiled backward returns zero
+    gradients in torch 2.11: measured, see tests/test_distributed.py ``check_compile``.)"""
+    group = dist.group.WORLD if group is None else group
     if _group_size(group) == 1:
         return x
-    return _AllToAll.apply(x, output_split_sizes, input_split_sizes, group)
+    out = _fc.all_to_all_single_autograd(x.contiguous(), output_split_sizes, input_split_sizes,
+                                         group)
+    return _fc.wait_tensor(out)
 
 
 # -------------------------------------------------------------------------- agreement checks

@@ -42,6 +42,28 @@ def _experts(ep_group, *args, **kwargs) -> Experts:
     return ShardedExperts(*args, **kwargs, ep_group=ep_group)
 
 
+class _Shared:
+    """Holds a process group for a module: a deep copy of the module shares it (a ProcessGroup
+    cannot be copied, and a copy of a layer takes part in the same collectives)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _Layer(nn.Module):
+    """Base of the MoE layers: ``aux_losses`` and ``last_stats`` belong to the last forward (the
+    losses carry its autograd graph), so copies and pickles of a layer start without them
+    (``copy.deepcopy`` cannot copy tensors inside a graph)."""
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "aux_losses": {}, "last_stats": {}}
+
+
 def _check_capacity(capacity_factor, eval_capacity_factor, min_capacity) -> None:
     for name, cf in (("capacity_factor", capacity_factor),
                      ("eval_capacity_factor", eval_capacity_factor)):
@@ -59,7 +81,7 @@ def _tokens(layer: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(-1, layer.hidden_size)
 
 
-class TopKMoE(nn.Module):
+class TopKMoE(_Layer):
     """Top-k MoE layer: Mixtral / Qwen / DeepSeek family.
 
     Args:
@@ -123,7 +145,7 @@ class TopKMoE(nn.Module):
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.min_capacity = min_capacity
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
-        self.balance_group = balance_group
+        self._balance_group = _Shared(balance_group)
         self.router = TopKRouter(hidden_size, num_experts, k, score,
                                  topk_before_score=topk_before_score, renormalize=renormalize,
                                  scale=scale, n_group=n_group, topk_group=topk_group,
@@ -181,6 +203,15 @@ class TopKMoE(nn.Module):
                   **kwargs}
         return cls(hidden_size, intermediate_size, num_experts, k, n_group=n_group,
                    topk_group=topk_group, **kwargs)
+
+    @property
+    def balance_group(self):
+        """The process group of the global-batch balance loss (None: the local batch)."""
+        return self._balance_group.value
+
+    @balance_group.setter
+    def balance_group(self, group) -> None:
+        self._balance_group = _Shared(group)
 
     # ------------------------------------------------------------------------------ forward
 
@@ -252,7 +283,7 @@ class SwitchMoE(TopKMoE):
                          z_loss_coef=z_loss_coef, activation=activation, **kwargs)
 
 
-class ReMoE(nn.Module):
+class ReMoE(_Layer):
     """ReMoE layer (Wang, Zhu, Chen, ICLR 2025): ReLU routing with an adaptive L1 penalty.
 
     Gates ``relu(x W^T)`` (fp32, :class:`ReLURouter`) are the combine weights (not normalized);
@@ -357,7 +388,7 @@ class ReMoE(nn.Module):
         return f"k={self.k}, target_sparsity={self.target_sparsity:.4g}"
 
 
-class ExpertChoiceMoE(nn.Module):
+class ExpertChoiceMoE(_Layer):
     """Expert-choice layer (Zhou et al. 2022): each expert takes its top-C tokens.
 
     Scores ``softmax(x W^T)`` over experts per token (fp32, :class:`RouterLinear`); expert e takes
@@ -418,7 +449,7 @@ class ExpertChoiceMoE(nn.Module):
         return f"capacity_factor={self.capacity_factor}"
 
 
-class BaseMoE(nn.Module):
+class BaseMoE(_Layer):
     """BASE layer (Lewis et al., ICML 2021; fairseq ``BaseLayer`` with one ``BaseSublayer``).
 
     Router: expert centroids ``expert_centroids [E, d]`` (orthogonal init, gain 0.1), affinities
@@ -538,7 +569,7 @@ class BaseMoE(nn.Module):
                 f"residual={self.residual}")
 
 
-class SmearMoE(nn.Module):
+class SmearMoE(_Layer):
     """SMEAR layer (Muqeeth, Liu, Raffel, TMLR 2024): Soft Merging of Experts with Adaptive Routing.
 
     Each *example* gets one routing distribution ``probs [B, E]`` (:class:`SmearRouter`: mean of
