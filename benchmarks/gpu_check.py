@@ -49,7 +49,8 @@ BENCH_MIN_S = 60
 PYTEST_REST = ["tests/test_layers.py", "tests/test_layers_remoe_ec.py", "tests/test_layers_base.py",
                "tests/test_layers_smear.py", "tests/test_hf.py", "tests/test_pipeline.py",
                "tests/test_permute.py", "tests/test_plan.py", "tests/test_route.py",
-               "tests/test_assignment.py", "tests/test_merge.py", "tests/test_balance.py"]
+               "tests/test_assignment.py", "tests/test_merge.py", "tests/test_balance.py",
+               "tests/test_distributed.py"]
 
 LOAD_PROBE = """
 import torch, moeyard

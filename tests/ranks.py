@@ -2,7 +2,8 @@
 
 :func:`run_checks` starts ``world_size`` spawned processes once (the spawn, not the collectives,
 is what costs: ~2 s per process on the 2-core CI machine) and runs a list of check functions in
-all of them, in order; each check is ``check(rank, world_size)`` and asserts. Every process uses
+all of them, in order; each check is ``check(rank, world_size, *args)`` and asserts (``args``
+e.g. the device: on a GPU machine the ranks share the one GPU, as NCCL cannot, over gloo). Every process uses
 one thread, a file store rendezvous and a 60 s collective timeout, so a hang fails the check
 instead of blocking CI; the parent gives up (and kills the ranks) when no result has come for
 ``timeout`` seconds. After each
@@ -24,7 +25,7 @@ import torch.multiprocessing as mp
 COLLECTIVE_TIMEOUT_S = 60
 
 
-def _worker(rank, world_size, store, checks, results):
+def _worker(rank, world_size, store, checks, args, results):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
@@ -33,7 +34,7 @@ def _worker(rank, world_size, store, checks, results):
     try:
         for i, check in enumerate(checks):
             try:
-                check(rank, world_size)
+                check(rank, world_size, *args)
                 err = None
             except BaseException:  # noqa: BLE001 - reported to the parent, per check
                 err = traceback.format_exc()
@@ -49,14 +50,14 @@ def _worker(rank, world_size, store, checks, results):
         dist.destroy_process_group()
 
 
-def run_checks(checks, world_size: int, timeout: float = 300) -> dict[str, str | None]:
-    """Run ``checks`` on ``world_size`` gloo ranks; ``{check name: None if it passed on every
-    rank, else the failing ranks' tracebacks}``."""
+def run_checks(checks, world_size: int, *args, timeout: float = 300) -> dict[str, str | None]:
+    """Run ``check(rank, world_size, *args)`` for each of ``checks`` on ``world_size`` gloo ranks;
+    ``{check name: None if it passed on every rank, else the failing ranks' tracebacks}``."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(r, world_size, store, checks, results))
+        procs = [ctx.Process(target=_worker, args=(r, world_size, store, checks, args, results))
                  for r in range(world_size)]
         for p in procs:
             p.start()
