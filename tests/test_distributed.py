@@ -117,6 +117,17 @@ def check_dropless_forward(rank, ws, device):
         _assert_same(ep, full, _inputs(rank, 0 if rank == 1 else 9, device=device))
 
 
+def check_device_mesh(rank, ws, device):
+    """A 1-D DeviceMesh names the group as well as a ProcessGroup does."""
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device, (ws,))
+    torch.manual_seed(0)
+    full = moeyard.TopKMoE(D, I, E, k=2, capacity_factor=1.0, min_capacity=1).to(device)
+    ep = md.shard_experts(copy.deepcopy(full), mesh)
+    assert ep.experts.ep.group is not None and ep.experts.ep.size == ws
+    _assert_same(ep, full, _inputs(rank, 8, device=device))
+
+
 def check_capacity_forward(rank, ws, device):
     """Capacity: C from the local token count, the same drops per (rank, expert) as the
     single-device layer (outputs of dropped tokens 0 in both), in training and eval."""
@@ -402,10 +413,10 @@ def check_bad_input(rank, ws, device):
         md.shard_experts(torch.nn.Sequential(moeyard.SmearMoE(D, I, E)))
 
 
-CHECKS = [check_all_to_all, check_group_of_one, check_dropless_forward, check_capacity_forward,
-          check_bf16, check_backward, check_balance_group, check_bias_balancer, check_remoe,
-          check_expert_choice, check_base, check_capacity_mode_is_sync_free, check_compile,
-          check_state_dicts, check_bad_input]
+CHECKS = [check_all_to_all, check_group_of_one, check_dropless_forward, check_device_mesh,
+          check_capacity_forward, check_bf16, check_backward, check_balance_group,
+          check_bias_balancer, check_remoe, check_expert_choice, check_base,
+          check_capacity_mode_is_sync_free, check_compile, check_state_dicts, check_bad_input]
 
 
 @pytest.fixture(scope="module", params=[
