@@ -4,7 +4,8 @@ The E experts of a layer are split over the P ranks of an EP process group in co
 expert e lives on rank ``e // E_l`` (``E_l = E / P`` local experts, global ids
 ``rank * E_l + i``). The router (and any shared expert) stays replicated; only
 :class:`ShardedExperts` is sharded. A layer's forward is unchanged: its router and
-:func:`moeyard.plan` run on the rank's own tokens, then :class:`ShardedExperts` does
+:func:`moeyard.plan` run on the rank's own tokens, then :class:`ShardedExperts` (through the
+:class:`ExpertParallel` exchange it holds, which Hugging Face blocks use too) does
 
   sender     rows = permute(x, plan)        the plan's rows are expert-major, so destination-major
   exchange   counts kept per expert          one equal-split all-to-all of [E] int32 (no sync)
@@ -19,8 +20,8 @@ Two modes, chosen by the plan the layer builds (its capacity setting, as on one 
 
 - **capacity** (``plan.capacity = C``, the layer has a capacity factor; always for expert choice
   and BASE training): every rank sends its ``E * C`` rows in equal splits. Static shapes and **no
-  host synchronization**, forward and backward: works inside CUDA graphs and under
-  ``torch.compile(fullgraph=True)``. C comes from the rank's local token count, so drops are
+  host synchronization**, forward and backward, so nothing stands in the way of CUDA graphs, and
+  ``torch.compile(fullgraph=True)`` traces it (tested on CPU). C comes from the rank's local token count, so drops are
   decided per (source rank, expert) and each rank's output equals the single-device layer's on
   its tokens. Every rank must have the same local token count.
 - **dropless** (``plan.capacity = None``): after the count exchange, **one device-to-host copy of
@@ -30,7 +31,7 @@ Two modes, chosen by the plan the layer builds (its capacity setting, as on one 
   dropless layer's.
 
 Agreement across ranks: constructing a :class:`ShardedExperts` checks that every rank has the
-same experts' shapes (E, d, I, activation code); the first forward with a new (mode, k, dtype,
+same experts' shapes (E, d, I, activation, biases); the first forward with a new (mode, k, dtype,
 capacity, local token count in capacity mode) checks it too (one all-gather of a few integers and
 a host read), so a mismatch raises the same clear error on every rank instead of hanging or
 corrupting the exchange. Later forwards with the same key do not check; the check is skipped
@@ -40,7 +41,9 @@ Training: the experts' gradients are already summed over every rank whose tokens
 while replicated parameters get per-rank gradients; :func:`sync_gradients` averages the
 replicated ones over the data-parallel group and divides the experts' by its size, which makes EP
 training equal to single-device training on the concatenated batch with a mean loss.
-:func:`expert_parameters` lists the sharded parameters (give them to DDP's ignore list instead).
+:func:`expert_parameters` lists the sharded parameters (keep them out of DDP).
+
+``import moeyard`` does not import this module; the layers import it when given an ``ep_group``.
 """
 from __future__ import annotations
 
