@@ -20,8 +20,8 @@ Two modes, chosen by the plan the layer builds (its capacity setting, as on one 
 
 - **capacity** (``plan.capacity = C``, the layer has a capacity factor; always for expert choice
   and BASE training): every rank sends its ``E * C`` rows in equal splits. Static shapes and **no
-  host synchronization**, forward and backward, so nothing stands in the way of CUDA graphs, and
-  ``torch.compile(fullgraph=True)`` traces it (tested on CPU). C comes from the rank's local token count, so drops are
+  host synchronization**, forward and backward: ``torch.compile(fullgraph=True)`` traces it
+  (tested on CPU), and with NCCL it can be captured in a CUDA graph. C comes from the rank's local token count, so drops are
   decided per (source rank, expert) and each rank's output equals the single-device layer's on
   its tokens. Every rank must have the same local token count.
 - **dropless** (``plan.capacity = None``): after the count exchange, **one device-to-host copy of
