@@ -15,6 +15,8 @@ CONFIGS = {
     "remoe": lambda **kw: moeyard.ReMoE(D, I, E, k=2, **kw),
     "remoe_kmax": lambda **kw: moeyard.ReMoE(D, I, E, k=1, k_max=3, activation="gelu",
                                              expert_bias=True, **kw),
+    "remoe_capacity": lambda **kw: moeyard.ReMoE(D, I, E, k=2, capacity_factor=0.5,
+                                                 eval_capacity_factor=1.0, min_capacity=1, **kw),
     "ec": lambda **kw: moeyard.ExpertChoiceMoE(D, I, E, **kw),
     "ec_cf1": lambda **kw: moeyard.ExpertChoiceMoE(D, I, E, capacity_factor=1.0,
                                                    activation="relu", expert_bias=True, **kw),
@@ -54,9 +56,10 @@ def naive_remoe(layer, x):
         keep.scatter_(1, gates.topk(k_max, dim=-1).indices, True)
         gates = gates * keep
     active = gates > 0
+    kept = _capacity_drops(gates, active, layer.capacity(T))
     out = torch.zeros(T, D, device=h.device)
     for e in range(E):
-        tok = torch.nonzero(active[:, e]).flatten()
+        tok = torch.nonzero(kept[:, e]).flatten()
         out = out.index_add(0, tok, gates[tok, e, None] * expert_out(layer.experts, e, h[tok]))
     counts = active.sum(0)
     losses = {}
@@ -64,9 +67,26 @@ def naive_remoe(layer, x):
         f = E * counts.float() / (layer.k * T)
         losses["l1"] = layer.l1_reg_coeff * (f * F.relu(logits).mean(0)).sum()
     mean = counts.float().mean()
+    dropped = 1 - kept.sum() / active.sum().clamp(min=1)
     stats = {"tokens_per_expert": counts, "max_violation": (counts.max() - mean) / mean,
-             "dropped_fraction": torch.zeros(()), "sparsity": 1 - active.float().mean()}
+             "dropped_fraction": dropped, "sparsity": 1 - active.float().mean()}
     return out.to(x.dtype).view(x.shape), losses, stats
+
+
+def _capacity_drops(gates, active, capacity):
+    """The active (token, expert) pairs an expert capacity keeps, by position: each token's
+    largest gate (slot 0) of every token before any second-largest, earlier tokens first."""
+    if capacity is None:
+        return active
+    kept = torch.zeros_like(active)
+    load = [0] * active.shape[1]
+    order = gates.argsort(dim=1, descending=True, stable=True)
+    for j in range(active.shape[1]):
+        for t in range(active.shape[0]):
+            e = int(order[t, j])
+            if active[t, e] and load[e] < capacity:
+                kept[t, e], load[e] = True, load[e] + 1
+    return kept
 
 
 def naive_ec(layer, x):
@@ -151,7 +171,10 @@ def test_train_vs_eval(name):
     out_train = layer(x)
     assert ("l1" in layer.aux_losses) == name.startswith("remoe")
     out_eval = layer.eval()(x)
-    torch.testing.assert_close(out_eval, out_train, rtol=0, atol=0)  # same routing either way
+    if not isinstance(layer, moeyard.ReMoE) or layer.capacity_factor == layer.eval_capacity_factor:
+        torch.testing.assert_close(out_eval, out_train, rtol=0, atol=0)  # same routing either way
+    else:  # a larger eval capacity drops less
+        assert not torch.equal(out_eval, out_train)
     assert layer.aux_losses == {}
     if name.startswith("remoe"):
         assert layer.forwards_since_update.item() == 1  # eval forwards do not count
