@@ -198,6 +198,32 @@ def check_backward(rank, ws, device):
             torch.testing.assert_close(p.grad, ref, **FP32, msg=lambda m: f"{name}: {m}")
 
 
+def check_backward_ep_within_dp(rank, ws, device):
+    """EP 2 inside a world of 4 (experts replicated over two EP groups): with expert_data_group,
+    sync_gradients gives the single-device gradients of the mean of all four ranks' losses."""
+    if ws != 4:
+        return
+    ep_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    data_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    T = 10
+    torch.manual_seed(0)
+    full = moeyard.TopKMoE(D, I, E, k=2, shared_intermediate_size=8).to(device)
+    ep = md.shard_experts(copy.deepcopy(full), ep_groups[rank // 2])
+    xs = _reference_grads(full, ws, T, 60, device)
+    x = _inputs(rank, T, device=device).requires_grad_()
+    out = ep(x)
+    ((out * _grad_out(out.shape, 60 + rank, device)).sum() / T
+     + moeyard.collect_aux_losses(ep)).backward()
+    md.sync_gradients(ep, expert_data_group=data_groups[rank % 2])
+    torch.testing.assert_close(x.grad, xs[rank].grad * ws, **FP32)
+    want = dict(full.named_parameters())
+    for name, p in ep.named_parameters():
+        ref = want[name].grad
+        if name.startswith("experts."):
+            ref = ref[ep.experts.ep.local_experts]
+        torch.testing.assert_close(p.grad, ref, **FP32, msg=lambda m: f"{name}: {m}")
+
+
 def check_balance_group(rank, ws, device):
     """Global-batch balance loss: f from the counts of every rank's tokens, P from the local
     ones; the mean over ranks equals the loss of the concatenated batch (equal T)."""
@@ -414,8 +440,8 @@ def check_bad_input(rank, ws, device):
 
 
 CHECKS = [check_all_to_all, check_group_of_one, check_dropless_forward, check_device_mesh,
-          check_capacity_forward, check_bf16, check_backward, check_balance_group,
-          check_bias_balancer, check_remoe, check_expert_choice, check_base,
+          check_capacity_forward, check_bf16, check_backward, check_backward_ep_within_dp,
+          check_balance_group, check_bias_balancer, check_remoe, check_expert_choice, check_base,
           check_capacity_mode_is_sync_free, check_compile, check_state_dicts, check_bad_input]
 
 

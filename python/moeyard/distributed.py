@@ -410,30 +410,43 @@ def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
+def _sum_and_divide(grads: list[Tensor], group, divide: int, reduce: bool = True) -> None:
+    """Sum ``grads`` over ``group`` (one flat fp32 all-reduce; none if ``reduce`` is False) and
+    divide them by ``divide``."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    if reduce and _group_size(group) > 1:
+        dist.all_reduce(flat, group=group)
+    flat.div_(divide)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
 @torch.no_grad()
-def sync_gradients(model: nn.Module, group=None, *, replicated: bool = True) -> None:
+def sync_gradients(model: nn.Module, group=None, *, expert_data_group=None,
+                   replicated: bool = True) -> None:
     """Make expert-parallel gradients those of single-device training on the concatenated batch.
 
     Call after ``backward`` and before the optimizer step, with each rank's loss a mean over its
-    own tokens (as with DDP). ``group`` is the data-parallel group (default: the world; for pure
-    expert parallelism it is the EP group). The replicated parameters' gradients are averaged
-    over it (one all-reduce of all of them; ``replicated=False`` skips this when DDP or FSDP does
-    it already). The sharded experts' gradients already hold the sum over every rank's loss (the
-    exchange's backward brings each rank's contribution home), so they are divided by the group
-    size. This recipe assumes the EP group is the data-parallel group (pure expert parallelism);
-    with experts replicated over several EP groups, also all-reduce (average) the experts'
-    gradients over the ranks that hold the same experts."""
+    own tokens (as with DDP). ``group`` is the data-parallel group: every rank that sees distinct
+    tokens (default: the world). Its size W divides everything:
+
+    - replicated parameters (router, shared experts, the rest of the model): averaged over
+      ``group`` (one all-reduce; ``replicated=False`` skips it when DDP or FSDP does it already);
+    - sharded experts: the exchange's backward has already summed the contributions of every rank
+      of the EP group into them. With pure expert parallelism (the EP group is ``group``) they are
+      only divided by W. When the experts are replicated over several EP groups (e.g. EP 2 within
+      a world of 4), pass ``expert_data_group``: the ranks holding the same experts (one from
+      each EP group); their gradients are summed over it first.
+
+    Tested equal to single-device gradients for pure EP (2 and 4 ranks) and for EP 2 in a world
+    of 4 (tests/test_distributed.py)."""
     size = dist.get_world_size(group)
-    experts = {id(p) for _, p in expert_parameters(model)}
-    for _, p in expert_parameters(model):
-        if p.grad is not None:
-            p.grad.div_(size)
-    if not replicated or size == 1:
-        return
-    grads = [p.grad for p in model.parameters() if id(p) not in experts and p.grad is not None]
-    if grads:
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat, group=group)
-        flat.div_(size)
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
+    sharded = expert_parameters(model)
+    _sum_and_divide([p.grad for _, p in sharded if p.grad is not None], expert_data_group, size,
+                    reduce=expert_data_group is not None)
+    if replicated:
+        ids = {id(p) for _, p in sharded}
+        _sum_and_divide([p.grad for p in model.parameters()
+                         if id(p) not in ids and p.grad is not None], group, size)
