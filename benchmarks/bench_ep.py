@@ -83,6 +83,11 @@ def timed(fn, device, warmup, reps, barrier=None):
     return out
 
 
+def device_of(name):
+    """"cpu", or "cuda": the one GPU every rank shares."""
+    return torch.device("cuda", 0) if name == "cuda" else torch.device("cpu")
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -130,7 +135,7 @@ def rank_main(rank, P, store, args, device_type, result_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=P,
                             timeout=timedelta(seconds=600))
-    device = torch.device(device_type, 0)
+    device = device_of(device_type)
     d, I, k, T, warmup, reps = args["shape"]
     rows = []
     try:
@@ -217,7 +222,7 @@ def main(argv=None):
     d, I, k, T, warmup, reps = shape
     ranks = [int(p) for p in a.ranks.split(",") if p]
     args = dict(shape=shape, experts=[int(e) for e in a.experts.split(",") if e])
-    device = torch.device(a.device, 0) if a.device == "cuda" else torch.device("cpu")
+    device = device_of(a.device)
     cpu = cpu_model()
     meta = dict(torch=torch.__version__, moeyard=moeyard.__version__, device=a.device, cpu=cpu,
                 cores=os.cpu_count(), date=time.strftime("%Y-%m-%d"), warmup=warmup, reps=reps,
