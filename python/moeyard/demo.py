@@ -723,6 +723,8 @@ def plot_results(results: list[dict], path, cfg: Optional[DemoConfig] = None) ->
     if cfg is not None:
         title += (f": {cfg.blocks} blocks, d={cfg.d_model}, {cfg.experts} experts, k={cfg.k}, "
                   f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens")
+        if cfg.ep > 1:
+            title += f" per rank, {cfg.ep} expert-parallel ranks"
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
