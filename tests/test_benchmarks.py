@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -123,3 +125,27 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert {r["backend"] for r in check["rows"]} == {"moeyard", "grouped_mm", "auto"}
     assert "| stage | status | s | found |" in proc.stdout
     assert (tmp_path / "gpu_check.log").stat().st_size > 0
+
+
+@pytest.mark.distributed
+def test_bench_ep_smoke(tmp_path):
+    """2 and 4 gloo ranks at a tiny shape: every (P, mode) row, EP equal to the unsharded layer,
+    and the bytes sent per rank as counted: capacity exactly 2 * E * C rows, dropless 2 * T * k rows
+    on average over the ranks, plus the [E] int32 counts."""
+    be = import_bench("bench_ep")
+    proc = run_smoke("bench_ep.py", tmp_path, "--ranks", "2,4", "--experts", "8")
+    doc = json.loads((tmp_path / "bench_ep.json").read_text())
+    d, _, k, T, _, _ = be.PRESETS["cpu-smoke"]
+    assert {(r["P"], r["mode"]) for r in doc["rows"]} == {(P, m) for P in (2, 4)
+                                                          for m in be.MODES}, proc.stdout
+    from moeyard.ops import expert_capacity
+    for r in doc["rows"]:
+        assert not r["warning"] and r["max_err"] <= be.TOL, r
+        assert r["count_bytes"] == r["E"] * 4 and r["dense_bytes"] == 2 * T * d * r["P"] * 4, r
+        if r["mode"] == "capacity":
+            C = expert_capacity(T, r["E"], k, be.MODES["capacity"])
+            assert r["sent_bytes_mean"] == r["sent_bytes_max"] == 2 * r["E"] * C * d * 4, r
+        else:
+            assert r["sent_bytes_mean"] == 2 * T * k * d * 4, r
+        assert r["ep_fwd_ms"] > 0 and r["ref_fwd_bwd_ms"] > 0, r
+    assert "| E | mode | P |" in proc.stdout

@@ -13,6 +13,15 @@ Pieces (the notebook uses them one by one):
                        the optimizer; held-out loss at the end; tokens/s; load statistics.
   :func:`format_table`, :func:`plot_results`, :func:`main`.
 
+Expert parallelism (``torchrun --nproc-per-node N -m moeyard demo --ep N``): every rank builds the
+same model (same seed) with its MoE layers' experts split over the N ranks
+(:mod:`moeyard.distributed`), trains on its own batches (the N ranks' batches together are the
+single-process run's batches of N x ``batch_size``), and after each backward gets the gradients of
+single-process training on that global batch (:func:`moeyard.distributed.sync_gradients`, then
+clipping by the global norm). Losses and statistics are averaged over the ranks, loads summed; rank
+0 prints the table, a table of the rows each rank's experts computed, and writes the files. SMEAR
+merges the experts' weights instead of routing tokens, so it cannot be expert-parallel: skipped.
+
 Timing is honest: tokens/s counts the training steps after the first (warm-up) one; on CUDA the
 clock is read after a synchronize at both ends only. Nothing else in the loop reads a device value
 except the progress bar, which reads the loss once every ``log_every`` steps (one host sync per
@@ -22,16 +31,19 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -41,8 +53,9 @@ from .experts import Experts, MergedExperts, SwiGLUMLP
 from .routers import TopKRouter
 
 __all__ = ["DemoConfig", "LayerType", "LAYER_TYPES", "DEFAULT_LAYERS", "VOCAB", "DOMAINS",
-           "Corpus", "make_corpus", "encode", "decode", "TinyLM", "active_parameters", "train",
-           "format_table", "plot_results", "run", "main"]
+           "Corpus", "make_corpus", "encode", "decode", "TinyLM", "active_parameters",
+           "total_parameters", "train", "format_table", "format_rank_rows", "plot_results",
+           "SetupError", "run", "main"]
 
 
 # ----------------------------------------------------------------------------------- config
@@ -69,47 +82,56 @@ class DemoConfig:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int = 1            # CPU threads for training (see _THREADS_NOTE); 0 = torch's default
+    ep: int = 1                 # expert-parallel ranks (> 1: one process per rank, from torchrun)
 
 
 # ------------------------------------------------------------------------------ layer types
 
 
 class LayerType(NamedTuple):
-    """How to build a block's MLP slot: ``build(d, cfg) -> nn.Module`` (``[B, S, d] -> same``).
-    ``causal=False`` marks routings where a token's experts depend on other tokens of the batch,
-    later ones included (the table flags them: their LM losses see the future through routing)."""
+    """How to build a block's MLP slot: ``build(d, cfg) -> nn.Module`` (``[B, S, d] -> same``);
+    with expert parallelism ``build(d, cfg, ep_group)``, whose MoE layer holds only this rank's
+    experts. ``causal=False`` marks routings where a token's experts depend on other tokens of the
+    batch, later ones included (the table flags them: their LM losses see the future through
+    routing). ``expert_parallel=False``: the layer cannot be built with an ``ep_group``."""
 
-    build: Callable[[int, DemoConfig], nn.Module]
+    build: Callable[..., nn.Module]
     causal: bool = True
     note: str = ""
+    expert_parallel: bool = True
 
 
 # Every MoE type computes k experts of width I per token (on average for ReMoE and expert choice),
 # the dense baseline one SwiGLU MLP of width k * I: the same active parameters up to the router.
+# ``g``: the expert-parallel group or None (the dense MLP is replicated like every other weight).
 LAYER_TYPES: dict[str, LayerType] = {
-    "dense": LayerType(lambda d, c: SwiGLUMLP(d, c.k * c.expert_size),
+    "dense": LayerType(lambda d, c, g=None: SwiGLUMLP(d, c.k * c.expert_size),
                        note="SwiGLU MLP of width k*I"),
-    "switch": LayerType(lambda d, c: layers.SwitchMoE(d, c.k * c.expert_size, c.experts,
-                                                      activation="swiglu"),
+    "switch": LayerType(lambda d, c, g=None: layers.SwitchMoE(d, c.k * c.expert_size, c.experts,
+                                                              activation="swiglu", ep_group=g),
                         note="top-1 of E experts of width k*I (SwiGLU), capacity 1.25"),
-    "topk": LayerType(lambda d, c: layers.TopKMoE.mixtral(d, c.expert_size, c.experts, c.k),
+    "topk": LayerType(lambda d, c, g=None: layers.TopKMoE.mixtral(d, c.expert_size, c.experts,
+                                                                  c.k, ep_group=g),
                       note="Mixtral routing: softmax top-k renormalized, aux loss 1e-3"),
-    "topk-bias": LayerType(lambda d, c: layers.TopKMoE(d, c.expert_size, c.experts, c.k,
-                                                       score="sigmoid", renormalize=True,
-                                                       bias_balancing=True, aux_loss_coef=0.0),
+    "topk-bias": LayerType(lambda d, c, g=None: layers.TopKMoE(d, c.expert_size, c.experts, c.k,
+                                                               score="sigmoid", renormalize=True,
+                                                               bias_balancing=True,
+                                                               aux_loss_coef=0.0, ep_group=g),
                            note="sigmoid top-k, aux-loss-free bias balancing (BiasBalancer)"),
-    "remoe": LayerType(lambda d, c: layers.ReMoE(d, c.expert_size, c.experts, c.k),
+    "remoe": LayerType(lambda d, c, g=None: layers.ReMoE(d, c.expert_size, c.experts, c.k,
+                                                         ep_group=g),
                        note="ReLU routing, L1 target sparsity 1 - k/E (ReMoEController)"),
-    "expert-choice": LayerType(lambda d, c: layers.ExpertChoiceMoE(d, c.expert_size, c.experts,
-                                                                   capacity_factor=c.k),
+    "expert-choice": LayerType(lambda d, c, g=None: layers.ExpertChoiceMoE(
+                                   d, c.expert_size, c.experts, capacity_factor=c.k, ep_group=g),
                                causal=False, note="each expert takes its top k*T/E tokens"),
-    "base": LayerType(lambda d, c: layers.BaseMoE(d, c.k * c.expert_size, c.experts,
-                                                  activation="swiglu"),
+    "base": LayerType(lambda d, c, g=None: layers.BaseMoE(d, c.k * c.expert_size, c.experts,
+                                                          activation="swiglu", ep_group=g),
                       causal=False, note="BASE: balanced assignment in training (whole batch), "
                                          "argmax in eval; experts of width k*I"),
     "smear": LayerType(lambda d, c: layers.SmearMoE(d, c.k * c.expert_size, c.experts),
                        causal=False, note="SMEAR: experts merged per sequence (routed on its "
-                                          "mean); one merged MLP of width k*I"),
+                                          "mean); one merged MLP of width k*I",
+                       expert_parallel=False),
 }
 DEFAULT_LAYERS = tuple(LAYER_TYPES)
 
@@ -130,16 +152,35 @@ def _controllers(model: nn.Module, cfg: DemoConfig) -> list:
     return out
 
 
+def _expert_shards(experts: nn.Module) -> int:
+    """How many ranks share ``experts``: the expert-parallel group's size, 1 when not sharded."""
+    ep = getattr(experts, "ep", None)
+    return 1 if ep is None else ep.size
+
+
+def total_parameters(model: nn.Module) -> int:
+    """The model's parameters; with expert parallelism every rank's experts count (this rank
+    holds ``1 / P`` of them)."""
+    total = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, Experts):
+            total += (_expert_shards(m) - 1) * sum(p.numel() for p in m.parameters(recurse=False))
+    return total
+
+
 def active_parameters(model: nn.Module) -> int:
-    """Parameters one token uses: all of them, except that of the E routed experts of each MoE
-    layer only ``k`` count (the target k for ReMoE, the capacity factor for expert choice)."""
-    active = float(sum(p.numel() for p in model.parameters()))
+    """Parameters one token uses: all of them (:func:`total_parameters`), except that of the E
+    routed experts of each MoE layer only ``k`` count (the target k for ReMoE, the capacity factor
+    for expert choice)."""
+    active = float(total_parameters(model))
     for m in model.modules():
         experts = getattr(m, "experts", None)
         if isinstance(experts, (Experts, MergedExperts)):
             k = getattr(m, "k", getattr(m, "capacity_factor", 1))
-            n = sum(p.numel() for p in experts.parameters())
-            active -= n * (1 - min(k, experts.num_experts) / experts.num_experts)
+            shards = _expert_shards(experts)
+            n = shards * sum(p.numel() for p in experts.parameters())
+            E = shards * experts.num_experts
+            active -= n * (1 - min(k, E) / E)
     return int(round(active))
 
 
@@ -281,19 +322,24 @@ class Block(nn.Module):
 class TinyLM(nn.Module):
     """Causal character LM: token + learned position embeddings, ``cfg.blocks`` blocks whose MLP
     is ``LAYER_TYPES[layer_type].build(d, cfg)``, final RMSNorm, head tied to the embedding.
-    ``forward(ids [B, S]) -> logits [B, S, V]``."""
+    ``forward(ids [B, S]) -> logits [B, S, V]``. With ``ep_group`` the MoE layers hold only this
+    rank's experts (build the model with the same seed on every rank of the group)."""
 
-    def __init__(self, cfg: DemoConfig, layer_type: str, vocab_size: int = len(VOCAB)):
+    def __init__(self, cfg: DemoConfig, layer_type: str, vocab_size: int = len(VOCAB),
+                 ep_group=None):
         super().__init__()
         if layer_type not in LAYER_TYPES:
             raise ValueError(f"unknown layer type {layer_type!r}; known: {list(LAYER_TYPES)}")
+        lt = LAYER_TYPES[layer_type]
+        if ep_group is not None and not lt.expert_parallel:
+            raise ValueError(f"layer type {layer_type!r} cannot be expert-parallel")
+        build = lt.build if ep_group is None else lambda d, c: lt.build(d, c, ep_group)
         d = cfg.d_model
         self.embed = nn.Embedding(vocab_size, d)
         self.pos = nn.Embedding(cfg.seq_len, d)
         for emb in (self.embed, self.pos):
             nn.init.normal_(emb.weight, std=0.02)
-        self.blocks = nn.ModuleList(Block(d, cfg.heads, LAYER_TYPES[layer_type].build(d, cfg))
-                                    for _ in range(cfg.blocks))
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, build(d, cfg)) for _ in range(cfg.blocks))
         self.norm = nn.RMSNorm(d)
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -346,16 +392,110 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _Ranks:
+    """The processes a run trains on and the few collectives its loop needs: one process
+    (``group=None``; every method is then what the single-process demo always did), or the ranks
+    of the expert-parallel group ``group``, which is also the data-parallel group: each rank trains
+    on its own batches and holds ``1 / size`` of every MoE layer's experts."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self.size = 1 if group is None else dist.get_world_size(group)
+        self.rank = 0 if group is None else dist.get_rank(group)
+        self.main = self.rank == 0  # the rank that prints and writes files
+
+    def starts(self, stream: Tensor, batches: int, cfg: DemoConfig,
+               generator: torch.Generator) -> Tensor:
+        """This rank's ``[batches, batch_size]`` window starts: its block of columns of one
+        ``[batches, size * batch_size]`` draw that every rank makes alike, so the ranks' batches
+        together are the single-process run's batches of ``size * batch_size`` windows."""
+        B = cfg.batch_size
+        every = _starts(stream, (batches, self.size * B), cfg.seq_len + 1, generator)
+        return every[:, self.rank * B:(self.rank + 1) * B]
+
+    def mean(self, t: Tensor) -> Tensor:
+        """``t`` averaged over the ranks."""
+        return self.sum(t) / self.size if self.size > 1 else t
+
+    def sum(self, t: Tensor) -> Tensor:
+        """``t`` summed over the ranks."""
+        if self.size == 1:
+            return t
+        t = t.clone()
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def max(self, x: float, device: torch.device) -> float:
+        """The largest ``x`` of the ranks."""
+        if self.size == 1:
+            return x
+        t = torch.tensor(x, dtype=torch.float64, device=device)
+        dist.all_reduce(t, dist.ReduceOp.MAX, group=self.group)
+        return t.item()
+
+    def sync_and_clip(self, model: nn.Module, max_norm: float) -> None:
+        """After backward: the gradients of single-process training on the global batch
+        (:func:`moeyard.distributed.sync_gradients`), clipped to ``max_norm`` by their global norm.
+        Each rank's own ``clip_grad_norm_`` would see only its experts and so scale the replicated
+        gradients differently on each rank: the squared norms of the sharded experts' gradients
+        are summed over the ranks instead (one all-reduce of a scalar)."""
+        if self.size == 1:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            return
+        from .distributed import expert_parameters, sync_gradients
+        sync_gradients(model, self.group)
+        sharded = {id(p) for _, p in expert_parameters(model)}
+        device = next(model.parameters()).device
+        squares = torch.zeros(2, device=device)  # [replicated, this rank's experts]
+        for p in model.parameters():
+            if p.grad is not None:
+                squares[int(id(p) in sharded)] += p.grad.float().pow(2).sum()
+        total = squares[0] + self.sum(squares[1])
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total.sqrt())
+
+    def watch_rows(self, model: nn.Module) -> list[Tensor]:
+        """With expert parallelism, per sharded experts module an ``[E]`` counter that its
+        training forwards add this rank's kept rows per global expert to (assignments after
+        capacity drops: the rows the owning rank computes for this rank). Empty otherwise."""
+        if self.size == 1:
+            return []
+        from .distributed import ShardedExperts
+
+        def count(module, args, output):
+            if module.training:
+                offsets = args[1].offsets  # forward(x, plan, weights)
+                module.demo_rows.add_(offsets[1:] - offsets[:-1])
+
+        counters = []
+        for m in model.modules():
+            if isinstance(m, ShardedExperts):
+                m.demo_rows = torch.zeros(m.ep.num_experts, dtype=torch.int64,
+                                          device=m.gate_up_proj.device)
+                m.register_forward_hook(count)
+                counters.append(m.demo_rows)
+        return counters
+
+    def rows_per_rank(self, counters: list[Tensor]) -> Optional[list[int]]:
+        """The rows each rank's experts computed, summed over the layers and every source rank
+        (collective), from :meth:`watch_rows`' counters; None without expert parallelism."""
+        if not counters:
+            return None
+        every = self.sum(torch.stack(counters))  # [layers, E]: rows per global expert
+        return every.view(len(counters), self.size, -1).sum((0, 2)).tolist()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, stream: Tensor, cfg: DemoConfig, batches: int,
-             generator: torch.Generator) -> tuple[float, list]:
+             generator: torch.Generator, ranks: Optional[_Ranks] = None) -> tuple[float, list]:
     """Mean LM loss of ``model`` (eval mode) over ``batches`` random windows of ``stream``, and
-    each MoE layer's tokens per expert summed over them (lists, one per layer)."""
+    each MoE layer's tokens per expert summed over them (lists, one per layer). ``ranks``: of
+    every rank's windows (collective)."""
+    ranks = ranks or _Ranks()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     stream = stream.to(device)
-    starts = _starts(stream, (batches, cfg.batch_size), cfg.seq_len + 1, generator).to(device)
+    starts = ranks.starts(stream, batches, cfg, generator).to(device)
     moe_layers = _moe_layers(model)
     loads = [None] * len(moe_layers)
     total = torch.zeros((), device=device)
@@ -366,14 +506,20 @@ def evaluate(model: nn.Module, stream: Tensor, cfg: DemoConfig, batches: int,
             if t is not None:
                 loads[i] = t.double() if loads[i] is None else loads[i] + t
     model.train(was_training)
-    return (total / batches).item(), [None if x is None else x.tolist() for x in loads]
+    loads = [None if x is None else ranks.sum(x).tolist() for x in loads]
+    return ranks.mean(total / batches).item(), loads
 
 
 def train(layer_type: str, cfg: DemoConfig, corpus: Corpus, progress: bool = True,
-          log_every: Optional[int] = None) -> dict:
+          log_every: Optional[int] = None, ep_group=None) -> dict:
     """Train a fresh :class:`TinyLM` with ``layer_type`` MLPs for ``cfg.steps`` steps. Every layer
     type sees the same initial embeddings/attention (``cfg.seed``) and the same batches. Runs
     with ``cfg.threads`` CPU threads (0: torch's default), restored afterwards.
+
+    ``ep_group``: expert parallelism over this process group (collective: every rank calls it
+    with the same arguments); each rank trains on its own ``cfg.batch_size`` windows, the
+    returned numbers are of all ranks (losses and statistics averaged, loads summed, tokens/s of
+    all ranks together), plus ``rank_rows``: the rows each rank's experts computed in training.
 
     Returns a JSON-ready dict: ``active_params``, ``total_params``, ``initial_loss`` (step 0),
     ``final_train_loss``, ``heldout_loss``, ``tokens_per_s``, ``max_violation``,
@@ -383,15 +529,15 @@ def train(layer_type: str, cfg: DemoConfig, corpus: Corpus, progress: bool = Tru
     before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or before)
     try:
-        return _train(layer_type, cfg, corpus, progress, log_every)
+        return _train(layer_type, cfg, corpus, progress, log_every, _Ranks(ep_group))
     finally:
         torch.set_num_threads(before)
 
 
-def _train(layer_type, cfg, corpus, progress, log_every) -> dict:
+def _train(layer_type, cfg, corpus, progress, log_every, ranks: _Ranks) -> dict:
     device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
     torch.manual_seed(cfg.seed)
-    model = TinyLM(cfg, layer_type).to(device=device, dtype=dtype)
+    model = TinyLM(cfg, layer_type, ep_group=ranks.group).to(device=device, dtype=dtype)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
@@ -402,10 +548,11 @@ def _train(layer_type, cfg, corpus, progress, log_every) -> dict:
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))))
     controllers = _controllers(model, cfg)
     moe_layers = _moe_layers(model)
+    row_counters = ranks.watch_rows(model)
 
     g = torch.Generator().manual_seed(cfg.seed)
     stream = corpus.train.to(device)
-    starts = _starts(stream, (cfg.steps, cfg.batch_size), cfg.seq_len + 1, g).to(device)
+    starts = ranks.starts(stream, cfg.steps, cfg, g).to(device)
     eval_generator = torch.Generator().manual_seed(cfg.seed + 1)
 
     # Per-step histories stay on the device; read once at the end.
@@ -415,7 +562,7 @@ def _train(layer_type, cfg, corpus, progress, log_every) -> dict:
     load = [None] * len(moe_layers)
 
     log_every = log_every or max(1, cfg.steps // 100)
-    bar = _Progress(cfg.steps, layer_type, progress)
+    bar = _Progress(cfg.steps, layer_type, progress and ranks.main)
     model.train()
     t0 = None
     for step in range(cfg.steps):
@@ -426,7 +573,7 @@ def _train(layer_type, cfg, corpus, progress, log_every) -> dict:
         loss = lm + collect_aux_losses(model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        ranks.sync_and_clip(model, 1.0)
         opt.step()
         sched.step()
         for c in controllers:
@@ -444,14 +591,17 @@ def _train(layer_type, cfg, corpus, progress, log_every) -> dict:
         shown = (step + 1) % log_every == 0 or step + 1 == cfg.steps
         bar.update(1, losses[step].item() if shown else None)  # the loop's only host read
     _sync(device)
-    elapsed = time.perf_counter() - t0 if t0 is not None else float("nan")
+    elapsed = ranks.max(time.perf_counter() - t0 if t0 is not None else float("nan"), device)
     bar.close()
-    timed_tokens = (cfg.steps - 1) * cfg.batch_size * cfg.seq_len
+    timed_tokens = (cfg.steps - 1) * ranks.size * cfg.batch_size * cfg.seq_len
+    losses, stats = ranks.mean(losses), {n: ranks.mean(v) for n, v in stats.items()}
+    load = [None if x is None else ranks.sum(x) for x in load]
 
-    heldout, heldout_load = evaluate(model, corpus.heldout, cfg, cfg.eval_batches, eval_generator)
+    heldout, heldout_load = evaluate(model, corpus.heldout, cfg, cfg.eval_batches, eval_generator,
+                                     ranks)
     by_domain = {}
     for d, s in corpus.heldout_by_domain.items():
-        d_loss, d_load = evaluate(model, s, cfg, 1, eval_generator)
+        d_loss, d_load = evaluate(model, s, cfg, 1, eval_generator, ranks)
         by_domain[d] = {"loss": d_loss, "load_last_block": d_load[-1] if d_load else None}
 
     curve = losses.cpu().tolist()
@@ -466,7 +616,7 @@ def _train(layer_type, cfg, corpus, progress, log_every) -> dict:
         "causal": LAYER_TYPES[layer_type].causal,
         "note": LAYER_TYPES[layer_type].note,
         "active_params": active_parameters(model),
-        "total_params": sum(p.numel() for p in model.parameters()),
+        "total_params": total_parameters(model),
         "initial_loss": curve[0],
         "final_train_loss": float(sum(curve[-tail:]) / len(curve[-tail:])),
         "heldout_loss": heldout,
@@ -481,6 +631,7 @@ def _train(layer_type, cfg, corpus, progress, log_every) -> dict:
         "expert_load": [None if x is None else x.tolist() for x in load],
         "heldout_expert_load": heldout_load,
         "heldout_by_domain": by_domain,
+        "rank_rows": ranks.rows_per_rank(row_counters),
     }
 
 
@@ -489,6 +640,16 @@ def _train(layer_type, cfg, corpus, progress, log_every) -> dict:
 
 def _fmt(x: Optional[float], spec: str, scale: float = 1.0) -> str:
     return "n/a" if x is None else format(x * scale, spec)
+
+
+def _columns(head, rows, left=(0,)) -> list[str]:
+    """``head`` and ``rows`` as aligned text lines (columns ``left`` left-aligned, the others
+    right-aligned), a rule under the head."""
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(  # noqa: E731
+        str(c).ljust(w) if i in left else str(c).rjust(w)
+        for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
 def format_table(results: list[dict]) -> str:
@@ -505,16 +666,35 @@ def format_table(results: list[dict]) -> str:
                      f"{r['final_train_loss']:.4f}", f"{r['heldout_loss']:.4f}",
                      f"{r['tokens_per_s']:,.0f}", _fmt(r["max_violation"], ".3f"),
                      _fmt(r["dropped_fraction"], ".2f", 100), sparsity))
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "  ".join(  # noqa: E731
-        str(c).ljust(w) if i in (0, 8) else str(c).rjust(w)
-        for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    out = _columns(head, rows, left=(0, 8))
     out.append("train loss, MaxVio, dropped %, sparsity: means over the last 10% of steps "
                "(MaxVio averaged over layers); held-out: eval mode.")
     if any(not r["causal"] for r in results):
         out.append("* not causal: a token's experts depend on later tokens of the batch, so its "
                    "LM losses are not comparable with the others'.")
+    return "\n".join(out)
+
+
+def format_rank_rows(results: list[dict]) -> str:
+    """Expert parallelism: per layer type with sharded experts, the rows each rank's experts
+    computed in training (``rank_rows``) and the busiest rank's rows over the mean. "" when no
+    result has them (a single-process run)."""
+    sharded = [r for r in results if r.get("rank_rows")]
+    if not sharded:
+        return ""
+    P = len(sharded[0]["rank_rows"])
+    rows = []
+    for r in sharded:
+        n = r["rank_rows"]
+        total = max(sum(n), 1)
+        rows.append((r["layer_type"], *(f"{x:,} ({100 * x / total:.1f}%)" for x in n),
+                     f"{max(n) * P / total:.3f}"))
+    out = _columns(("layer type", *(f"rank {i}" for i in range(P)), "max/mean"), rows)
+    out.append("rows each rank's experts computed in training, summed over the blocks (kept "
+               "assignments, after capacity drops); max/mean 1 = balanced ranks.")
+    out.append(f"Expert-parallel run over {P} ranks: losses, MaxVio, dropped % and sparsity are "
+               "averaged over the ranks (MaxVio and drops of each rank's own batch), tokens/s "
+               "counts every rank's tokens, BASE balances each rank's batch.")
     return "\n".join(out)
 
 
@@ -543,6 +723,8 @@ def plot_results(results: list[dict], path, cfg: Optional[DemoConfig] = None) ->
     if cfg is not None:
         title += (f": {cfg.blocks} blocks, d={cfg.d_model}, {cfg.experts} experts, k={cfg.k}, "
                   f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens")
+        if cfg.ep > 1:
+            title += f" per rank, {cfg.ep} expert-parallel ranks"
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -596,31 +778,95 @@ def _require(name: str):
                           "(or pip install 'moeyard[demo]')") from e
 
 
+class SetupError(RuntimeError):
+    """An expert-parallel run cannot start (not under torchrun, wrong world size, ...)."""
+
+
+@contextlib.contextmanager
+def _expert_parallel(cfg: DemoConfig):
+    """``(cfg, group)`` for one run: ``(cfg, None)`` when ``cfg.ep == 1``. Else the default process
+    group of ``cfg.ep`` ranks: joined when it exists (a test harness), otherwise created from
+    torchrun's environment and destroyed at the end, gloo on the CPU and NCCL on CUDA with each
+    rank on ``cuda:LOCAL_RANK`` (the yielded cfg's device)."""
+    if cfg.ep == 1:
+        yield cfg, None
+        return
+    if cfg.ep < 1 or cfg.experts % cfg.ep:
+        raise SetupError(f"--ep {cfg.ep} must be a positive divisor of --experts {cfg.experts}")
+    cuda = torch.device(cfg.device).type == "cuda"
+    created = not dist.is_initialized()
+    if created:
+        if "LOCAL_RANK" not in os.environ:  # torchrun sets it (and RANK, WORLD_SIZE, MASTER_*)
+            raise SetupError(f"--ep {cfg.ep} runs one process per rank: start it with torchrun "
+                             f"--nproc-per-node {cfg.ep} -m moeyard demo --ep {cfg.ep} ...")
+        world = int(os.environ["WORLD_SIZE"])
+    else:
+        world = dist.get_world_size()
+    if world != cfg.ep:
+        raise SetupError(f"--ep {cfg.ep} needs {cfg.ep} processes, this run has {world} "
+                         f"(torchrun --nproc-per-node {cfg.ep})")
+    if created:
+        if cuda:
+            local, visible = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+            if local >= visible:
+                raise SetupError(f"rank {local} needs cuda:{local} but {visible} GPU(s) are "
+                                 "visible (NCCL takes one GPU per rank; --device cpu trains on "
+                                 "gloo)")
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        if cuda and created:
+            cfg = replace(cfg, device=f"cuda:{torch.cuda.current_device()}")
+        yield cfg, dist.group.WORLD
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
 def run(cfg: DemoConfig, layer_types=DEFAULT_LAYERS, out="moeyard-demo", progress=True,
         corpus: Optional[Corpus] = None) -> dict:
     """Train every layer type, print the table, write ``results.json`` and ``demo.png`` under
-    ``out``; returns the results (``{"config", "results": [per layer type], "table", ...}``)."""
+    ``out``; returns the results (``{"config", "results": [per layer type], "table", ...}``).
+
+    ``cfg.ep > 1``: expert-parallel (see the module docstring); every rank of the ``cfg.ep``
+    processes torchrun started calls it, layer types that cannot be expert-parallel are skipped,
+    rank 0 prints, also prints ``rank_table`` (:func:`format_rank_rows`) and writes the files."""
     unknown = [t for t in layer_types if t not in LAYER_TYPES]
     if unknown:
         raise ValueError(f"unknown layer type(s) {unknown}; known: {list(LAYER_TYPES)}")
     _require("matplotlib")  # fail now rather than after the training
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = corpus if corpus is not None else make_corpus(cfg.corpus_chars, cfg.seed)
-    threads = cfg.threads or torch.get_num_threads()
-    print(f"moeyard demo on {cfg.device} ({cfg.dtype}, {threads} CPU thread"
-          f"{'s' if threads > 1 else ''}): {cfg.blocks} blocks, d={cfg.d_model}, "
-          f"{cfg.experts} experts of width {cfg.expert_size}, k={cfg.k}; {cfg.steps} steps of "
-          f"{cfg.batch_size}x{cfg.seq_len} tokens; corpus {corpus.train.numel():,} characters "
-          f"({', '.join(DOMAINS)})", flush=True)
-    results = [train(t, cfg, corpus, progress) for t in layer_types]
-    table = format_table(results)
-    print(table, flush=True)
-    png = plot_results(results, out / "demo.png", cfg)
+    with _expert_parallel(cfg) as (cfg, group):
+        main = _Ranks(group).main
+        say = print if main else lambda *args, **kwargs: None
+        corpus = corpus if corpus is not None else make_corpus(cfg.corpus_chars, cfg.seed)
+        threads = cfg.threads or torch.get_num_threads()
+        say(f"moeyard demo on {cfg.device} ({cfg.dtype}, {threads} CPU thread"
+            f"{'s' if threads > 1 else ''}): {cfg.blocks} blocks, d={cfg.d_model}, "
+            f"{cfg.experts} experts of width {cfg.expert_size}, k={cfg.k}; {cfg.steps} steps of "
+            f"{cfg.batch_size}x{cfg.seq_len} tokens; corpus {corpus.train.numel():,} characters "
+            f"({', '.join(DOMAINS)})", flush=True)
+        if group is not None:
+            say(f"expert-parallel over {cfg.ep} ranks ({dist.get_backend(group)}): each MoE layer "
+                f"holds {cfg.experts // cfg.ep} experts per rank, each rank trains on its own "
+                f"batches (global batch {cfg.ep * cfg.batch_size}x{cfg.seq_len})", flush=True)
+            skipped = [t for t in layer_types if not LAYER_TYPES[t].expert_parallel]
+            if skipped:
+                say(f"skipping {', '.join(skipped)}: cannot be expert-parallel (SMEAR merges the "
+                    "experts' weights per example instead of routing tokens)", flush=True)
+            layer_types = [t for t in layer_types if t not in skipped]
+        results = [train(t, cfg, corpus, progress and main, ep_group=group) for t in layer_types]
+    table, rank_table = format_table(results), format_rank_rows(results)
     summary = {"config": asdict(cfg), "torch": torch.__version__, "results": results,
-               "table": table}
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
-    print(f"wrote {png} and {out / 'results.json'}")
+               "table": table, **({"rank_table": rank_table} if rank_table else {})}
+    if main:
+        print(table, flush=True)
+        if rank_table:
+            print("\n" + rank_table, flush=True)
+        png = plot_results(results, out / "demo.png", cfg)
+        (out / "results.json").write_text(json.dumps(summary, indent=1))
+        print(f"wrote {png} and {out / 'results.json'}")
     return summary
 
 
@@ -649,6 +895,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "Default 1: " + _THREADS_NOTE)
     ap.add_argument("--out", default="moeyard-demo", help="output folder (default ./moeyard-demo)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--ep", type=int, default=d.ep, metavar="N",
+                    help="expert parallelism over N processes, each holding 1/N of every MoE "
+                         "layer's experts and training on its own batches (global batch N x "
+                         "--batch-size): torchrun --nproc-per-node N -m moeyard demo --ep N. "
+                         "gloo on the CPU; NCCL on CUDA, rank r on cuda:r. SMEAR is skipped. "
+                         "Default 1: one process")
 
 
 def from_args(args: argparse.Namespace) -> dict:
@@ -656,9 +908,12 @@ def from_args(args: argparse.Namespace) -> dict:
                      experts=args.experts, k=args.k, expert_size=args.expert_size,
                      seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
                      lr=args.lr, seed=args.seed, device=args.device, dtype=args.dtype,
-                     threads=args.threads)
+                     threads=args.threads, ep=args.ep)
     layer_types = [t.strip() for t in args.layers.split(",") if t.strip()]
-    return run(cfg, layer_types, args.out, progress=not args.no_progress)
+    try:
+        return run(cfg, layer_types, args.out, progress=not args.no_progress)
+    except SetupError as e:
+        sys.exit(f"moeyard demo: {e}")
 
 
 def main(argv=None) -> int:
