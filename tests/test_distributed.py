@@ -190,12 +190,22 @@ def check_backward(rank, ws, device):
         sharded = {name for name, _ in md.expert_parameters(ep)}
         assert sharded == {"experts.gate_up_proj", "experts.down_proj",
                            "experts.gate_up_proj_bias", "experts.down_proj_bias"}
-        want = dict(full.named_parameters())
-        for name, p in ep.named_parameters():
-            ref = want[name].grad
-            if name in sharded:
-                ref = ref[ep.experts.ep.local_experts]
-            torch.testing.assert_close(p.grad, ref, **FP32, msg=lambda m: f"{name}: {m}")
+        _assert_grads(ep, full, sharded)
+        # clipping by the norm over every rank's experts: as the single-device clip
+        norm = md.clip_grad_norm_(ep, 1e-3)
+        torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(full.parameters(), 1e-3),
+                                   **FP32)
+        _assert_grads(ep, full, sharded)
+
+
+def _assert_grads(ep, full, sharded):
+    """Every parameter's gradient in ``ep`` equals ``full``'s (its local slice if sharded)."""
+    want = dict(full.named_parameters())
+    for name, p in ep.named_parameters():
+        ref = want[name].grad
+        if name in sharded:
+            ref = ref[ep.experts.ep.local_experts]
+        torch.testing.assert_close(p.grad, ref, **FP32, msg=lambda m: f"{name}: {m}")
 
 
 def check_backward_ep_within_dp(rank, ws, device):
@@ -216,12 +226,7 @@ def check_backward_ep_within_dp(rank, ws, device):
      + moeyard.collect_aux_losses(ep)).backward()
     md.sync_gradients(ep, expert_data_group=data_groups[rank % 2])
     torch.testing.assert_close(x.grad, xs[rank].grad * ws, **FP32)
-    want = dict(full.named_parameters())
-    for name, p in ep.named_parameters():
-        ref = want[name].grad
-        if name.startswith("experts."):
-            ref = ref[ep.experts.ep.local_experts]
-        torch.testing.assert_close(p.grad, ref, **FP32, msg=lambda m: f"{name}: {m}")
+    _assert_grads(ep, full, {name for name, _ in md.expert_parameters(ep)})
 
 
 def check_balance_group(rank, ws, device):

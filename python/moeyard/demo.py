@@ -435,23 +435,14 @@ class _Ranks:
 
     def sync_and_clip(self, model: nn.Module, max_norm: float) -> None:
         """After backward: the gradients of single-process training on the global batch
-        (:func:`moeyard.distributed.sync_gradients`), clipped to ``max_norm`` by their global norm.
-        Each rank's own ``clip_grad_norm_`` would see only its experts and so scale the replicated
-        gradients differently on each rank: the squared norms of the sharded experts' gradients
-        are summed over the ranks instead (one all-reduce of a scalar)."""
+        (:func:`moeyard.distributed.sync_gradients`), clipped to ``max_norm`` by their norm over
+        every rank's experts (:func:`moeyard.distributed.clip_grad_norm_`)."""
         if self.size == 1:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             return
-        from .distributed import expert_parameters, sync_gradients
+        from .distributed import clip_grad_norm_, sync_gradients
         sync_gradients(model, self.group)
-        sharded = {id(p) for _, p in expert_parameters(model)}
-        device = next(model.parameters()).device
-        squares = torch.zeros(2, device=device)  # [replicated, this rank's experts]
-        for p in model.parameters():
-            if p.grad is not None:
-                squares[int(id(p) in sharded)] += p.grad.float().pow(2).sum()
-        total = squares[0] + self.sum(squares[1])
-        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total.sqrt())
+        clip_grad_norm_(model, max_norm)
 
     def watch_rows(self, model: nn.Module) -> list[Tensor]:
         """With expert parallelism, per sharded experts module an ``[E]`` counter that its

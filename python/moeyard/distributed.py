@@ -61,7 +61,8 @@ from .ops import RoutingPlan, permute, plan, unpermute
 from .reference import ACTIVATIONS
 
 __all__ = ["all_to_all", "ExpertParallel", "ShardedExperts", "shard_experts", "full_state_dict",
-           "load_full_state_dict", "global_batch_counts", "expert_parameters", "sync_gradients"]
+           "load_full_state_dict", "global_batch_counts", "expert_parameters", "sync_gradients",
+           "clip_grad_norm_"]
 
 
 def _group_size(group) -> int:
@@ -450,3 +451,34 @@ def sync_gradients(model: nn.Module, group=None, *, expert_data_group=None,
         ids = {id(p) for _, p in sharded}
         _sum_and_divide([p.grad for p in model.parameters()
                          if id(p) not in ids and p.grad is not None], group, size)
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for an expert-parallel model: the total norm counts the
+    sharded experts' gradients of every rank (their squared norms are summed over each EP group:
+    one all-reduce of a scalar), so every rank scales by the same factor and the replicated
+    parameters stay identical. (A rank's own ``clip_grad_norm_`` sees only its experts.) Call it
+    after :func:`sync_gradients`. Returns the total norm."""
+    sharded = expert_parameters(model)
+    ids = {id(p) for _, p in sharded}
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    device = params[0].grad.device
+    total = sum((p.grad.float().pow(2).sum() for p in params if id(p) not in ids),
+                torch.zeros((), device=device))
+    groups: dict[int, tuple] = {}  # per EP group: (group, its experts' squared norm)
+    for prefix, m in model.named_modules():
+        if isinstance(m, ShardedExperts) and m.ep.size > 1:
+            sq = sum((p.grad.float().pow(2).sum() for p in m.parameters(recurse=False)
+                      if p.grad is not None), torch.zeros((), device=device))
+            g, acc = groups.get(id(m.ep.group), (m.ep.group, 0))
+            groups[id(m.ep.group)] = (g, acc + sq)
+    for group, sq in groups.values():
+        sq = sq.clone()
+        dist.all_reduce(sq, group=group)
+        total = total + sq
+    norm = total.sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
