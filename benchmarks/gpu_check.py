@@ -17,8 +17,10 @@ stage, not the run), logs appended to $OUT/gpu_check.log (OUT default "out"):
   sanitize  compute-sanitizer memcheck and racecheck on tests/sanitizer_suite.py's expert part
   bench     benchmarks/bench_experts.py within the time left ($OUT/bench_experts.json)
   table     one line per stage (status, seconds, what it found), then benchmarks/summary.py
-Not in the default run (a second call, when the first left time): layers, hf, routing run
-benchmarks/bench_layers.py, bench_hf.py and bench_routing.py within the time left.
+Not in the default run (a second call, when the first left time): layers, hf, routing, ep run
+benchmarks/bench_layers.py, bench_hf.py, bench_routing.py and bench_ep.py (expert parallelism: two
+gloo ranks sharing the GPU) within the time left. The EP tests (two gloo ranks on the GPU, the
+capacity mode under torch.cuda.set_sync_debug_mode("error")) are in the pytest stage.
 With the device tool (a GPU machine without network, torch 2.11.0+cu130, Python 3.12): build here
 (g++ 12) with `TORCH_CUDA_ARCH_LIST=9.0a MOEYARD_BUILD_DIR=build/cuda python setup.py build_ext
 --inplace`, carry the library (`python/moeyard/_C*.so`: it has no Python ABI dependency, so a
@@ -41,7 +43,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("OUT", "out"))
 STAGES = ("load", "check", "pytest", "sanitize", "bench")
-MORE_STAGES = ("layers", "hf", "routing")
+MORE_STAGES = ("layers", "hf", "routing", "ep")
+# Arguments of a MORE_STAGES benchmark on the GPU (bench_ep: two gloo ranks sharing the one GPU,
+# since NCCL refuses two ranks on one GPU).
+GPU_ARGS = {"ep": ["--device", "cuda", "--ranks", "2"]}
 # Seconds each stage may take at most (bench: whatever is left, at least BENCH_MIN_S).
 LIMITS = {"load": 45, "build": 300, "check": 75, "pytest_experts": 110, "pytest_rest": 80,
           "memcheck": 40, "racecheck": 40}
@@ -191,7 +196,7 @@ def bench_script(name):
         if run.cpu_smoke and name == "routing":
             return "skipped", "bench_routing.py has no CPU mode"
         cmd = [sys.executable, f"benchmarks/bench_{name}.py"] + (["--cpu-smoke"] if run.cpu_smoke
-                                                                else [])
+                                                                else GPU_ARGS.get(name, []))
         status, out = run.sh(f"bench_{name}", cmd, max(run.left() - 10, BENCH_MIN_S))
         return status, tail(out, 1)
     return stage
