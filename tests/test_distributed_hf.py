@@ -11,11 +11,13 @@ every rank's inputs, so each rank checks the expert-parallel step against single
 on its group's batches locally."""
 import copy
 import functools
+import tempfile
 from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
+import transformers
 
 import moeyard.distributed as md
 import moeyard.hf as mh
@@ -135,6 +137,19 @@ def check_gpt_oss_biases_transposed(rank, ws):
     _check_family("gpt_oss", rank)
 
 
+def check_save_pretrained_full_state_dict(rank, ws):
+    """Rank 0 saves the sharded model with the gathered state dict; it loads with from_pretrained
+    as the unsharded model."""
+    full, ep = _models("qwen3_moe", dist.group.WORLD)
+    sd = md.full_state_dict(ep)
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            ep.save_pretrained(tmp, state_dict=sd)
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp)
+        mh.replace_moe(loaded)
+        close(_run(loaded, _ids(rank))[0], _run(full, _ids(rank))[0], 1e-5, scaled=True)
+
+
 def check_capacity_is_sync_free(rank, ws):
     """With a capacity factor (training; half the mean load, so tokens are dropped) each rank's
     logits equal the unsharded model's on its tokens, through the exchange's capacity mode (the
@@ -204,7 +219,8 @@ def check_refusals(rank, ws):
 
 
 CHECKS = [check_mixtral, check_qwen3_moe, check_qwen2_moe_shared_expert, check_deepseek_v3,
-          check_gpt_oss_biases_transposed, check_capacity_is_sync_free,
+          check_gpt_oss_biases_transposed, check_save_pretrained_full_state_dict,
+          check_capacity_is_sync_free,
           check_block_with_idle_ranks, check_refusals]
 
 

@@ -606,7 +606,8 @@ def replace_moe(model: nn.Module, *, bias_balancing: bool = False,
 
     ``model.state_dict()`` then holds each rank's slice under the usual keys (``[E_l, ...]``
     instead of ``[E, ...]``); :func:`moeyard.distributed.full_state_dict` (collective) gathers
-    the full state dict, which loads into the unsharded model, and
+    the full state dict, which loads into the unsharded model (one rank can save it:
+    ``model.save_pretrained(path, state_dict=full)``), and
     :func:`moeyard.distributed.load_full_state_dict` loads a full one, each rank keeping its
     slice. Training: call :func:`moeyard.distributed.sync_gradients` after the backward (or leave
     :func:`moeyard.distributed.expert_parameters` out of DDP).
