@@ -2,10 +2,10 @@
 
 The E experts of a layer are split over the P ranks of an EP process group in contiguous blocks:
 expert e lives on rank ``e // E_l`` (``E_l = E / P`` local experts, global ids
-``rank * E_l + i``). The router (and any shared expert) stays replicated; only
-:class:`ShardedExperts` is sharded. A layer's forward is unchanged: its router and
-:func:`moeyard.plan` run on the rank's own tokens, then :class:`ShardedExperts` (through the
-:class:`ExpertParallel` exchange it holds, which Hugging Face blocks use too) does
+``rank * E_l + i``). The router (and any shared expert) stays replicated; only the experts
+are sharded (:class:`ShardedExperts`, or a transformers experts module, see the end). A layer's
+forward is unchanged: its router and :func:`moeyard.plan` run on the rank's own tokens, then the
+exchange (:class:`ExpertParallel`) does
 
   sender     rows = permute(x, plan)        the plan's rows are expert-major, so destination-major
   exchange   counts kept per expert          one equal-split all-to-all of [E] int32 (no sync)
@@ -21,9 +21,9 @@ Two modes, chosen by the plan the layer builds (its capacity setting, as on one 
 - **capacity** (``plan.capacity = C``, the layer has a capacity factor; always for expert choice
   and BASE training): every rank sends its ``E * C`` rows in equal splits. Static shapes and **no
   host synchronization**, forward and backward: ``torch.compile(fullgraph=True)`` traces it
-  (tested on CPU), and with NCCL it can be captured in a CUDA graph. C comes from the rank's local token count, so drops are
-  decided per (source rank, expert) and each rank's output equals the single-device layer's on
-  its tokens. Every rank must have the same local token count.
+  (tested on CPU), and with NCCL it can be captured in a CUDA graph. C comes from the rank's
+  local token count, so drops are decided per (source rank, expert) and each rank's output equals
+  the single-device layer's on its tokens. Every rank must have the same local token count.
 - **dropless** (``plan.capacity = None``): after the count exchange, **one device-to-host copy of
   the split sizes per layer forward** (``all_to_all_single`` takes Python split sizes), then the
   variable exchange of exactly the routed rows. The backward reuses the sizes: no sync. Ranks may
@@ -43,12 +43,20 @@ replicated ones over the data-parallel group and divides the experts' by its siz
 training equal to single-device training on the concatenated batch with a mean loss.
 :func:`expert_parameters` lists the sharded parameters (keep them out of DDP).
 
+Sharded parameters, the one protocol :func:`full_state_dict`, :func:`load_full_state_dict`,
+:func:`expert_parameters` and :func:`sync_gradients` read: a module whose attribute ``ep`` is an
+:class:`ExpertParallel` holds as its own parameters only this rank's ``E_l`` rows (dim 0) of the
+E stacked experts. :class:`ShardedExperts` is one; :func:`shard_parameters` makes one of any
+module of stacked expert parameters (``moeyard.hf.replace_moe(model, ep_group=...)`` does it to
+transformers' experts modules).
+
 ``import moeyard`` does not import this module; the layers import it when given an ``ep_group``.
 """
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Optional
+import zlib
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -60,9 +68,9 @@ from .experts import Experts
 from .ops import RoutingPlan, permute, plan, unpermute
 from .reference import ACTIVATIONS
 
-__all__ = ["all_to_all", "ExpertParallel", "ShardedExperts", "shard_experts", "full_state_dict",
-           "load_full_state_dict", "global_batch_counts", "expert_parameters", "sync_gradients",
-           "clip_grad_norm_"]
+__all__ = ["all_to_all", "ExpertParallel", "ShardedExperts", "shard_experts", "shard_parameters",
+           "full_state_dict", "load_full_state_dict", "global_batch_counts", "expert_parameters",
+           "sync_gradients", "clip_grad_norm_"]
 
 
 def _group_size(group) -> int:
@@ -156,6 +164,13 @@ class ExpertParallel:
     def local_experts(self) -> slice:
         """The global ids this rank holds."""
         return slice(self.first_expert, self.first_expert + self.num_local_experts)
+
+    @property
+    def placement(self) -> str:
+        """``"experts 2..3 of 8 (rank 1 of 4)"``, for the layers' reprs."""
+        mine = self.local_experts
+        return (f"experts {mine.start}..{mine.stop - 1} of {self.num_experts} "
+                f"(rank {self.rank} of {self.size})")
 
     def check_device(self, like: Tensor) -> torch.device:
         """Where the group's collectives take their tensors: CUDA for NCCL, else ``like``'s."""
@@ -292,18 +307,45 @@ class ShardedExperts(Experts):
         self.initializer_range, self.backend = experts.initializer_range, experts.backend
         for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
             p = getattr(experts, name)
-            self.register_parameter(name, None if p is None else nn.Parameter(
-                p.detach()[self.ep.local_experts].clone(), p.requires_grad))
+            self.register_parameter(name, None if p is None else _local_rows(p, self.ep))
         self._check_shapes()
         return self
 
     def extra_repr(self) -> str:
-        mine = self.ep.local_experts
-        return (super().extra_repr() + f", experts {mine.start}..{mine.stop - 1} of "
-                f"{self.ep.num_experts} (rank {self.ep.rank} of {self.ep.size})")
+        return super().extra_repr() + ", " + self.ep.placement
 
     def forward(self, x: Tensor, plan: RoutingPlan, weights: Tensor) -> Tensor:
         return self.ep(x, plan, weights, super().forward)
+
+
+def _local_rows(p: Tensor, ep: ExpertParallel) -> nn.Parameter:
+    """A new parameter holding a copy of this rank's experts (rows ``ep.local_experts``) of the
+    stacked ``p`` (same dtype, device and requires_grad)."""
+    return nn.Parameter(p.detach()[ep.local_experts].clone(), p.requires_grad)
+
+
+def shard_parameters(module: nn.Module, ep: ExpertParallel) -> nn.Module:
+    """Keep only this rank's experts of ``module``, in place: each of its own parameters, all of
+    which stack the ``ep.num_experts`` experts along dim 0, becomes a new parameter holding a copy
+    of the rows ``ep.local_experts`` (same name, dtype, device and requires_grad; the full tensor
+    is freed once nothing else holds it), and ``module.ep = ep`` marks it sharded (the protocol of
+    the module docstring). For modules whose forward runs ``ep`` (``moeyard.hf.replace_moe`` with
+    ``ep_group`` shards transformers' experts modules with it). Collective: checks that every rank
+    shards the same parameters. ValueError, before anything changes, if a parameter is not
+    stacked by expert. Returns ``module``."""
+    params = dict(module.named_parameters(recurse=False))
+    stacked = {n: p for n, p in params.items() if p.dim() and p.shape[0] == ep.num_experts}
+    if not params or stacked.keys() != params.keys():
+        shapes = {n: tuple(p.shape) for n, p in params.items()}
+        raise ValueError(f"shard_parameters: {type(module).__name__}'s parameters must all stack "
+                         f"its {ep.num_experts} experts along dim 0, got {shapes}")
+    layout = repr([(n, tuple(p.shape), str(p.dtype)) for n, p in params.items()])
+    ep.check_agree(next(iter(params.values())), "the sharded experts' parameters (a checksum of "
+                   "their names, shapes and dtypes)", signature=zlib.crc32(layout.encode()))
+    for name, p in params.items():
+        setattr(module, name, _local_rows(p, ep))
+    module.ep = ep
+    return module
 
 
 def _process_group(ep_group):
@@ -348,35 +390,43 @@ def shard_experts(model: nn.Module, ep_group=None) -> nn.Module:
     return model
 
 
-def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """``model.state_dict()`` with every :class:`ShardedExperts` parameter gathered to all E
-    experts (collective over each layer's EP group: call it on every rank). It loads into the
-    unsharded model."""
-    sd = model.state_dict()
+def _sharded_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, ExpertParallel]]:
+    """(qualified name, parameter, its exchange) of every sharded expert parameter of ``model``:
+    the own parameters of each module whose ``ep`` is an :class:`ExpertParallel` (the protocol of
+    the module docstring: :class:`ShardedExperts`, modules :func:`shard_parameters` sharded)."""
     for prefix, m in model.named_modules():
-        if isinstance(m, ShardedExperts):
+        ep = getattr(m, "ep", None)
+        if isinstance(ep, ExpertParallel):
             for name, p in m.named_parameters(recurse=False):
-                parts = [torch.empty_like(p) for _ in range(m.ep.size)]
-                dist.all_gather(parts, p.detach().contiguous(), group=m.ep.group)
-                sd[f"{prefix}.{name}" if prefix else name] = torch.cat(parts)
+                yield (f"{prefix}.{name}" if prefix else name), p, ep
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with every sharded expert parameter (:class:`ShardedExperts`, or a
+    transformers experts module sharded by ``moeyard.hf.replace_moe(ep_group=...)``) gathered to
+    all E experts (collective over each layer's EP group: call it on every rank). It loads into
+    the unsharded model."""
+    sd = model.state_dict()
+    for key, p, ep in _sharded_parameters(model):
+        parts = [torch.empty_like(p) for _ in range(ep.size)]
+        dist.all_gather(parts, p.detach().contiguous(), group=ep.group)
+        sd[key] = torch.cat(parts)
     return sd
 
 
 def load_full_state_dict(model: nn.Module, state_dict: dict[str, Tensor], strict: bool = True):
-    """Load an unsharded state dict (all E experts per layer) into a model whose layers hold
-    :class:`ShardedExperts`: each rank keeps its slice. Returns ``model.load_state_dict``'s
-    result."""
+    """Load an unsharded state dict (all E experts per layer) into a model with sharded experts
+    (:class:`ShardedExperts`, or transformers experts modules sharded by
+    ``moeyard.hf.replace_moe(ep_group=...)``): each rank keeps its slice. Returns
+    ``model.load_state_dict``'s result."""
     sd = dict(state_dict)
-    for prefix, m in model.named_modules():
-        if isinstance(m, ShardedExperts):
-            for name, _ in m.named_parameters(recurse=False):
-                key = f"{prefix}.{name}" if prefix else name
-                if key in sd:
-                    full = sd[key]
-                    if full.shape[0] != m.ep.num_experts:
-                        raise ValueError(f"{key}: expected {m.ep.num_experts} experts in the "
-                                         f"full state dict, got shape {tuple(full.shape)}")
-                    sd[key] = full[m.ep.local_experts]
+    for key, _, ep in _sharded_parameters(model):
+        if key in sd:
+            full = sd[key]
+            if full.shape[0] != ep.num_experts:
+                raise ValueError(f"{key}: expected {ep.num_experts} experts in the full state "
+                                 f"dict, got shape {tuple(full.shape)}")
+            sd[key] = full[ep.local_experts]
     return model.load_state_dict(sd, strict=strict)
 
 
@@ -403,12 +453,7 @@ def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     differ per rank): leave them out of DDP (``DistributedDataParallel``'s
     ``_set_params_and_buffers_to_ignore_for_model``) and of any data-parallel all-reduce over the
     EP group; :func:`sync_gradients` treats them."""
-    out = []
-    for prefix, m in model.named_modules():
-        if isinstance(m, ShardedExperts) and m.ep.size > 1:
-            out += [(f"{prefix}.{n}" if prefix else n, p)
-                    for n, p in m.named_parameters(recurse=False)]
-    return out
+    return [(name, p) for name, p, ep in _sharded_parameters(model) if ep.size > 1]
 
 
 def _sum_and_divide(grads: list[Tensor], group, divide: int, reduce: bool = True) -> None:
@@ -457,26 +502,23 @@ def sync_gradients(model: nn.Module, group=None, *, expert_data_group=None,
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
     """``torch.nn.utils.clip_grad_norm_`` for an expert-parallel model: the total norm counts the
     sharded experts' gradients of every rank (their squared norms are summed over each EP group:
-    one all-reduce of a scalar), so every rank scales by the same factor and the replicated
-    parameters stay identical. (A rank's own ``clip_grad_norm_`` sees only its experts.) Call it
-    after :func:`sync_gradients`. Returns the total norm."""
-    sharded = expert_parameters(model)
-    ids = {id(p) for _, p in sharded}
+    one all-reduce of a scalar per group), so every rank scales by the same factor and the
+    replicated parameters stay identical. (A rank's own ``clip_grad_norm_`` sees only its
+    experts.) Call it after :func:`sync_gradients`. Returns the total norm."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return torch.zeros(())
     device = params[0].grad.device
-    total = sum((p.grad.float().pow(2).sum() for p in params if id(p) not in ids),
+    squares: dict[int, list] = {}  # id(EP group) -> [group, squared norm of its experts' grads]
+    sharded = set()
+    for _, p, ep in _sharded_parameters(model):
+        if ep.size > 1 and p.grad is not None:
+            sharded.add(id(p))
+            entry = squares.setdefault(id(ep.group), [ep.group, torch.zeros((), device=device)])
+            entry[1] = entry[1] + p.grad.float().pow(2).sum()
+    total = sum((p.grad.float().pow(2).sum() for p in params if id(p) not in sharded),
                 torch.zeros((), device=device))
-    groups: dict[int, tuple] = {}  # per EP group: (group, its experts' squared norm)
-    for prefix, m in model.named_modules():
-        if isinstance(m, ShardedExperts) and m.ep.size > 1:
-            sq = sum((p.grad.float().pow(2).sum() for p in m.parameters(recurse=False)
-                      if p.grad is not None), torch.zeros((), device=device))
-            g, acc = groups.get(id(m.ep.group), (m.ep.group, 0))
-            groups[id(m.ep.group)] = (g, acc + sq)
-    for group, sq in groups.values():
-        sq = sq.clone()
+    for group, sq in squares.values():
         dist.all_reduce(sq, group=group)
         total = total + sq
     norm = total.sqrt()

@@ -24,7 +24,8 @@ Two ways to use it:
     (auxiliary-loss-free balancing, capacity). The experts run on the model's experts
     implementation, ``"moeyard"`` unless asked otherwise. Router logits are still recorded for
     ``output_router_logits`` (and the model's aux loss), and transformers still initialises the
-    routers (``init_weights()``, loading with missing keys).
+    routers (``init_weights()``, loading with missing keys). With ``ep_group`` the experts are
+    sharded over a process group (expert parallelism, :mod:`moeyard.distributed`).
 
 An experts module or MoE block this integration cannot reproduce exactly (an activation or gate it
 does not know, a post-expert norm, an unknown router) is refused with an error that names it;
@@ -32,6 +33,7 @@ nothing falls back silently.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import ExpertParallel, shard_parameters
 from .layers import TopKMoE
 from .ops import expert_ffn, load_stats, plan
 from .reference import OSS_ALPHA, OSS_LIMIT, activation_name
@@ -157,10 +160,15 @@ def _expert_params(module: nn.Module):
     return w1, w2, b1, b2
 
 
-def run_experts(module: nn.Module, hidden_states: Tensor, routing_plan, weights: Tensor) -> Tensor:
-    """A transformers experts module's MLPs and the combine for a moeyard plan, as one
-    :func:`moeyard.expert_ffn` on the module's own parameters; ``[T, d]`` in hidden_states'
-    dtype (the experts run in the parameters' dtype, as transformers' grouped_mm does)."""
+def _expert_parallel(module: nn.Module) -> Optional[ExpertParallel]:
+    """The exchange of an experts module :func:`replace_moe` sharded (``ep_group``), else None."""
+    ep = getattr(module, "ep", None)
+    return ep if isinstance(ep, ExpertParallel) else None
+
+
+def _local_experts(module: nn.Module, hidden_states: Tensor, routing_plan,
+                   weights: Tensor) -> Tensor:
+    """One :func:`moeyard.expert_ffn` on the experts ``module`` holds, for a plan over them."""
     w1, w2, b1, b2 = _expert_params(module)
     x = hidden_states.to(w1.dtype)
     out = expert_ffn(x, routing_plan, weights, w1, w2, b1, b2, experts_activation(module),
@@ -168,13 +176,31 @@ def run_experts(module: nn.Module, hidden_states: Tensor, routing_plan, weights:
     return out.to(hidden_states.dtype)
 
 
+def run_experts(module: nn.Module, hidden_states: Tensor, routing_plan, weights: Tensor) -> Tensor:
+    """A transformers experts module's MLPs and the combine for a moeyard plan, as one
+    :func:`moeyard.expert_ffn` on the module's own parameters; ``[T, d]`` in hidden_states'
+    dtype (the experts run in the parameters' dtype, as transformers' grouped_mm does).
+
+    A module sharded by ``replace_moe(ep_group=...)`` (expert parallelism) takes a plan over the
+    E global experts and the call is collective: its :class:`moeyard.distributed.ExpertParallel`
+    sends the rows to the ranks that hold their experts, which run that expert_ffn on their own
+    slice, and brings the results back."""
+    ep = _expert_parallel(module)
+    if ep is None:
+        return _local_experts(module, hidden_states, routing_plan, weights)
+    return ep(hidden_states, routing_plan, weights, functools.partial(_local_experts, module))
+
+
 def experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
                     top_k_weights: Tensor) -> Tensor:
     """transformers' experts-implementation signature: ``hidden_states [T, d]``,
     ``top_k_index [T, k]``, ``top_k_weights [T, k]`` -> ``[T, d]``. Registered as ``"moeyard"``.
     Expert ids >= num_experts (transformers' sentinel for "another rank's expert" under expert
-    parallelism) add nothing, as in transformers' own implementations."""
-    num_experts = _expert_params(self)[0].shape[0]
+    parallelism) add nothing, as in transformers' own implementations. On a module sharded by
+    ``replace_moe(ep_group=...)`` the ids are global and the call is collective (see
+    :func:`run_experts`)."""
+    ep = _expert_parallel(self)
+    num_experts = _expert_params(self)[0].shape[0] if ep is None else ep.num_experts
     experts = top_k_index.masked_fill(top_k_index >= num_experts, -1)
     return run_experts(self, hidden_states, plan(experts, num_experts), top_k_weights)
 
@@ -395,10 +421,12 @@ class SparseMoeBlock(nn.Module):
     (``config._experts_implementation``, set by ``model.set_experts_implementation``):
     ``"moeyard"`` runs :func:`moeyard.expert_ffn` on the plan; any other (``"eager"``,
     ``"grouped_mm"``, ...) runs the experts module as transformers would, on the same routing
-    (capacity needs ``"moeyard"``). ``forward`` returns what the original returns (GPT-OSS:
+    (capacity and expert parallelism need ``"moeyard"``). With expert parallelism
+    (``replace_moe(ep_group=...)``) the experts module holds this rank's slice and the forward is
+    collective (see :func:`replace_moe`). ``forward`` returns what the original returns (GPT-OSS:
     ``(out, routing weights)``). After each forward, ``last_stats`` holds :func:`moeyard.load_stats`
-    of the plan and ``aux_losses`` is empty (transformers computes its aux loss from the recorded
-    router logits).
+    of the plan (this rank's tokens) and ``aux_losses`` is empty (transformers computes its aux
+    loss from the recorded router logits).
     """
 
     def __init__(self, *args, **kwargs):
@@ -451,6 +479,11 @@ class SparseMoeBlock(nn.Module):
         implementation = _experts_implementation(self.experts)
         if implementation == "moeyard":
             out = run_experts(self.experts, h, routing_plan, weights)
+        elif _expert_parallel(self.experts) is not None:
+            raise ValueError(
+                f"{self.source}: its experts are sharded over an expert-parallel group "
+                "(replace_moe(ep_group=...)), which needs the experts implementation 'moeyard'; "
+                f"the model's is {implementation!r} (model.set_experts_implementation('moeyard'))")
         elif capacity is not None:
             raise RuntimeError(
                 f"{self.source}: capacity (capacity_factor={self.capacity_factor}, "
@@ -472,8 +505,10 @@ class SparseMoeBlock(nn.Module):
         return (out, weights) if self.returns_weights else out
 
     def extra_repr(self) -> str:
-        return (f"source={self.source}, capacity_factor={self.capacity_factor}, "
+        text = (f"source={self.source}, capacity_factor={self.capacity_factor}, "
                 f"eval_capacity_factor={self.eval_capacity_factor}")
+        ep = _expert_parallel(self.experts)
+        return text if ep is None else f"{text}, {ep.placement}"
 
 
 def _router_name(block: nn.Module) -> str:
@@ -506,11 +541,27 @@ def _check_experts_implementation(name: str) -> None:
                          f"{', '.join(_hf_moe.ALL_EXPERTS_FUNCTIONS)})")
 
 
+def _expert_parallel_for(qual: str, block: nn.Module, ep_group,
+                         experts_implementation: Optional[str]) -> ExpertParallel:
+    """The exchange that will shard ``block``'s experts over ``ep_group``; ValueError if it
+    cannot (another experts implementation, or E not a multiple of the group size)."""
+    implementation = experts_implementation or _experts_implementation(block.experts)
+    if implementation != "moeyard":
+        raise ValueError("replace_moe: expert parallelism (ep_group) runs the experts with "
+                         "moeyard's exchange and needs experts_implementation='moeyard', got "
+                         f"{implementation!r}")
+    try:
+        return ExpertParallel(_expert_params(block.experts)[0].shape[0], ep_group)
+    except ValueError as e:
+        raise ValueError(f"replace_moe: {qual}: {e}") from None
+
+
 def replace_moe(model: nn.Module, *, bias_balancing: bool = False,
                 capacity_factor: Optional[float] = None,
                 eval_capacity_factor: Optional[float] = None,
                 min_capacity: int = 4,
-                experts_implementation: Optional[str] = "moeyard") -> list[str]:
+                experts_implementation: Optional[str] = "moeyard",
+                ep_group=None) -> list[str]:
     """Turn every sparse MoE block of a transformers model into a :class:`SparseMoeBlock`, in
     place; returns the qualified names of the blocks.
 
@@ -535,6 +586,31 @@ def replace_moe(model: nn.Module, *, bias_balancing: bool = False,
             eval, as :class:`moeyard.TopKMoE`; over-capacity assignments are dropped by position
             (needs the ``"moeyard"`` experts implementation). Default None: dropless, as
             transformers.
+        ep_group: expert parallelism (:mod:`moeyard.distributed`) over this process group (or
+            1-D ``DeviceMesh``; torch.distributed must be initialised). Default None: none.
+            See below.
+
+    Expert parallelism: build or load the same full model on every rank, then call
+    ``replace_moe(model, ep_group=g)`` on every rank. Each block's experts module keeps only this
+    rank's ``E_l = E / P`` experts, in contiguous blocks (expert e on rank ``e // E_l``): its
+    stacked parameters become new parameters holding copies of those rows, under the same names
+    (the full ones are freed once nothing else holds them: create optimizers afterwards). Routers
+    and shared experts stay replicated. Each block's forward is
+    then collective: the routed rows go to the ranks that hold their experts
+    (:class:`moeyard.distributed.ExpertParallel`), run there as one :func:`moeyard.expert_ffn`
+    and come back; each rank's outputs equal the unsharded model's on its own tokens. Dropless
+    (the default) costs one host synchronization per block forward; with a capacity factor the
+    exchange has static shapes and no host synchronization (every rank must then have the same
+    number of tokens). It needs the ``"moeyard"`` experts implementation (ValueError here, or at
+    the forward if the model is switched to another). E must be a multiple of P (ValueError).
+
+    ``model.state_dict()`` then holds each rank's slice under the usual keys (``[E_l, ...]``
+    instead of ``[E, ...]``); :func:`moeyard.distributed.full_state_dict` (collective) gathers
+    the full state dict, which loads into the unsharded model (one rank can save it:
+    ``model.save_pretrained(path, state_dict=full)``), and
+    :func:`moeyard.distributed.load_full_state_dict` loads a full one, each rank keeping its
+    slice. Training: call :func:`moeyard.distributed.sync_gradients` after the backward (or leave
+    :func:`moeyard.distributed.expert_parameters` out of DDP).
 
     Supported blocks: :data:`SUPPORTED_BLOCKS`. A model with any other MoE block, or experts
     moeyard cannot run, raises NotImplementedError before anything is changed; a model with none
@@ -555,10 +631,15 @@ def replace_moe(model: nn.Module, *, bias_balancing: bool = False,
     for _, block in found:  # every refusal before anything changes
         _router_k(block)
         experts_activation(block.experts)
-    for _, block in found:
+    eps = [None if ep_group is None else
+           _expert_parallel_for(qual, block, ep_group, experts_implementation)
+           for qual, block in found]
+    for (_, block), ep in zip(found, eps):
         SparseMoeBlock.adopt(block, SUPPORTED_BLOCKS[type(block).__name__],
                              bias_balancing=bias_balancing, capacity_factor=capacity_factor,
                              eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity)
         if experts_implementation is not None:
             block.experts.config._experts_implementation = experts_implementation
+        if ep is not None:
+            shard_parameters(block.experts, ep)
     return [qual for qual, _ in found]
