@@ -595,10 +595,9 @@ def replace_moe(model: nn.Module, *, bias_balancing: bool = False,
     rank's ``E_l = E / P`` experts, in contiguous blocks (expert e on rank ``e // E_l``): its
     stacked parameters become new parameters holding copies of those rows, under the same names
     (the full ones are freed once nothing else holds them: create optimizers afterwards). Routers
-    and shared experts stay replicated. Each block's forward is
-    then collective: the routed rows go to the ranks that hold their experts
-    (:class:`moeyard.distributed.ExpertParallel`), run there as one :func:`moeyard.expert_ffn`
-    and come back; each rank's outputs equal the unsharded model's on its own tokens. Dropless
+    and shared experts stay replicated. Each block's forward is then collective: the routed rows
+    go to the ranks that hold their experts (:class:`moeyard.distributed.ExpertParallel`), run
+    there as one :func:`moeyard.expert_ffn` and come back; each rank's outputs equal the unsharded model's on its own tokens. Dropless
     (the default) costs one host synchronization per block forward; with a capacity factor the
     exchange has static shapes and no host synchronization (every rank must then have the same
     number of tokens). It needs the ``"moeyard"`` experts implementation (ValueError here, or at
