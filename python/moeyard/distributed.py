@@ -64,7 +64,7 @@ import torch.distributed._functional_collectives as _fc
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .experts import Experts
+from .experts import Experts, MergedExperts
 from .ops import RoutingPlan, permute, plan, unpermute
 from .reference import ACTIVATIONS
 
@@ -378,7 +378,6 @@ def shard_experts(model: nn.Module, ep_group=None) -> nn.Module:
     becomes the :class:`ShardedExperts` holding this rank's slice (build or load the full model
     the same way on every rank first). SMEAR layers are refused (they merge the experts' weights
     per example; shard them with FSDP instead). Returns ``model``."""
-    from .experts import MergedExperts
     for name, m in model.named_modules():
         if isinstance(getattr(m, "experts", None), MergedExperts):
             raise ValueError(f"shard_experts: {name or type(m).__name__} is a SMEAR layer, which "
