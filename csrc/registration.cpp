@@ -54,9 +54,11 @@ TORCH_LIBRARY(moeyard, m) {
   m.def("balanced_assignment(Tensor scores, int max_rounds=65536) -> Tensor");
   // bias[e] += rate * sign(mean(load) - load[e]), in place (auxiliary-loss-free balancing).
   m.def("update_expert_bias(Tensor(a!) bias, Tensor load, float rate) -> ()");
-  // Switch balance loss E * sum_e f_e P_e (f_e = counts_e / (T k), P = mean softmax) and
-  // z-loss mean_t logsumexp(logits_t)^2, in one pass over the logits.
-  m.def("router_losses(Tensor logits, Tensor counts, int k) -> (Tensor balance_loss, Tensor z_loss)");
+  // Switch balance loss E * sum_e f_e P_e (f_e = counts_e / (T k), P = mean over tokens of the
+  // softmax, or of the sigmoid normalized per token for score="sigmoid") and z-loss
+  // mean_t logsumexp(logits_t)^2, in one pass over the logits.
+  m.def("router_losses(Tensor logits, Tensor counts, int k, str score=\"softmax\") -> "
+        "(Tensor balance_loss, Tensor z_loss)");
   // DeepSeek-V3 sequence-wise balance loss (without its alpha), averaged over sequences.
   m.def("sequence_balance_loss(Tensor scores, Tensor experts, int num_sequences) -> Tensor");
 

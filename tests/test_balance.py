@@ -49,11 +49,12 @@ def test_bias_balances_a_skewed_router(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("T,E,k", [(0, 4, 1), (1, 4, 1), (300, 8, 2), (1000, 64, 8)])
-def test_router_losses_match_reference(device, dtype, T, E, k):
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_router_losses_match_reference(device, dtype, T, E, k, score):
     logits = (torch.randn(T, E, device=device) * 3).to(dtype)
     counts = torch.randint(0, 50, (E,), device=device, dtype=torch.int32)
-    got = moeyard.router_losses(logits, counts, k)
-    want = ref.router_losses(logits, counts, k)
+    got = moeyard.router_losses(logits, counts, k, score)
+    want = ref.router_losses(logits, counts, k, score)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for a, b in zip(got, want):
         assert a.shape == () and a.dtype == b.dtype
@@ -74,12 +75,32 @@ def test_router_losses_oracles():
     assert math.isclose(lb.item(), E, rel_tol=1e-5)
 
 
-def test_router_losses_gradcheck_and_opcheck():
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_router_losses_gradcheck_and_opcheck(score):
     logits = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     counts = torch.randint(0, 5, (5,), dtype=torch.int32)
-    assert torch.autograd.gradcheck(lambda z: moeyard.router_losses(z, counts, 2), (logits,))
-    torch.library.opcheck(torch.ops.moeyard.router_losses.default, (logits, counts, 2))
-    torch.library.opcheck(torch.ops.moeyard.router_losses.default, (logits.detach().float(), counts, 2))
+    assert torch.autograd.gradcheck(lambda z: moeyard.router_losses(z, counts, 2, score),
+                                    (logits,))
+    op = torch.ops.moeyard.router_losses.default
+    torch.library.opcheck(op, (logits, counts, 2, score))
+    torch.library.opcheck(op, (logits.detach().float(), counts, 2, score))
+
+
+def test_router_losses_sigmoid_oracle():
+    """score="sigmoid": P is the mean of sigmoid(z) normalized per token, not the softmax; the
+    sequence-wise loss of one sequence (same formula, counts from the experts) agrees."""
+    T, E, k = 40, 6, 2
+    logits = torch.randn(T, E, dtype=torch.float64) * 2
+    experts = moeyard.route(logits, k, "sigmoid")[1]
+    counts = moeyard.plan(experts, E).counts
+    s = torch.sigmoid(logits)
+    want = E * ((counts.double() / (T * k)) * (s / s.sum(-1, keepdim=True)).mean(0)).sum()
+    got, _ = moeyard.router_losses(logits, counts, k, "sigmoid")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got, moeyard.sequence_balance_loss(s, experts, 1), rtol=1e-12,
+                               atol=0)
+    softmax, _ = moeyard.router_losses(logits, counts, k)
+    assert not torch.allclose(softmax, got)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -155,6 +176,8 @@ def test_load_stats():
     (lambda: moeyard.update_expert_bias(torch.zeros(4, dtype=torch.float64), torch.zeros(4), 1e-3), "bias"),
     (lambda: moeyard.router_losses(torch.randn(4, 3), torch.zeros(4, dtype=torch.int32), 1), "counts"),
     (lambda: moeyard.router_losses(torch.randn(4, 3), torch.zeros(3, dtype=torch.int32), 0), "k"),
+    (lambda: moeyard.router_losses(torch.randn(4, 3), torch.zeros(3, dtype=torch.int32), 1,
+                                   "relu"), "score"),
     (lambda: moeyard.sequence_balance_loss(torch.rand(6, 3), torch.zeros(6, 1, dtype=torch.int32), 4), "num_sequences|divide"),
     (lambda: moeyard.sequence_balance_loss(torch.rand(6, 3), torch.zeros(5, 1, dtype=torch.int32), 2), "experts"),
     (lambda: moeyard.sequence_balance_loss(torch.rand(6, 3), torch.zeros(6, 1), 2), "int32 or int64"),
@@ -162,3 +185,22 @@ def test_load_stats():
 def test_balance_bad_input(fn, msg):
     with pytest.raises(RuntimeError, match=msg):
         fn()
+
+
+def test_bias_balancer_recenter():
+    """recenter=False is the paper's rule (update_expert_bias); recenter=True subtracts the
+    update's mean (torchtitan), so the mean bias stays put and the differences are the same."""
+    torch.manual_seed(0)
+    layers = [moeyard.TopKMoE(16, 8, 8, k=2, bias_balancing=True) for _ in range(2)]
+    load = torch.tensor([100, 10, 10, 10, 10, 10, 10, 10])  # one hot expert: 7 up, 1 down
+    for layer in layers:
+        layer.router.load_since_update.copy_(load)
+    plain, centered = moeyard.BiasBalancer(layers[0], 1e-2), moeyard.BiasBalancer(layers[1], 1e-2,
+                                                                                 recenter=True)
+    plain.step(), centered.step()
+    want = torch.zeros(8)
+    moeyard.update_expert_bias(want, load, 1e-2)
+    a, b = layers[0].router.e_score_correction_bias, layers[1].router.e_score_correction_bias
+    assert torch.equal(a, want) and a.mean().abs() > 1e-4
+    assert b.mean().abs() < 1e-8
+    torch.testing.assert_close(b - b.mean(), a - a.mean(), rtol=0, atol=1e-7)

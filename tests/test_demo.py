@@ -133,3 +133,15 @@ def test_command_line_and_bad_names(tmp_path, capsys):
     assert (tmp_path / "results.json").exists()
     with pytest.raises(ValueError, match="unknown layer type"):
         demo.main(tiny_args(tmp_path, **{"--layers": "dense,nope"}))
+
+
+@pytest.mark.parametrize("name", [t for t in demo.LAYER_TYPES if t not in demo.DEFAULT_LAYERS])
+def test_opt_in_layer_types_train(tmp_path, name):
+    """The layer types outside the default run train through --layers (a few steps, finite
+    losses that go down)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert demo.main(tiny_args(tmp_path, **{"--layers": name, "--steps": 12})) == 0
+    (r,) = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert r["layer_type"] == name and name in printed.getvalue()
+    assert math.isfinite(r["heldout_loss"]) and r["final_train_loss"] < r["initial_loss"]

@@ -107,14 +107,43 @@ def naive_layer(layer, x, noise=None):
     counts = torch.bincount(experts.flatten(), minlength=E)
     f = counts.float() / (T * k)
     losses = {}
+    sigmoid = layer.router.score == "sigmoid"
     if layer.aux_loss_coef > 0:
-        losses["balance"] = layer.aux_loss_coef * E * (f * torch.softmax(logits, -1).mean(0)).sum()
+        P = normalized_scores(logits, sigmoid).mean(0)
+        losses["balance"] = layer.aux_loss_coef * E * (f * P).sum()
+    if layer.seq_aux_loss_coef > 0:
+        sequences = h.shape[0] // x.shape[-2] if x.dim() == 3 else 1
+        losses["seq_balance"] = layer.seq_aux_loss_coef * naive_seq_balance(logits, k, sequences,
+                                                                            sigmoid)
     if layer.z_loss_coef > 0:
         losses["z"] = layer.z_loss_coef * (torch.logsumexp(logits, -1) ** 2).mean()
     stats = {"tokens_per_expert": counts,
              "max_violation": (counts.max() - counts.float().mean()) / counts.float().mean(),
              "dropped_fraction": 1 - keep.float().mean()}
     return out.to(x.dtype).view(x.shape), losses, stats
+
+
+def normalized_scores(logits, sigmoid):
+    """The balance losses' P summands: softmax, or the sigmoid normalized per token."""
+    if not sigmoid:
+        return torch.softmax(logits, -1)
+    s = torch.sigmoid(logits)
+    return s / s.sum(-1, keepdim=True)
+
+
+def naive_seq_balance(logits, k, sequences, sigmoid):
+    """DeepSeek-V3 eq. 17-20 without alpha: per sequence, f_e = E / (k S) * #tokens whose plain
+    top-k of the scores has e, P_e = mean normalized score; the mean over the sequences."""
+    T, n_exp = logits.shape
+    S = T // sequences
+    top = logits.topk(k, dim=-1).indices
+    q = normalized_scores(logits, sigmoid)
+    total = 0
+    for b in range(sequences):
+        rows = slice(b * S, (b + 1) * S)
+        f = torch.bincount(top[rows].flatten(), minlength=n_exp).to(q.dtype) * n_exp / (k * S)
+        total = total + (f * q[rows].mean(0)).sum()
+    return total / sequences
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -267,7 +296,9 @@ def test_collect_aux_losses_sums_coefficients():
         _, raw, _ = naive_layer(unit, x)
         want = want + ca * raw["balance"] + cz * raw["z"]
     model[2](x)
-    assert model[2].aux_losses == {}  # DeepSeek balances by bias: no aux loss
+    # DeepSeek balances by bias: no Switch loss, only the sequence-wise one (alpha 1e-4)
+    assert set(model[2].aux_losses) == {"seq_balance"}
+    want = want + naive_layer(model[2], x)[1]["seq_balance"]
     close(moeyard.collect_aux_losses(model), want, 1e-6)
     assert moeyard.collect_aux_losses(torch.nn.Linear(2, 2)).item() == 0.0
 
@@ -405,3 +436,68 @@ def test_copy_after_training_forward(make):
         assert other.aux_losses == {} and other.last_stats == {}
         for (n, a), (_, b) in zip(layer.state_dict().items(), other.state_dict().items()):
             assert torch.equal(a, b), n
+
+
+def test_aux_loss_default_follows_the_method():
+    """Loss-Free Balancing means no auxiliary loss: bias_balancing=True defaults the Switch loss's
+    coefficient to 0; an explicit coefficient still gives the hybrid; without bias balancing the
+    default stays 1e-2. The presets say what each paper used."""
+    x = torch.randn(64, 32)
+    assert moeyard.TopKMoE(32, 16, 8, k=2, bias_balancing=True).aux_loss_coef == 0
+    lfb = moeyard.TopKMoE(32, 16, 8, k=2, score="sigmoid", bias_balancing=True)
+    lfb(x)
+    assert lfb.aux_losses == {}
+    hybrid = moeyard.TopKMoE(32, 16, 8, k=2, bias_balancing=True, aux_loss_coef=1e-3)
+    hybrid(x)
+    assert set(hybrid.aux_losses) == {"balance"}
+    assert moeyard.TopKMoE(32, 16, 8).aux_loss_coef == 1e-2
+    ds = moeyard.TopKMoE.deepseek_v3(32, 16, 8, 2, n_group=4, topk_group=2)
+    assert (ds.aux_loss_coef, ds.seq_aux_loss_coef) == (0.0, 1e-4)
+    assert moeyard.TopKMoE.mixtral(32, 16).aux_loss_coef == 1e-3
+
+
+def test_sigmoid_router_balance_loss_uses_normalized_affinities():
+    """score="sigmoid": P_e is the mean of sigmoid(logits) normalized per token (DeepSeek-V3 eq.
+    19-20), f_e the pre-drop counts of the biased selection."""
+    torch.manual_seed(0)
+    E, k = 8, 2
+    layer = moeyard.TopKMoE(16, 8, E, k=k, score="sigmoid", renormalize=True,
+                            bias_balancing=True, aux_loss_coef=1.0, initializer_range=0.5)
+    layer.router.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, E))
+    x = torch.randn(40, 16)
+    layer(x)
+    logits = F.linear(x, layer.router.weight)
+    experts = moeyard.route(logits, k, "sigmoid", bias=layer.router.e_score_correction_bias)[1]
+    f = torch.bincount(experts.flatten().long(), minlength=E).double() / (x.shape[0] * k)
+    s = torch.sigmoid(logits.double())
+    want = E * (f * (s / s.sum(-1, keepdim=True)).mean(0)).sum()
+    torch.testing.assert_close(layer.aux_losses["balance"].double(), want, rtol=1e-5, atol=0)
+    softmax = E * (f * torch.softmax(logits.double(), -1).mean(0)).sum()
+    assert not torch.isclose(softmax, want, rtol=1e-3)
+
+
+def test_sequence_wise_balance_loss():
+    """seq_aux_loss_coef: DeepSeek-V3 eq. 17-20 per sequence of a [B, S, d] input, f from the
+    plain top-k of the scores (no selection bias, no group limit), averaged over sequences; a
+    [T, d] input is one sequence; the gradient reaches the router."""
+    torch.manual_seed(0)
+    B, S, d, E, k = 3, 10, 16, 8, 2
+    layer = moeyard.TopKMoE.deepseek_v3(d, 8, E, k, n_group=4, topk_group=2, n_shared_experts=0,
+                                        seq_aux_loss_coef=1.0, initializer_range=0.5)
+    layer.router.e_score_correction_bias.copy_(torch.linspace(0.5, -0.5, E))
+    x = torch.randn(B, S, d)
+    for inp, sequences in ((x[0], 1), (x, B)):
+        layer(inp)
+        logits = F.linear(inp.reshape(-1, d), layer.router.weight).double()
+        want = naive_seq_balance(logits, k, sequences, sigmoid=True)
+        torch.testing.assert_close(layer.aux_losses["seq_balance"].double(), want, rtol=1e-5,
+                                   atol=0)
+    # f counts the plain top-k, not the biased group-limited selection the layer routes by
+    biased = layer.router(x.reshape(-1, d))[2].long()
+    q = normalized_scores(logits, sigmoid=True)
+    f = torch.stack([torch.bincount(biased[b * S:(b + 1) * S].flatten(), minlength=E)
+                     for b in range(B)]).double() * E / (k * S)
+    with_bias = (f * q.view(B, S, E).mean(1)).sum(-1).mean()
+    assert not torch.isclose(with_bias, want, rtol=1e-3)
+    layer.aux_losses["seq_balance"].backward()
+    assert layer.router.weight.grad.abs().sum() > 0

@@ -53,16 +53,19 @@ MOEYARD_HD double sign_step(double mean, double load, double rate) {
 
 struct RouterLossShape {
   int64_t T = 0, E = 0, k = 0;
+  bool sigmoid = false;  // P from sigmoid(z) / sum_e sigmoid(z) (DeepSeek-V3), not softmax(z)
 };
 
 inline RouterLossShape check_router_losses_args(const at::Tensor& logits, const at::Tensor& counts,
-                                                int64_t k) {
+                                                int64_t k, c10::string_view score) {
   check_rank(logits, 2, "logits");
   check_float(logits, "logits");
   check_rank(counts, 1, "counts");
   check_count_dtype(counts, "counts");
   check_same_device(logits, counts, "logits", "counts");
-  RouterLossShape s{logits.size(0), logits.size(1), k};
+  TORCH_CHECK(score == "softmax" || score == "sigmoid",
+              "moeyard: router_losses score must be 'softmax' or 'sigmoid', got '", score, "'");
+  RouterLossShape s{logits.size(0), logits.size(1), k, score == "sigmoid"};
   TORCH_CHECK(s.E >= 1, "moeyard: logits must have at least one expert column, got shape ",
               logits.sizes());
   TORCH_CHECK(counts.size(0) == s.E, "moeyard: counts must have E=", s.E,

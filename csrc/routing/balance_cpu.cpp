@@ -71,8 +71,14 @@ void router_losses_cpu_kernel(const RouterLossShape& s, const scalar_t* logits,
         if (nan) m = std::numeric_limits<acc_t>::quiet_NaN();
         acc_t sum = 0;
         for (int64_t e = 0; e < E; ++e) sum += (ex[e] = std::exp(static_cast<acc_t>(row[e]) - m));
-        for (int64_t e = 0; e < E; ++e) col[e] += ex[e] / sum;
         const acc_t lse = row_logsumexp(m, sum);
+        if (s.sigmoid) {  // P's summand: sigmoid(z) normalized over the row
+          acc_t ssum = 0;
+          for (int64_t e = 0; e < E; ++e)
+            ssum += (ex[e] = acc_t(1) / (acc_t(1) + std::exp(-static_cast<acc_t>(row[e]))));
+          sum = ssum + acc_t(1e-20);
+        }
+        for (int64_t e = 0; e < E; ++e) col[e] += ex[e] / sum;
         zs += lse * lse;
       }
       zpart[c] = zs;
@@ -91,8 +97,9 @@ void router_losses_cpu_kernel(const RouterLossShape& s, const scalar_t* logits,
 }
 
 std::tuple<at::Tensor, at::Tensor> router_losses_cpu(const at::Tensor& logits_in,
-                                                     const at::Tensor& counts_in, int64_t k) {
-  const RouterLossShape s = check_router_losses_args(logits_in, counts_in, k);
+                                                     const at::Tensor& counts_in, int64_t k,
+                                                     c10::string_view score) {
+  const RouterLossShape s = check_router_losses_args(logits_in, counts_in, k, score);
   const auto acc = acc_dtype(logits_in.scalar_type());
   auto opts = logits_in.options().dtype(acc);
   if (s.T == 0) return {at::zeros({}, opts), at::zeros({}, opts)};

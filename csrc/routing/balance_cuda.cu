@@ -7,8 +7,9 @@
 //   in order), then bias[e] += float(rate * sign(mean - load[e])). O(E), one launch.
 // router_losses: kernel 1, nblocks (a function of T only) blocks of W warps, each block a
 //   contiguous range of rows; a warp per row computes max, sum exp(z - max) and logsumexp with
-//   shuffles and adds the softmax into its own shared-memory column accumulator [E] (lane e%32 owns
-//   column e: no races) and lse^2 into a register; the block writes sum over warps (in order) to
+//   shuffles and adds the softmax (score="sigmoid": sigmoid(z) / (sum_e sigmoid(z) + 1e-20), one
+//   more shuffle sum) into its own shared-memory column accumulator [E] (lane e%32 owns column e:
+//   no races) and lse^2 into a register; the block writes sum over warps (in order) to
 //   partial [nblocks, E] and [nblocks]. The row is read once from HBM (the two re-reads of a row
 //   hit L1). Kernel 2, one 32x32 block: column sums over blocks in a fixed order, then
 //   balance = E * sum_e (counts_e / (T k)) * (colsum_e / T) and z = sum lse^2 / T.
@@ -98,7 +99,8 @@ void update_expert_bias_cuda(const at::Tensor& bias, const at::Tensor& load_in, 
 
 template <typename scalar_t, typename acc_t>
 __global__ void router_losses_partial_kernel(const scalar_t* __restrict__ logits, int64_t T, int E,
-                                             int64_t rows_per_block, acc_t* __restrict__ part,
+                                             bool sigmoid, int64_t rows_per_block,
+                                             acc_t* __restrict__ part,
                                              acc_t* __restrict__ zpart) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int W = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -118,10 +120,19 @@ __global__ void router_losses_partial_kernel(const scalar_t* __restrict__ logits
     acc_t sum = 0;
     for (int e = lane; e < E; e += 32) sum += exp(static_cast<acc_t>(to_float(row[e])) - m);
     sum = warp_sum(sum);
-    for (int e = lane; e < E; e += 32)
-      mine[e] += exp(static_cast<acc_t>(to_float(row[e])) - m) / sum;
     const acc_t lse = row_logsumexp(m, sum);
     zs += lse * lse;
+    if (sigmoid) {
+      acc_t ssum = 0;
+      for (int e = lane; e < E; e += 32)
+        ssum += acc_t(1) / (acc_t(1) + exp(-static_cast<acc_t>(to_float(row[e]))));
+      ssum = warp_sum(ssum) + acc_t(1e-20);
+      for (int e = lane; e < E; e += 32)
+        mine[e] += acc_t(1) / (acc_t(1) + exp(-static_cast<acc_t>(to_float(row[e])))) / ssum;
+    } else {
+      for (int e = lane; e < E; e += 32)
+        mine[e] += exp(static_cast<acc_t>(to_float(row[e])) - m) / sum;
+    }
   }
   if (lane == 0) zw[warp] = zs;
   __syncthreads();
@@ -181,8 +192,9 @@ __global__ void router_losses_finish_kernel(const acc_t* __restrict__ part,
 }
 
 std::tuple<at::Tensor, at::Tensor> router_losses_cuda(const at::Tensor& logits_in,
-                                                      const at::Tensor& counts_in, int64_t k) {
-  const RouterLossShape s = check_router_losses_args(logits_in, counts_in, k);
+                                                      const at::Tensor& counts_in, int64_t k,
+                                                      c10::string_view score) {
+  const RouterLossShape s = check_router_losses_args(logits_in, counts_in, k, score);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const auto acc = acc_dtype(logits_in.scalar_type());
   auto opts = logits_in.options().dtype(acc);
@@ -202,7 +214,8 @@ std::tuple<at::Tensor, at::Tensor> router_losses_cuda(const at::Tensor& logits_i
     const size_t smem = static_cast<size_t>(W) * (s.E + 1) * sizeof(acc_t);
     router_losses_partial_kernel<scalar_t, acc_t>
         <<<static_cast<unsigned>(nblocks), W * 32, smem, stream>>>(
-            logits.const_data_ptr<scalar_t>(), s.T, static_cast<int>(s.E), rows_per_block,
+            logits.const_data_ptr<scalar_t>(), s.T, static_cast<int>(s.E), s.sigmoid,
+            rows_per_block,
             part.mutable_data_ptr<acc_t>(), zpart.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     router_losses_finish_kernel<acc_t><<<1, dim3(32, 32), 0, stream>>>(

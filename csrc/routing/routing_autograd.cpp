@@ -147,35 +147,44 @@ class ExpertChoiceFunction : public torch::autograd::Function<ExpertChoiceFuncti
 class RouterLossesFunction : public torch::autograd::Function<RouterLossesFunction> {
  public:
   static tensor_list forward(AutogradContext* ctx, const at::Tensor& logits,
-                             const at::Tensor& counts, int64_t k) {
+                             const at::Tensor& counts, int64_t k, c10::string_view score) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("moeyard::router_losses", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&,
-                                                                   const at::Tensor&, int64_t)>();
+                         .typed<std::tuple<at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, int64_t, c10::string_view)>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [balance, z] = op.call(logits, counts, k);
+    auto [balance, z] = op.call(logits, counts, k, score);
     ctx->save_for_backward({logits, counts});
     ctx->saved_data["k"] = k;
+    ctx->saved_data["sigmoid"] = score == "sigmoid";
     return {balance, z};
   }
 
-  // balance = E/(T^2 k) sum_e counts_e sum_t p[t,e];  z = mean_t lse_t^2
+  // balance = sum_t sum_e c_e q[t,e] with c_e = E counts_e / (T^2 k) and q the softmax (dq/dz:
+  // q (dc - <q, dc>)) or the normalized sigmoid q = s / Z, Z = sum_e s + eps (dq_e/dz_j =
+  // s_j (1 - s_j) / Z (delta_ej - q_e)); z = mean_t lse_t^2
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
     const auto& logits = saved[0];
     const auto z = logits.to(acc_dtype(logits.scalar_type()));
     const int64_t T = z.size(0), E = z.size(1), k = ctx->saved_data["k"].toInt();
-    if (T == 0) return {at::zeros_like(logits), {}, {}};
+    if (T == 0) return {at::zeros_like(logits), {}, {}, {}};
     const auto p = at::softmax(z, -1);
     auto grad = at::zeros_like(z);
     if (grads[0].defined()) {
       const auto dp = grads[0].to(z.scalar_type()) * (static_cast<double>(E) / T) *
                       saved[1].to(z.scalar_type()) / static_cast<double>(T * k);
-      grad = grad + p * (dp - (p * dp).sum(-1, true));
+      if (ctx->saved_data["sigmoid"].toBool()) {
+        const auto s = at::sigmoid(z);
+        const auto Z = s.sum(-1, true) + 1e-20;
+        grad = grad + s * (1 - s) / Z * (dp - (s / Z * dp).sum(-1, true));
+      } else {
+        grad = grad + p * (dp - (p * dp).sum(-1, true));
+      }
     }
     if (grads[1].defined())
       grad = grad + grads[1].to(z.scalar_type()) * (2.0 / T) * at::logsumexp(z, -1, true) * p;
-    return {grad.to(logits.scalar_type()), {}, {}};
+    return {grad.to(logits.scalar_type()), {}, {}, {}};
   }
 };
 
@@ -236,8 +245,9 @@ expert_choice_autograd(const at::Tensor& scores, int64_t capacity) {
 }
 
 std::tuple<at::Tensor, at::Tensor> router_losses_autograd(const at::Tensor& logits,
-                                                          const at::Tensor& counts, int64_t k) {
-  auto o = RouterLossesFunction::apply(logits, counts, k);
+                                                          const at::Tensor& counts, int64_t k,
+                                                          c10::string_view score) {
+  auto o = RouterLossesFunction::apply(logits, counts, k, score);
   return {o[0], o[1]};
 }
 

@@ -34,14 +34,23 @@ class BiasBalancer:
     ``bias += rate * sign(mean(load) - load)`` (:func:`moeyard.update_expert_bias`) and zeroes
     the load. ``rate`` (default 1e-3, DeepSeek-V3's bias update speed) is an attribute: set it to
     0 to freeze the biases (as DeepSeek-V3 does for its last tokens).
+
+    ``recenter``: the signs of one update rarely sum to zero (one overloaded expert: E - 1 biases
+    go up, one down), so with the paper's rule all biases drift together, by up to ``rate`` per
+    step. A common shift never changes which experts a token selects (every selection compares
+    ``s + b`` within a token or a group sum of them), so the drift only costs fp32 resolution of
+    ``s + b`` after very many steps. ``recenter=True`` subtracts each update's mean over the
+    experts (torchtitan's rule), keeping the mean bias where it started; default False: the
+    paper's rule (Loss-Free Balancing Algorithm 1, DeepSeek-V3, Megatron).
     """
 
-    def __init__(self, model: nn.Module, rate: float = 1e-3, process_group=None):
+    def __init__(self, model: nn.Module, rate: float = 1e-3, process_group=None,
+                 recenter: bool = False):
         self.routers = [m for m in model.modules()
                         if isinstance(m, TopKRouter) and m.load_since_update is not None]
         if not self.routers:
             raise ValueError("BiasBalancer: the model has no router with bias_balancing=True")
-        self.rate = rate
+        self.rate, self.recenter = rate, recenter
         self.process_group = process_group
 
     @torch.no_grad()
@@ -51,7 +60,11 @@ class BiasBalancer:
             dist.all_reduce(loads, group=self.process_group)  # one collective for all layers
         sizes = [r.num_experts for r in self.routers]
         for router, load in zip(self.routers, loads.split(sizes)):
-            update_expert_bias(router.e_score_correction_bias, load, self.rate)
+            bias = router.e_score_correction_bias
+            before = bias.mean() if self.recenter else None
+            update_expert_bias(bias, load, self.rate)
+            if before is not None:
+                bias.sub_(bias.mean() - before)
             router.load_since_update.zero_()
 
 

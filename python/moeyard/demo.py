@@ -101,6 +101,14 @@ class LayerType(NamedTuple):
     expert_parallel: bool = True
 
 
+def _deepseek_groups(c: DemoConfig) -> dict:
+    """DeepSeek-V3's group limit scaled to the demo: the best half of 4 groups when 4 divides E
+    and the kept groups hold k experts, else no groups."""
+    if c.experts % 4 == 0 and c.k <= c.experts // 2:
+        return {"n_group": 4, "topk_group": 2}
+    return {"n_group": 1, "topk_group": 1}
+
+
 # Every MoE type computes k experts of width I per token (on average for ReMoE and expert choice),
 # the dense baseline one SwiGLU MLP of width k * I: the same active parameters up to the router.
 # ``g``: the expert-parallel group or None (the dense MLP is replicated like every other weight).
@@ -132,8 +140,16 @@ LAYER_TYPES: dict[str, LayerType] = {
                        causal=False, note="SMEAR: experts merged per sequence (routed on its "
                                           "mean); one merged MLP of width k*I",
                        expert_parallel=False),
+    # opt-in (--layers): not in the default run
+    "deepseek": LayerType(lambda d, c, g=None: layers.TopKMoE.deepseek_v3(
+                              d, c.expert_size, c.experts, c.k, n_shared_experts=0,
+                              **_deepseek_groups(c), ep_group=g),
+                          note="DeepSeek-V3 routing: sigmoid, bias balancing, group-limited, "
+                               "sequence-wise balance loss 1e-4"),
 }
-DEFAULT_LAYERS = tuple(LAYER_TYPES)
+# The default run; the other types are opt-in with --layers.
+DEFAULT_LAYERS = ("dense", "switch", "topk", "topk-bias", "remoe", "expert-choice", "base",
+                  "smear")
 
 
 def _moe_layers(model: nn.Module) -> list[nn.Module]:

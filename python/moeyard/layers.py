@@ -11,7 +11,8 @@ by :func:`moeyard.balanced_assignment` (BASE layers); all use the same :class:`E
 
 After every forward the layer holds
   ``aux_losses``  dict of scalar tensors, already multiplied by their coefficients (``"balance"``:
-                  Switch load-balancing loss on the pre-drop counts, ``"z"``: router z-loss), only
+                  Switch load-balancing loss on the pre-drop counts, ``"seq_balance"``:
+                  DeepSeek-V3's sequence-wise one, ``"z"``: router z-loss), only
                   the ones whose coefficient is > 0; :func:`moeyard.collect_aux_losses` sums them
                   over a model. Add them to the loss after each forward (micro-batch).
   ``last_stats``  :func:`moeyard.load_stats` of the plan (tokens per expert, MaxVio, dropped
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from .experts import Experts, MergedExperts, SwiGLUMLP
 from .ops import (balanced_assignment, expert_capacity, expert_choice, load_stats, plan,
-                  route, router_losses)
+                  route, router_losses, sequence_balance_loss)
 from .routers import ReLURouter, RouterLinear, SmearRouter, TopKRouter, check_sizes
 
 __all__ = ["TopKMoE", "SwitchMoE", "ReMoE", "ExpertChoiceMoE", "BaseMoE", "SmearMoE"]
@@ -94,9 +95,19 @@ class TopKMoE(_Layer):
             choice, earlier tokens first); None (default) = dropless.
         eval_capacity_factor: the same in eval mode; None (default) = dropless.
         min_capacity: lower bound of the capacity (default 4).
-        aux_loss_coef: coefficient of the Switch load-balancing loss (:func:`moeyard.router_losses`,
-            1 at perfect balance for any k; Hugging Face's ``load_balancing_loss_func`` is k times
-            it); default 1e-2; 0 turns it off.
+        aux_loss_coef: coefficient of the Switch load-balancing loss (:func:`moeyard.router_losses`
+            on the pre-drop counts, 1 at perfect balance for any k; Hugging Face's
+            ``load_balancing_loss_func`` is k times it); 0 turns it off. Default: 1e-2, or 0 with
+            ``bias_balancing=True`` (Loss-Free Balancing uses no auxiliary loss; pass a
+            coefficient explicitly for a hybrid). ``P_e`` is the mean softmax probability, or with
+            ``score="sigmoid"`` the mean of the sigmoid affinities normalized per token
+            (DeepSeek-V3 eq. 19-20; the Loss-Free Balancing paper's baseline).
+        seq_aux_loss_coef: coefficient of DeepSeek-V3's complementary sequence-wise balance loss
+            (eq. 17-20, :func:`moeyard.sequence_balance_loss`): per sequence of the input
+            (``[B, S, d]``: B sequences of S tokens; ``[T, d]``: one), ``f_e`` from each token's
+            plain top-k of the scores (no selection bias, no group limit: eq. 18) and ``P_e`` the
+            mean normalized score; averaged over the sequences. Default 0 (off);
+            :meth:`deepseek_v3` sets the paper's 1e-4.
         z_loss_coef: coefficient of the router z-loss; default 0 (off).
         bias_balancing: auxiliary-loss-free balancing: a selection bias in the router, updated by
             :class:`moeyard.BiasBalancer` after each optimizer step. Default False.
@@ -127,17 +138,19 @@ class TopKMoE(_Layer):
                  renormalize: bool = False, scale: float = 1.0, n_group: int = 1,
                  topk_group: int = 1, capacity_factor: Optional[float] = None,
                  eval_capacity_factor: Optional[float] = None, min_capacity: int = 4,
-                 aux_loss_coef: float = 1e-2, z_loss_coef: float = 0.0,
-                 bias_balancing: bool = False, jitter_eps: float = 0.0,
+                 aux_loss_coef: Optional[float] = None, seq_aux_loss_coef: float = 0.0,
+                 z_loss_coef: float = 0.0, bias_balancing: bool = False, jitter_eps: float = 0.0,
                  shared_intermediate_size: Optional[int] = None, shared_gate: bool = False,
                  activation: str = "swiglu", expert_bias: bool = False,
                  initializer_range: float = 0.02, backend: str = "auto", ep_group=None,
                  balance_group=None, device=None, dtype=None):
         super().__init__()
         _check_capacity(capacity_factor, eval_capacity_factor, min_capacity)
-        if aux_loss_coef < 0 or z_loss_coef < 0:
-            raise ValueError(f"aux_loss_coef={aux_loss_coef} and z_loss_coef={z_loss_coef} must "
-                             "be >= 0")
+        if aux_loss_coef is None:
+            aux_loss_coef = 0.0 if bias_balancing else 1e-2
+        if min(aux_loss_coef, seq_aux_loss_coef, z_loss_coef) < 0:
+            raise ValueError(f"aux_loss_coef={aux_loss_coef}, seq_aux_loss_coef="
+                             f"{seq_aux_loss_coef} and z_loss_coef={z_loss_coef} must be >= 0")
         if shared_gate and shared_intermediate_size is None:
             raise ValueError("shared_gate needs a shared expert (shared_intermediate_size)")
         kw = dict(device=device, dtype=dtype)
@@ -145,6 +158,7 @@ class TopKMoE(_Layer):
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.min_capacity = min_capacity
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.seq_aux_loss_coef = seq_aux_loss_coef
         self._balance_group = _Shared(balance_group)
         self.router = TopKRouter(hidden_size, num_experts, k, score,
                                  topk_before_score=topk_before_score, renormalize=renormalize,
@@ -194,11 +208,12 @@ class TopKMoE(_Layer):
     def deepseek_v3(cls, hidden_size: int, intermediate_size: int, num_experts: int = 256,
                     k: int = 8, n_group: int = 8, topk_group: int = 4,
                     n_shared_experts: int = 1, **kwargs) -> "TopKMoE":
-        """DeepSeek-V3: sigmoid scores, selection bias (auxiliary-loss-free balancing, no aux
-        loss), top-8 within the best 4 of 8 groups, renormalized, scaled by 2.5, and an ungated
-        shared expert of width ``n_shared_experts * intermediate_size``."""
+        """DeepSeek-V3: sigmoid scores, selection bias (auxiliary-loss-free balancing, no Switch
+        aux loss) plus the complementary sequence-wise balance loss with the paper's alpha 1e-4,
+        top-8 within the best 4 of 8 groups, renormalized, scaled by 2.5, and an ungated shared
+        expert of width ``n_shared_experts * intermediate_size``."""
         kwargs = {"score": "sigmoid", "renormalize": True, "scale": 2.5, "aux_loss_coef": 0.0,
-                  "bias_balancing": True,
+                  "seq_aux_loss_coef": 1e-4, "bias_balancing": True,
                   "shared_intermediate_size": n_shared_experts * intermediate_size or None,
                   **kwargs}
         return cls(hidden_size, intermediate_size, num_experts, k, n_group=n_group,
@@ -233,31 +248,40 @@ class TopKMoE(_Layer):
                 shared = torch.sigmoid(self.shared_expert_gate(h)) * shared
             out = out + shared
         self.router.record_load(p.counts)
-        self.aux_losses = self._aux_losses(logits, p.counts)
+        # the sequences of a [..., S, d] input (a [T, d] input is one), for the sequence-wise loss
+        sequences = h.shape[0] // x.shape[-2] if x.dim() >= 3 and h.shape[0] else 1
+        self.aux_losses = self._aux_losses(logits, p.counts, sequences)
         self.last_stats = load_stats(p)
         return out.view(x.shape)
 
-    def _aux_losses(self, logits: Tensor, counts: Tensor) -> dict[str, Tensor]:
+    def _aux_losses(self, logits: Tensor, counts: Tensor, sequences: int) -> dict[str, Tensor]:
         losses = {}
+        sigmoid = self.router.score == "sigmoid"
         if self.aux_loss_coef > 0 or self.z_loss_coef > 0:
             share = None
             if self.aux_loss_coef > 0 and self.balance_group is not None:
                 from .distributed import global_batch_counts
                 counts, share = global_batch_counts(counts, logits.shape[0], self.balance_group)
-            balance, z = router_losses(logits, counts, self.k)
+            balance, z = router_losses(logits, counts, self.k,
+                                       "sigmoid" if sigmoid else "softmax")
             if share is not None:  # router_losses divides the counts by the local T
                 balance = balance * share
             if self.aux_loss_coef > 0:
                 losses["balance"] = self.aux_loss_coef * balance
             if self.z_loss_coef > 0:
                 losses["z"] = self.z_loss_coef * z
+        if self.seq_aux_loss_coef > 0:
+            scores = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, dim=-1)
+            plain_topk = route(logits, self.k, "none")[1]  # monotone in the scores: their top-k
+            losses["seq_balance"] = self.seq_aux_loss_coef * sequence_balance_loss(
+                scores, plain_topk, sequences)
         return losses
 
     def extra_repr(self) -> str:
         return (f"capacity_factor={self.capacity_factor}, "
                 f"eval_capacity_factor={self.eval_capacity_factor}, "
                 f"min_capacity={self.min_capacity}, aux_loss_coef={self.aux_loss_coef}, "
-                f"z_loss_coef={self.z_loss_coef}")
+                f"seq_aux_loss_coef={self.seq_aux_loss_coef}, z_loss_coef={self.z_loss_coef}")
 
 
 class SwitchMoE(TopKMoE):

@@ -353,20 +353,25 @@ def _update_expert_bias_fake(bias, load, rate):
     return None
 
 
-def router_losses(logits: Tensor, counts: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def router_losses(logits: Tensor, counts: Tensor, k: int,
+                  score: str = "softmax") -> tuple[Tensor, Tensor]:
     """Switch load-balancing loss and router z-loss, in one pass over the logits.
 
     ``balance = E * sum_e f_e * P_e`` with ``f_e = counts_e / (T*k)`` (pass the pre-drop
-    ``plan.counts``) and ``P`` the mean softmax probability; 1 at perfect balance for any k
-    (Hugging Face's ``load_balancing_loss_func`` reports k times this).
-    ``z = mean_t logsumexp(logits_t)^2``. Both differentiable w.r.t. ``logits``; multiply by your
-    coefficients (Switch: 1e-2 and 1e-3)."""
-    return _ops.router_losses.default(logits, counts, k)
+    ``plan.counts``) and ``P`` the mean over tokens of the router's scores: ``score="softmax"``
+    the softmax of the logits; ``"sigmoid"`` the sigmoid affinities normalized per token,
+    ``sigmoid(z) / (sum_e sigmoid(z) + 1e-20)`` (DeepSeek-V3 eq. 19-20, Loss-Free Balancing's
+    baseline, Megatron with a sigmoid router). 1 at perfect balance for any k (Hugging Face's
+    ``load_balancing_loss_func`` reports k times this). ``z = mean_t logsumexp(logits_t)^2``.
+    Both differentiable w.r.t. ``logits``; multiply by your coefficients (Switch: 1e-2, 1e-3)."""
+    return _ops.router_losses.default(logits, counts, k, score)
 
 
 @torch.library.register_fake("moeyard::router_losses")
-def _router_losses_fake(logits, counts, k):
+def _router_losses_fake(logits, counts, k, score="softmax"):
     _check_same_device(locals())
+    torch._check(score in ("softmax", "sigmoid"),
+                 lambda: f"router_losses score must be 'softmax' or 'sigmoid', got {score!r}")
     dt = _acc_dtype(logits)
     return logits.new_empty((), dtype=dt), logits.new_empty((), dtype=dt)
 

@@ -331,9 +331,10 @@ def update_expert_bias(bias, load, rate):
     bias.add_((rate * torch.sign(load.mean() - load)).to(bias.dtype))
 
 
-def router_losses(logits, counts, k):
+def router_losses(logits, counts, k, score="softmax"):
     """(balance, z): balance = E * sum_e f_e P_e with f_e = counts_e / (T*k) (pre-drop counts) and
-    P = mean over tokens of softmax(logits); z = mean over tokens of logsumexp(logits)^2.
+    P = mean over tokens of softmax(logits), or for score="sigmoid" of the sigmoid affinities
+    normalized per token, s / (sum_e s + 1e-20); z = mean over tokens of logsumexp(logits)^2.
     Balanced routing gives balance = 1 for every k (HF's load_balancing_loss_func gives k times
     this). Both are 0 for T = 0."""
     acc = _acc_dtype(logits)
@@ -342,7 +343,11 @@ def router_losses(logits, counts, k):
     if T == 0:
         zero = z.sum() * 0
         return zero, zero.clone()
-    P = torch.softmax(z, dim=-1).mean(0)
+    if score == "sigmoid":
+        s = torch.sigmoid(z)
+        P = (s / (s.sum(-1, keepdim=True) + 1e-20)).mean(0)
+    else:
+        P = torch.softmax(z, dim=-1).mean(0)
     f = counts.to(acc) / (T * k)
     return E * (f * P).sum(), (torch.logsumexp(z, dim=-1) ** 2).mean()
 
