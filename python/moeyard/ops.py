@@ -24,6 +24,7 @@ __all__ = [
     "RoutingPlan",
     "route",
     "relu_route",
+    "top_p_route",
     "plan",
     "expert_choice",
     "balanced_assignment",
@@ -174,6 +175,44 @@ def relu_route(logits: Tensor, k_max: Optional[int] = None) -> tuple[Tensor, Ten
 def _relu_route_fake(logits, k_max):
     _check_same_device(locals())
     return _route_fake(logits, k_max)
+
+
+def top_p_route(logits: Tensor, p: float, k_max: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Dynamic top-p routing (Huang et al., "Harder Tasks Need More Experts", ACL 2024): per token
+    the experts in descending softmax probability until their probabilities sum past ``p``.
+
+    Returns ``(weights [T,k_max], experts [T,k_max] int32)``, best first: slot j holds the j-th
+    most probable expert while the probabilities of slots 0..j-1 sum to at most ``p`` (the expert
+    that crosses ``p`` is included, as the authors' code does); the other slots have expert -1 and
+    weight 0, the format :func:`plan` and :func:`expert_ffn` take. Weights are the raw softmax
+    probabilities (not renormalized, as in the paper's code). A token keeps at least one and at
+    most ``k_max`` experts; ``k_max=None`` means E (no bound; the plan then has ``T*E`` rows).
+
+    Args:
+        logits: router logits ``[T, E]`` (any float dtype; math in fp32, fp64 for fp64).
+        p: the threshold, ``0 < p <= 1`` (the paper's default 0.4); ``p = 1`` keeps ``k_max``.
+        k_max: bound on the experts per token, ``1 <= k_max <= E``, or None (E).
+
+    Experts are ordered by their logits (exact, no rounding ties): ties to the lower expert id.
+    The running sum is accumulated in slot order in fp32 (fp64 for fp64) and compared with ``p``
+    in that dtype. A NaN or +inf logit makes the token's probabilities NaN (as
+    ``torch.softmax``): it keeps one expert (the best by the order above, NaN last) with weight
+    NaN. Differentiable w.r.t. ``logits`` through the weights (the selection is piecewise
+    constant). No host synchronization; the output shape depends only on T and k_max.
+    """
+    return _ops.top_p_route.default(logits, p, logits.shape[1] if k_max is None else k_max)
+
+
+@torch.library.register_fake("moeyard::top_p_route")
+def _top_p_route_fake(logits, p, k_max):
+    _check_same_device(locals())
+    torch._check(0 < p <= 1, lambda: f"p must be in (0, 1], got p={p}")
+    torch._check(logits.dim() == 2, lambda: f"logits must be 2-D, got {logits.dim()}-D")
+    torch._check(1 <= k_max <= logits.shape[1],
+                 lambda: f"k_max={k_max} must be in [1, E={logits.shape[1]}]")
+    T = logits.shape[0]
+    return (logits.new_empty((T, k_max), dtype=_acc_dtype(logits)),
+            logits.new_empty((T, k_max), dtype=torch.int32))
 
 
 # -------------------------------------------------------------------------------------- plan
