@@ -1,6 +1,9 @@
 """top_p_route (dynamic top-p routing): kernels vs reference.py and vs the authors' selection rule,
 the rule on hand-made distributions (crossing expert kept, raw weights, ties, p = 1, k_max),
-NaN/Inf, dtypes, gradients, opcheck, torch.compile, CUDA graphs and bad input."""
+NaN/Inf, dtypes, gradients, opcheck, torch.compile, CUDA graphs, bad input; and router_entropy,
+the paper's dynamic loss."""
+import math
+
 import pytest
 import torch
 
@@ -236,3 +239,31 @@ BAD = [
 def test_top_p_bad_input(fn, msg):
     with pytest.raises(RuntimeError, match=msg):
         fn()
+
+
+# ------------------------------------------------------------------------------ router_entropy
+
+
+def test_router_entropy_matches_fp64_and_oracles():
+    logits = torch.randn(50, 8) * 3
+    p = torch.exp(logits.double()) / torch.exp(logits.double()).sum(-1, keepdim=True)
+    want = -(p * p.log()).sum(-1).mean()
+    got = moeyard.router_entropy(logits)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(moeyard.router_entropy(torch.zeros(5, 8)), torch.tensor(math.log(8)))
+    assert moeyard.router_entropy(torch.zeros(0, 8)) == 0
+
+
+def test_router_entropy_underflow_is_finite():
+    logits = torch.tensor([[0.0, -float("inf"), -1e4, 1.0]], requires_grad=True)
+    h = moeyard.router_entropy(logits)
+    h.backward()
+    p = torch.softmax(torch.tensor([0.0, 1.0]), -1)
+    torch.testing.assert_close(h.detach(), -(p * p.log()).sum())
+    assert torch.isfinite(logits.grad).all() and (logits.grad[0, 1:3] == 0).all()
+
+
+def test_router_entropy_gradcheck():
+    logits = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(moeyard.router_entropy, (logits,))

@@ -33,6 +33,7 @@ __all__ = [
     "update_expert_bias",
     "router_losses",
     "sequence_balance_loss",
+    "router_entropy",
     "load_stats",
     "expert_capacity",
     "grouped_mm",
@@ -425,6 +426,24 @@ def _sequence_balance_loss_fake(scores, experts, num_sequences):
     _check_same_device(locals())
     _check_expert_ids(experts)
     return scores.new_empty((), dtype=_acc_dtype(scores))
+
+
+def router_entropy(logits: Tensor) -> Tensor:
+    """Mean over tokens of the routing entropy ``-sum_e P_e log P_e``, ``P = softmax(logits)``
+    (nats: ``log E`` for uniform routing, 0 when one expert has all the mass); 0 for T = 0.
+
+    The dynamic loss of top-p routing (Huang et al., ACL 2024): with :func:`top_p_route` a flat
+    distribution needs many experts to reach ``p``, so penalizing the entropy keeps the experts per
+    token down. Differentiable w.r.t. ``logits``; computed in fp32 (fp64 for fp64). A probability
+    that underflows to 0 adds 0 (``0 log 0 = 0``) and no gradient. A handful of elementwise torch
+    ops on ``[T, E]`` (the same reads as :func:`router_losses`; no kernel of its own).
+    """
+    z = logits.to(_acc_dtype(logits))
+    if z.shape[0] == 0:
+        return z.sum() * 0
+    # clamping the log at the dtype's lowest finite value keeps 0 * log 0 (and its gradient) at 0
+    logp = torch.log_softmax(z, dim=-1).clamp(min=torch.finfo(z.dtype).min)
+    return -(logp.exp() * logp).sum(-1).mean()
 
 
 def load_stats(plan: RoutingPlan) -> dict[str, Tensor]:
