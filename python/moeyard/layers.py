@@ -13,8 +13,8 @@ block's residual carries them). :class:`ReMoE` routes by :func:`moeyard.relu_rou
 After every forward the layer holds
   ``aux_losses``  dict of scalar tensors, already multiplied by their coefficients (``"balance"``:
                   Switch load-balancing loss on the pre-drop counts, ``"z"``: router z-loss,
-                  ``"entropy"``: top-p routing's entropy loss, ``"l1"``: ReMoE's L1), only the
-                  ones whose coefficient is > 0;
+                  ``"erc"``: expert-router coupling loss, ``"entropy"``: top-p routing's entropy
+                  loss, ``"l1"``: ReMoE's L1), only the ones whose coefficient is > 0;
                   :func:`moeyard.collect_aux_losses` sums them over a model. Add them to the loss
                   after each forward (micro-batch).
   ``last_stats``  :func:`moeyard.load_stats` of the plan (tokens per expert, MaxVio, dropped
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import Experts, MergedExperts, SwiGLUMLP
-from .ops import (balanced_assignment, expert_capacity, expert_choice, load_stats, plan, route,
-                  router_entropy, router_losses)
+from .ops import (balanced_assignment, erc_loss, expert_capacity, expert_choice, load_stats, plan,
+                  route, router_entropy, router_losses)
 from .routers import (ReLURouter, RouterLinear, SmearRouter, TopKRouter, TopPRouter,
                       check_sizes)
 
@@ -124,6 +124,16 @@ class TopKMoE(_Layer):
             group (arXiv 2501.11873): the expert counts (and token counts) are summed over its
             ranks (one all-reduce, no gradient), the mean probabilities stay local. Default None:
             the local batch.
+        erc_loss_coef: coefficient of the expert-router coupling loss (Lv et al., ICLR 2026;
+            :func:`moeyard.erc_loss` on ``router.weight`` and ``experts.gate_weight``), added as
+            ``aux_losses["erc"]`` in training forwards (``module.training``; the paper applies it
+            in training only, with coefficient 1). Its cost does not depend on the batch:
+            ``2 E^2 I d`` FLOPs. Default 0 (off). Not with ``ep_group`` (it needs every expert's
+            gate projection on one rank).
+        erc_alpha: the ERC margin alpha (default 1.0, the paper's default; it found 0.5 best
+            with 256 experts).
+        erc_generator: the ``torch.Generator`` that draws the ERC proxy-token noise (an
+            attribute, ``layer.erc_generator``; None, the default: torch's default generator).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, k: int = 2, *,
@@ -136,12 +146,18 @@ class TopKMoE(_Layer):
                  shared_intermediate_size: Optional[int] = None, shared_gate: bool = False,
                  activation: str = "swiglu", expert_bias: bool = False,
                  initializer_range: float = 0.02, backend: str = "auto", ep_group=None,
-                 balance_group=None, device=None, dtype=None):
+                 balance_group=None, erc_loss_coef: float = 0.0, erc_alpha: float = 1.0,
+                 erc_generator: Optional[torch.Generator] = None, device=None, dtype=None):
         super().__init__()
         _check_capacity(capacity_factor, eval_capacity_factor, min_capacity)
-        if aux_loss_coef < 0 or z_loss_coef < 0:
-            raise ValueError(f"aux_loss_coef={aux_loss_coef} and z_loss_coef={z_loss_coef} must "
-                             "be >= 0")
+        if aux_loss_coef < 0 or z_loss_coef < 0 or erc_loss_coef < 0:
+            raise ValueError(f"aux_loss_coef={aux_loss_coef}, z_loss_coef={z_loss_coef} and "
+                             f"erc_loss_coef={erc_loss_coef} must be >= 0")
+        if not erc_alpha >= 0:
+            raise ValueError(f"erc_alpha={erc_alpha} must be >= 0")
+        if erc_loss_coef > 0 and ep_group is not None:
+            raise ValueError("erc_loss_coef > 0 needs every expert's gate projection on this rank; "
+                             "it is not supported with ep_group")
         if shared_gate and shared_intermediate_size is None:
             raise ValueError("shared_gate needs a shared expert (shared_intermediate_size)")
         kw = dict(device=device, dtype=dtype)
@@ -149,6 +165,8 @@ class TopKMoE(_Layer):
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.min_capacity = min_capacity
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.erc_loss_coef, self.erc_alpha = erc_loss_coef, erc_alpha
+        self.erc_generator = erc_generator
         self._balance_group = _Shared(balance_group)
         self.router = TopKRouter(hidden_size, num_experts, k, score,
                                  topk_before_score=topk_before_score, renormalize=renormalize,
@@ -238,6 +256,10 @@ class TopKMoE(_Layer):
             out = out + shared
         self.router.record_load(p.counts)
         self.aux_losses = self._aux_losses(logits, p.counts)
+        if self.erc_loss_coef > 0 and self.training:
+            self.aux_losses["erc"] = self.erc_loss_coef * erc_loss(
+                self.router.weight, self.experts.gate_weight, self.erc_alpha,
+                generator=self.erc_generator)
         self.last_stats = load_stats(p)
         return out.view(x.shape)
 
@@ -261,7 +283,9 @@ class TopKMoE(_Layer):
         return (f"capacity_factor={self.capacity_factor}, "
                 f"eval_capacity_factor={self.eval_capacity_factor}, "
                 f"min_capacity={self.min_capacity}, aux_loss_coef={self.aux_loss_coef}, "
-                f"z_loss_coef={self.z_loss_coef}")
+                f"z_loss_coef={self.z_loss_coef}"
+                + (f", erc_loss_coef={self.erc_loss_coef}, erc_alpha={self.erc_alpha}"
+                   if self.erc_loss_coef > 0 else ""))
 
 
 class SwitchMoE(TopKMoE):
