@@ -40,6 +40,9 @@ TORCH_LIBRARY(moeyard, m) {
         "float scale=1.0) -> (Tensor weights, Tensor experts)");
   // ReMoE: ReLU gates; the up-to-k_max active experts per token, -1 in inactive slots.
   m.def("relu_route(Tensor logits, int k_max) -> (Tensor weights, Tensor experts)");
+  // Dynamic top-p routing: per token the experts in descending probability until their softmax
+  // probabilities sum past p (the crossing one kept), at most k_max; -1 in the unused slots.
+  m.def("top_p_route(Tensor logits, float p, int k_max) -> (Tensor weights, Tensor experts)");
   // experts [T,k] -> dispatch plan: counts [E] (before drops), offsets [E+1] (after drops),
   // row_source [R] (token*k+slot, -1 unused), token_row [T,k] (row, -1 dropped or no expert).
   // R = T*k without capacity (None = dropless), E*C with one (expert e's rows start at e*C).

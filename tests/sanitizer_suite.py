@@ -79,6 +79,11 @@ if experts_only:
     print("sanitizer suite (experts): all ops ran")
     sys.exit(0)
 
+# dynamic top-p routing: bounded and unbounded, fp32 with its backward and bf16
+pw, pe = moeyard.top_p_route(logits.clone().requires_grad_(), 0.5, 7)
+pw.sum().backward()
+moeyard.top_p_route(logits.bfloat16(), 1.0)
+
 # SMEAR: merged_linear in bf16 (both weight memory orders, with a bias) and fp32, forward and
 # backward, in one chunk and one example per chunk (budget 0), and a SmearMoE layer.
 Bm, Sm, K, N, Em = 5, 7, 40, 24, 6

@@ -126,6 +126,24 @@ def test_non_causal_layer_flagged(tmp_path):
     assert "expert-choice *" in table and "not causal" in table
 
 
+@pytest.mark.parametrize("name", ["topp", "topk-erc"])
+def test_opt_in_layer_types(name):
+    """The opt-in types train (not in the default run): top-p reports its experts per token,
+    topk-erc adds the ERC loss in training."""
+    assert name in demo.LAYER_TYPES and name not in demo.DEFAULT_LAYERS
+    cfg = demo.DemoConfig(d_model=16, blocks=1, heads=2, experts=4, k=2, expert_size=8,
+                          seq_len=8, batch_size=4, steps=3, eval_batches=1)
+    r = demo.train(name, cfg, demo.make_corpus(1 << 12), progress=False)
+    assert math.isfinite(r["heldout_loss"]) and r["final_train_loss"] > 0
+    if name == "topp":
+        assert 1 <= r["experts_per_token"] <= cfg.experts
+    else:
+        assert r["experts_per_token"] is None
+        model = demo.TinyLM(cfg, name)
+        model(torch.zeros(1, 4, dtype=torch.int64))
+        assert "erc" in model.blocks[0].mlp.aux_losses
+
+
 def test_command_line_and_bad_names(tmp_path, capsys):
     from moeyard.__main__ import main
     assert main(["demo", *tiny_args(tmp_path, **{"--layers": "dense", "--steps": 3})]) == 0

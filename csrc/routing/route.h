@@ -85,4 +85,36 @@ inline RouteParams relu_route_params(const at::Tensor& logits, int64_t k_max) {
   return p;
 }
 
+// Dynamic top-p routing (top_p_cpu.cpp, top_p_cuda.cu): softmax, experts in descending logit
+// order, slot j kept while the probabilities of slots 0..j-1 sum to at most p (so the expert that
+// crosses p is kept; p = 1 keeps all k_max slots), at most k_max slots.
+struct TopPParams {
+  int64_t T = 0, E = 0, k = 0;
+  double p = 1.0;
+};
+
+inline TopPParams check_top_p_args(const at::Tensor& logits, double p, int64_t k_max) {
+  check_rank(logits, 2, "logits");
+  check_float(logits, "logits");
+  TopPParams tp;
+  tp.T = logits.size(0);
+  tp.E = logits.size(1);
+  tp.k = k_max;
+  tp.p = p;
+  TORCH_CHECK(tp.E >= 1, "moeyard: logits must have at least one expert column, got shape ",
+              logits.sizes());
+  TORCH_CHECK(p > 0.0 && p <= 1.0, "moeyard: p must be in (0, 1], got p=", p);
+  TORCH_CHECK(k_max >= 1 && k_max <= tp.E, "moeyard: k_max must be in [1, E=", tp.E,
+              "], got k_max=", k_max);
+  check_int32_range(tp.T * tp.E, "T*E");
+  return tp;
+}
+
+// Whether slot j (probabilities of slots 0..j-1 summing to `before`) is kept. NaN sums (a token
+// with a NaN or +inf logit) keep only slot 0.
+template <typename T>
+MOEYARD_HD bool top_p_keeps(T before, double p) {
+  return p >= 1.0 || before <= static_cast<T>(p);
+}
+
 }  // namespace moeyard

@@ -1,8 +1,9 @@
-// Autograd of the differentiable routing and balance ops (route, relu_route, expert_choice,
-// router_losses, sequence_balance_loss), registered under the Autograd key in C++ so an eager
-// call costs no Python (a Python autograd kernel added ~13 us of host time per call, more than the
-// GPU work of a route). Forward redispatches to the CPU/CUDA kernels; backward is composed of ATen
-// ops (so torch.compile traces it) and matches python/moeyard/reference.py's formulas.
+// Autograd of the differentiable routing and balance ops (route, relu_route, top_p_route,
+// expert_choice, router_losses, sequence_balance_loss), registered under the Autograd key in C++
+// so an eager call costs no Python (a Python autograd kernel added ~13 us of host time per call,
+// more than the GPU work of a route). Forward redispatches to the CPU/CUDA kernels; backward is
+// composed of ATen ops (so torch.compile traces it) and matches python/moeyard/reference.py's
+// formulas.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -114,6 +115,36 @@ class ReluRouteFunction : public torch::autograd::Function<ReluRouteFunction> {
     if (grads[0].defined())
       grad = route_backward(grads[0], saved[0], saved[1], Score::Relu, false, false, 1.0);
     return {grad, {}};
+  }
+};
+
+// top_p_route: w = softmax(z)[experts] in the kept slots, 0 in the others (-1); the selection
+// itself is piecewise constant, so the gradient is route's softmax one on the kept slots.
+class TopPRouteFunction : public torch::autograd::Function<TopPRouteFunction> {
+ public:
+  static tensor_list forward(AutogradContext* ctx, const at::Tensor& logits, double p,
+                             int64_t k_max) {
+    static auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("moeyard::top_p_route", "")
+            .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, int64_t)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [w, e] = op.call(logits, p, k_max);
+    ctx->save_for_backward({logits, e});
+    ctx->mark_non_differentiable({e});
+    return {w, e};
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor grad;
+    if (grads[0].defined()) {
+      const auto& e = saved[1];
+      const auto kept = e.ge(0);
+      grad = route_backward(grads[0] * kept, saved[0], e.clamp_min(0), Score::Softmax, false, false,
+                            1.0);
+    }
+    return {grad, {}, {}};
   }
 };
 
@@ -238,6 +269,12 @@ std::tuple<at::Tensor, at::Tensor> relu_route_autograd(const at::Tensor& logits,
   return {out[0], out[1]};
 }
 
+std::tuple<at::Tensor, at::Tensor> top_p_route_autograd(const at::Tensor& logits, double p,
+                                                        int64_t k_max) {
+  auto out = TopPRouteFunction::apply(logits, p, k_max);
+  return {out[0], out[1]};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 expert_choice_autograd(const at::Tensor& scores, int64_t capacity) {
   auto o = ExpertChoiceFunction::apply(scores, capacity);
@@ -261,6 +298,7 @@ at::Tensor sequence_balance_loss_autograd(const at::Tensor& scores, const at::Te
 TORCH_LIBRARY_IMPL(moeyard, Autograd, m) {
   m.impl("route", &route_autograd);
   m.impl("relu_route", &relu_route_autograd);
+  m.impl("top_p_route", &top_p_route_autograd);
   m.impl("expert_choice", &expert_choice_autograd);
   m.impl("router_losses", &router_losses_autograd);
   m.impl("sequence_balance_loss", &sequence_balance_loss_autograd);

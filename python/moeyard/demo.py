@@ -93,12 +93,14 @@ class LayerType(NamedTuple):
     with expert parallelism ``build(d, cfg, ep_group)``, whose MoE layer holds only this rank's
     experts. ``causal=False`` marks routings where a token's experts depend on other tokens of the
     batch, later ones included (the table flags them: their LM losses see the future through
-    routing). ``expert_parallel=False``: the layer cannot be built with an ``ep_group``."""
+    routing). ``expert_parallel=False``: the layer cannot be built with an ``ep_group``.
+    ``default=False``: opt-in, run only when named (``--layers``), not in :data:`DEFAULT_LAYERS`."""
 
     build: Callable[..., nn.Module]
     causal: bool = True
     note: str = ""
     expert_parallel: bool = True
+    default: bool = True
 
 
 def _deepseek_groups(c: DemoConfig) -> dict:
@@ -140,16 +142,22 @@ LAYER_TYPES: dict[str, LayerType] = {
                        causal=False, note="SMEAR: experts merged per sequence (routed on its "
                                           "mean); one merged MLP of width k*I",
                        expert_parallel=False),
-    # opt-in (--layers): not in the default run
     "deepseek": LayerType(lambda d, c, g=None: layers.TopKMoE.deepseek_v3(
                               d, c.expert_size, c.experts, c.k, n_shared_experts=0,
                               **_deepseek_groups(c), ep_group=g),
                           note="DeepSeek-V3 routing: sigmoid, bias balancing, group-limited, "
-                               "sequence-wise balance loss 1e-4"),
+                               "sequence-wise balance loss 1e-4", default=False),
+    "topp": LayerType(lambda d, c, g=None: layers.TopPMoE(d, c.expert_size, c.experts,
+                                                          ep_group=g),
+                      note="dynamic top-p (p=0.4): experts by probability until their mass "
+                           "passes p, entropy loss; active params count all E (mean experts "
+                           "per token: experts_per_token)", default=False),
+    "topk-erc": LayerType(lambda d, c: layers.TopKMoE.mixtral(d, c.expert_size, c.experts, c.k,
+                                                              erc_loss_coef=1.0),
+                          note="topk plus the expert-router coupling loss (coefficient 1, "
+                               "alpha 1)", expert_parallel=False, default=False),
 }
-# The default run; the other types are opt-in with --layers.
-DEFAULT_LAYERS = ("dense", "switch", "topk", "topk-bias", "remoe", "expert-choice", "base",
-                  "smear")
+DEFAULT_LAYERS = tuple(name for name, lt in LAYER_TYPES.items() if lt.default)
 
 
 def _moe_layers(model: nn.Module) -> list[nn.Module]:
@@ -187,12 +195,12 @@ def total_parameters(model: nn.Module) -> int:
 def active_parameters(model: nn.Module) -> int:
     """Parameters one token uses: all of them (:func:`total_parameters`), except that of the E
     routed experts of each MoE layer only ``k`` count (the target k for ReMoE, the capacity factor
-    for expert choice)."""
+    for expert choice, the bound ``k_max`` for top-p)."""
     active = float(total_parameters(model))
     for m in model.modules():
         experts = getattr(m, "experts", None)
         if isinstance(experts, (Experts, MergedExperts)):
-            k = getattr(m, "k", getattr(m, "capacity_factor", 1))
+            k = getattr(m, "k", getattr(m, "k_max", getattr(m, "capacity_factor", 1)))
             shards = _expert_shards(experts)
             n = shards * sum(p.numel() for p in experts.parameters())
             E = shards * experts.num_experts
@@ -530,7 +538,8 @@ def train(layer_type: str, cfg: DemoConfig, corpus: Corpus, progress: bool = Tru
 
     Returns a JSON-ready dict: ``active_params``, ``total_params``, ``initial_loss`` (step 0),
     ``final_train_loss``, ``heldout_loss``, ``tokens_per_s``, ``max_violation``,
-    ``dropped_fraction``, ``sparsity`` (None where the layers do not report it), ``loss_curve``
+    ``dropped_fraction``, ``sparsity``, ``experts_per_token`` (None where the layers do not
+    report them), ``loss_curve``
     (LM loss per step), ``expert_load`` (tokens per expert summed over the run, per MoE layer),
     ``heldout_expert_load``, ``heldout_by_domain`` (loss and last block's load per domain)."""
     before = torch.get_num_threads()
@@ -564,7 +573,7 @@ def _train(layer_type, cfg, corpus, progress, log_every, ranks: _Ranks) -> dict:
 
     # Per-step histories stay on the device; read once at the end.
     losses = torch.zeros(cfg.steps, device=device)
-    names = ("max_violation", "dropped_fraction", "sparsity")
+    names = ("max_violation", "dropped_fraction", "sparsity", "experts_per_token")
     stats = {n: torch.full((cfg.steps,), float("nan"), device=device) for n in names}
     load = [None] * len(moe_layers)
 
@@ -632,6 +641,7 @@ def _train(layer_type, cfg, corpus, progress, log_every, ranks: _Ranks) -> dict:
         "max_violation": tail_mean(stats["max_violation"]),
         "dropped_fraction": tail_mean(stats["dropped_fraction"]),
         "sparsity": tail_mean(stats["sparsity"]),
+        "experts_per_token": tail_mean(stats["experts_per_token"]),
         "target_sparsity": next((m.target_sparsity for m in model.modules()
                                  if isinstance(m, layers.ReMoE)), None),
         "loss_curve": curve,

@@ -58,6 +58,20 @@ class _StackedExperts(nn.Module):
             nn.init.zeros_(self.gate_up_proj_bias)
             nn.init.zeros_(self.down_proj_bias)
 
+    @property
+    def gate_weight(self) -> Tensor:
+        """Each expert's input (gate) projection ``W_g [E, I, d]``, a view of ``gate_up_proj``:
+        the gate half (rows ``0..I-1``) for the gated activations on halves (``"swiglu"``,
+        ``"geglu"``, ...), the even rows for ``"swiglu_oss"`` (interleaved gate, up), all of it
+        for the ungated ones (their only input projection). The ERC loss probes it
+        (:func:`moeyard.erc_loss`)."""
+        gate = reference.ACTIVATIONS[self.activation].gate
+        if gate == "halves":
+            return self.gate_up_proj[:, :self.intermediate_size]
+        if gate == "oss":
+            return self.gate_up_proj[:, 0::2]
+        return self.gate_up_proj
+
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
                 f"intermediate_size={self.intermediate_size}, activation={self.activation!r}, "

@@ -3,18 +3,21 @@
 ``forward(x [..., d]) -> [..., d]`` (``[B, S, d]`` or ``[T, d]``): router (fp32) ->
 :func:`moeyard.route` -> :func:`moeyard.plan` -> :class:`Experts` (:func:`moeyard.expert_ffn`),
 plus an optional dense shared expert. Tokens that a capacity drops get 0 from the layer (the
-block's residual carries them). :class:`ReMoE` routes by :func:`moeyard.relu_route` (variable
-experts per token), :class:`ExpertChoiceMoE` by :func:`moeyard.expert_choice`, :class:`BaseMoE`
-by :func:`moeyard.balanced_assignment` (BASE layers); all use the same :class:`Experts`.
+block's residual carries them). :class:`ReMoE` routes by :func:`moeyard.relu_route` and
+:class:`TopPMoE` by :func:`moeyard.top_p_route` (variable experts per token),
+:class:`ExpertChoiceMoE` by :func:`moeyard.expert_choice`, :class:`BaseMoE` by
+:func:`moeyard.balanced_assignment` (BASE layers); all use the same :class:`Experts`.
 :class:`SmearMoE` routes whole examples and merges the experts' parameters (:class:`SmearRouter`,
 :class:`MergedExperts`, :func:`moeyard.merged_linear`).
 
 After every forward the layer holds
   ``aux_losses``  dict of scalar tensors, already multiplied by their coefficients (``"balance"``:
                   Switch load-balancing loss on the pre-drop counts, ``"seq_balance"``:
-                  DeepSeek-V3's sequence-wise one, ``"z"``: router z-loss), only
-                  the ones whose coefficient is > 0; :func:`moeyard.collect_aux_losses` sums them
-                  over a model. Add them to the loss after each forward (micro-batch).
+                  DeepSeek-V3's sequence-wise one, ``"z"``: router z-loss, ``"erc"``:
+                  expert-router coupling loss, ``"entropy"``: top-p routing's entropy loss,
+                  ``"l1"``: ReMoE's L1), only the ones whose coefficient is > 0;
+                  :func:`moeyard.collect_aux_losses` sums them over a model. Add them to the loss
+                  after each forward (micro-batch).
   ``last_stats``  :func:`moeyard.load_stats` of the plan (tokens per expert, MaxVio, dropped
                   fraction), device tensors.
 """
@@ -27,11 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import Experts, MergedExperts, SwiGLUMLP
-from .ops import (balanced_assignment, expert_capacity, expert_choice, load_stats, plan,
-                  route, router_losses, sequence_balance_loss)
-from .routers import ReLURouter, RouterLinear, SmearRouter, TopKRouter, check_sizes
+from .ops import (balanced_assignment, erc_loss, expert_capacity, expert_choice, load_stats, plan,
+                  route, router_entropy, router_losses, sequence_balance_loss)
+from .routers import (ReLURouter, RouterLinear, SmearRouter, TopKRouter, TopPRouter,
+                      check_sizes)
 
-__all__ = ["TopKMoE", "SwitchMoE", "ReMoE", "ExpertChoiceMoE", "BaseMoE", "SmearMoE"]
+__all__ = ["TopKMoE", "SwitchMoE", "ReMoE", "TopPMoE", "ExpertChoiceMoE", "BaseMoE", "SmearMoE"]
 
 
 def _experts(ep_group, *args, **kwargs) -> Experts:
@@ -131,6 +135,16 @@ class TopKMoE(_Layer):
             group (arXiv 2501.11873): the expert counts (and token counts) are summed over its
             ranks (one all-reduce, no gradient), the mean probabilities stay local. Default None:
             the local batch.
+        erc_loss_coef: coefficient of the expert-router coupling loss (Lv et al., ICLR 2026;
+            :func:`moeyard.erc_loss` on ``router.weight`` and ``experts.gate_weight``), added as
+            ``aux_losses["erc"]`` in training forwards (``module.training``; the paper applies it
+            in training only, with coefficient 1). Its cost does not depend on the batch:
+            ``2 E^2 I d`` FLOPs. Default 0 (off). Not with ``ep_group`` (it needs every expert's
+            gate projection on one rank).
+        erc_alpha: the ERC margin alpha (default 1.0, the paper's default; it found 0.5 best
+            with 256 experts).
+        erc_generator: the ``torch.Generator`` that draws the ERC proxy-token noise (an
+            attribute, ``layer.erc_generator``; None, the default: torch's default generator).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, k: int = 2, *,
@@ -143,14 +157,21 @@ class TopKMoE(_Layer):
                  shared_intermediate_size: Optional[int] = None, shared_gate: bool = False,
                  activation: str = "swiglu", expert_bias: bool = False,
                  initializer_range: float = 0.02, backend: str = "auto", ep_group=None,
-                 balance_group=None, device=None, dtype=None):
+                 balance_group=None, erc_loss_coef: float = 0.0, erc_alpha: float = 1.0,
+                 erc_generator: Optional[torch.Generator] = None, device=None, dtype=None):
         super().__init__()
         _check_capacity(capacity_factor, eval_capacity_factor, min_capacity)
         if aux_loss_coef is None:
             aux_loss_coef = 0.0 if bias_balancing else 1e-2
-        if min(aux_loss_coef, seq_aux_loss_coef, z_loss_coef) < 0:
+        if min(aux_loss_coef, seq_aux_loss_coef, z_loss_coef, erc_loss_coef) < 0:
             raise ValueError(f"aux_loss_coef={aux_loss_coef}, seq_aux_loss_coef="
-                             f"{seq_aux_loss_coef} and z_loss_coef={z_loss_coef} must be >= 0")
+                             f"{seq_aux_loss_coef}, z_loss_coef={z_loss_coef} and "
+                             f"erc_loss_coef={erc_loss_coef} must be >= 0")
+        if not erc_alpha >= 0:
+            raise ValueError(f"erc_alpha={erc_alpha} must be >= 0")
+        if erc_loss_coef > 0 and ep_group is not None:
+            raise ValueError("erc_loss_coef > 0 needs every expert's gate projection on this rank; "
+                             "it is not supported with ep_group")
         if shared_gate and shared_intermediate_size is None:
             raise ValueError("shared_gate needs a shared expert (shared_intermediate_size)")
         kw = dict(device=device, dtype=dtype)
@@ -159,6 +180,8 @@ class TopKMoE(_Layer):
         self.min_capacity = min_capacity
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.seq_aux_loss_coef = seq_aux_loss_coef
+        self.erc_loss_coef, self.erc_alpha = erc_loss_coef, erc_alpha
+        self.erc_generator = erc_generator
         self._balance_group = _Shared(balance_group)
         self.router = TopKRouter(hidden_size, num_experts, k, score,
                                  topk_before_score=topk_before_score, renormalize=renormalize,
@@ -251,6 +274,10 @@ class TopKMoE(_Layer):
         # the sequences of a [..., S, d] input (a [T, d] input is one), for the sequence-wise loss
         sequences = h.shape[0] // x.shape[-2] if x.dim() >= 3 and h.shape[0] else 1
         self.aux_losses = self._aux_losses(logits, p.counts, sequences)
+        if self.erc_loss_coef > 0 and self.training:
+            self.aux_losses["erc"] = self.erc_loss_coef * erc_loss(
+                self.router.weight, self.experts.gate_weight, self.erc_alpha,
+                generator=self.erc_generator)
         self.last_stats = load_stats(p)
         return out.view(x.shape)
 
@@ -281,7 +308,9 @@ class TopKMoE(_Layer):
         return (f"capacity_factor={self.capacity_factor}, "
                 f"eval_capacity_factor={self.eval_capacity_factor}, "
                 f"min_capacity={self.min_capacity}, aux_loss_coef={self.aux_loss_coef}, "
-                f"seq_aux_loss_coef={self.seq_aux_loss_coef}, z_loss_coef={self.z_loss_coef}")
+                f"seq_aux_loss_coef={self.seq_aux_loss_coef}, z_loss_coef={self.z_loss_coef}"
+                + (f", erc_loss_coef={self.erc_loss_coef}, erc_alpha={self.erc_alpha}"
+                   if self.erc_loss_coef > 0 else ""))
 
 
 class SwitchMoE(TopKMoE):
@@ -410,6 +439,99 @@ class ReMoE(_Layer):
 
     def extra_repr(self) -> str:
         return f"k={self.k}, target_sparsity={self.target_sparsity:.4g}"
+
+
+class TopPMoE(_Layer):
+    """Dynamic top-p MoE layer (Huang et al., "Harder Tasks Need More Experts", ACL 2024).
+
+    Router ``P = softmax(x W^T)`` (fp32, :class:`TopPRouter`); each token takes the experts in
+    descending probability until their probabilities sum past ``p``, the expert that crosses ``p``
+    included (:func:`moeyard.top_p_route`), and each output is weighted by its raw probability
+    (not renormalized): ``y = sum_kept P_e E_e(x)``. Confident tokens use one expert, uncertain
+    ones several. Dropless: every selected expert computes its token (no capacity, as the
+    authors' code; with ``ep_group`` the exchange syncs once per forward).
+
+    ``aux_losses`` (every forward, each only if its coefficient is > 0):
+      ``"balance"``  ``aux_loss_coef * E * sum_e f_e P_e`` with ``f_e`` the fraction of tokens
+                     that selected expert e and ``P_e`` its mean probability
+                     (:func:`moeyard.router_losses` with k = 1: equals the mean experts per token
+                     at perfect balance);
+      ``"entropy"``  ``entropy_loss_coef * mean_t (-sum_e P_e log P_e)``
+                     (:func:`moeyard.router_entropy`), the paper's dynamic loss: without it the
+                     router drifts to flat distributions that select many experts;
+      ``"z"``        ``z_loss_coef`` times the router z-loss (off by default).
+    ``last_stats``: :func:`moeyard.load_stats` of the plan plus ``"experts_per_token"`` (mean
+    experts per token, a device tensor).
+
+    Args:
+        hidden_size, intermediate_size, num_experts: d, I, E.
+        p: the threshold in (0, 1] (default 0.4, ``top_p_threshold`` of the authors' code).
+        k_max: bound on the experts per token; None (default) = E, as the paper. The plan has
+            ``T * k_max`` rows (static shapes), so a bound saves memory with many experts.
+        aux_loss_coef: balance-loss coefficient (default 1e-2, Switch's; the paper's own value
+            could not be checked against its text).
+        entropy_loss_coef: dynamic (entropy) loss coefficient (default 1e-4, as recalled in
+            moeyard's spec; not checked against the paper's text either).
+        z_loss_coef: router z-loss coefficient (default 0).
+        jitter_eps: multiplicative router input jitter in training (default 0).
+        activation, expert_bias, initializer_range, backend, ep_group: the experts, as
+            :class:`TopKMoE` (the authors' experts are SwiGLU, the default).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
+                 p: float = 0.4, *, k_max: Optional[int] = None, aux_loss_coef: float = 1e-2,
+                 entropy_loss_coef: float = 1e-4, z_loss_coef: float = 0.0,
+                 jitter_eps: float = 0.0, activation: str = "swiglu", expert_bias: bool = False,
+                 initializer_range: float = 0.02, backend: str = "auto", ep_group=None,
+                 device=None, dtype=None):
+        super().__init__()
+        for name, v in (("aux_loss_coef", aux_loss_coef), ("entropy_loss_coef", entropy_loss_coef),
+                        ("z_loss_coef", z_loss_coef)):
+            if not v >= 0:
+                raise ValueError(f"{name}={v} must be >= 0")
+        kw = dict(device=device, dtype=dtype)
+        self.hidden_size, self.num_experts = hidden_size, num_experts
+        self.aux_loss_coef, self.entropy_loss_coef = aux_loss_coef, entropy_loss_coef
+        self.z_loss_coef = z_loss_coef
+        self.router = TopPRouter(hidden_size, num_experts, p, k_max, jitter_eps=jitter_eps,
+                                 initializer_range=initializer_range, **kw)
+        self.experts = _experts(ep_group, num_experts, hidden_size, intermediate_size,
+                                activation, expert_bias, initializer_range, **kw, backend=backend)
+        self.aux_losses: dict[str, Tensor] = {}
+        self.last_stats: dict[str, Tensor] = {}
+
+    @property
+    def p(self) -> float:
+        """The threshold (the router's ``p``)."""
+        return self.router.p
+
+    @property
+    def k_max(self) -> int:
+        """The bound on the experts per token (the router's ``k_max``)."""
+        return self.router.k_max
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = _tokens(self, x)
+        logits, weights, experts = self.router(h)
+        p = plan(experts, self.num_experts)
+        out = self.experts(h, p, weights)
+        losses = {}
+        if self.aux_loss_coef > 0 or self.z_loss_coef > 0:
+            balance, z = router_losses(logits, p.counts, 1)
+            if self.aux_loss_coef > 0:
+                losses["balance"] = self.aux_loss_coef * balance
+            if self.z_loss_coef > 0:
+                losses["z"] = self.z_loss_coef * z
+        if self.entropy_loss_coef > 0:
+            losses["entropy"] = self.entropy_loss_coef * router_entropy(logits)
+        self.aux_losses = losses
+        per_token = p.counts.sum().float() / max(h.shape[0], 1)
+        self.last_stats = {**load_stats(p), "experts_per_token": per_token}
+        return out.view(x.shape)
+
+    def extra_repr(self) -> str:
+        return (f"p={self.p}, k_max={self.k_max}, aux_loss_coef={self.aux_loss_coef}, "
+                f"entropy_loss_coef={self.entropy_loss_coef}, z_loss_coef={self.z_loss_coef}")
 
 
 class ExpertChoiceMoE(_Layer):

@@ -24,6 +24,7 @@ __all__ = [
     "RoutingPlan",
     "route",
     "relu_route",
+    "top_p_route",
     "plan",
     "expert_choice",
     "balanced_assignment",
@@ -32,6 +33,8 @@ __all__ = [
     "update_expert_bias",
     "router_losses",
     "sequence_balance_loss",
+    "router_entropy",
+    "erc_loss",
     "load_stats",
     "expert_capacity",
     "grouped_mm",
@@ -174,6 +177,44 @@ def relu_route(logits: Tensor, k_max: Optional[int] = None) -> tuple[Tensor, Ten
 def _relu_route_fake(logits, k_max):
     _check_same_device(locals())
     return _route_fake(logits, k_max)
+
+
+def top_p_route(logits: Tensor, p: float, k_max: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Dynamic top-p routing (Huang et al., "Harder Tasks Need More Experts", ACL 2024): per token
+    the experts in descending softmax probability until their probabilities sum past ``p``.
+
+    Returns ``(weights [T,k_max], experts [T,k_max] int32)``, best first: slot j holds the j-th
+    most probable expert while the probabilities of slots 0..j-1 sum to at most ``p`` (the expert
+    that crosses ``p`` is included, as the authors' code does); the other slots have expert -1 and
+    weight 0, the format :func:`plan` and :func:`expert_ffn` take. Weights are the raw softmax
+    probabilities (not renormalized, as in the paper's code). A token keeps at least one and at
+    most ``k_max`` experts; ``k_max=None`` means E (no bound; the plan then has ``T*E`` rows).
+
+    Args:
+        logits: router logits ``[T, E]`` (any float dtype; math in fp32, fp64 for fp64).
+        p: the threshold, ``0 < p <= 1`` (the paper's default 0.4); ``p = 1`` keeps ``k_max``.
+        k_max: bound on the experts per token, ``1 <= k_max <= E``, or None (E).
+
+    Experts are ordered by their logits (exact, no rounding ties): ties to the lower expert id.
+    The running sum is accumulated in slot order in fp32 (fp64 for fp64) and compared with ``p``
+    in that dtype. A NaN or +inf logit makes the token's probabilities NaN (as
+    ``torch.softmax``): it keeps one expert (the best by the order above, NaN last) with weight
+    NaN. Differentiable w.r.t. ``logits`` through the weights (the selection is piecewise
+    constant). No host synchronization; the output shape depends only on T and k_max.
+    """
+    return _ops.top_p_route.default(logits, p, logits.shape[1] if k_max is None else k_max)
+
+
+@torch.library.register_fake("moeyard::top_p_route")
+def _top_p_route_fake(logits, p, k_max):
+    _check_same_device(locals())
+    torch._check(0 < p <= 1, lambda: f"p must be in (0, 1], got p={p}")
+    torch._check(logits.dim() == 2, lambda: f"logits must be 2-D, got {logits.dim()}-D")
+    torch._check(1 <= k_max <= logits.shape[1],
+                 lambda: f"k_max={k_max} must be in [1, E={logits.shape[1]}]")
+    T = logits.shape[0]
+    return (logits.new_empty((T, k_max), dtype=_acc_dtype(logits)),
+            logits.new_empty((T, k_max), dtype=torch.int32))
 
 
 # -------------------------------------------------------------------------------------- plan
@@ -391,6 +432,85 @@ def _sequence_balance_loss_fake(scores, experts, num_sequences):
     _check_same_device(locals())
     _check_expert_ids(experts)
     return scores.new_empty((), dtype=_acc_dtype(scores))
+
+
+def router_entropy(logits: Tensor) -> Tensor:
+    """Mean over tokens of the routing entropy ``-sum_e P_e log P_e``, ``P = softmax(logits)``
+    (nats: ``log E`` for uniform routing, 0 when one expert has all the mass); 0 for T = 0.
+
+    The dynamic loss of top-p routing (Huang et al., ACL 2024): with :func:`top_p_route` a flat
+    distribution needs many experts to reach ``p``, so penalizing the entropy keeps the experts per
+    token down. Differentiable w.r.t. ``logits``; computed in fp32 (fp64 for fp64). A probability
+    that underflows to 0 adds 0 (``0 log 0 = 0``) and no gradient. A handful of elementwise torch
+    ops on ``[T, E]`` (the same reads as :func:`router_losses`; no kernel of its own).
+    """
+    z = logits.to(_acc_dtype(logits))
+    if z.shape[0] == 0:
+        return z.sum() * 0
+    # clamping the log at the dtype's lowest finite value keeps 0 * log 0 (and its gradient) at 0
+    logp = torch.log_softmax(z, dim=-1).clamp(min=torch.finfo(z.dtype).min)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+def erc_loss(router_weight: Tensor, gate_weight: Tensor, alpha: float = 1.0, *,
+             generator: Optional[torch.Generator] = None) -> Tensor:
+    """Expert-router coupling (ERC) loss (Lv, Ma, Ma, Qiao, ICLR 2026, arXiv 2512.23447, §3).
+
+    Each router row ``R[i]`` is the centre of the tokens routed to expert i; a perturbed copy
+    ``R~[i] = R[i] * delta_i`` (elementwise, ``delta_i ~ U(1 - eps_i, 1 + eps_i)^d``,
+    ``eps_i = ||R[i] - R[j]|| / (2 ||R[i]||)`` with j the nearest other row: Eq. 4 at its bound,
+    §3.2) is a proxy token for those tokens. ``M[i, j] = ||R~[i] W_g^j||`` is the norm of expert
+    j's input projection of proxy i (``[E, E]``), and (Eq. 3)
+
+        L = 1/E^2 sum_i sum_{j != i} max(M[i,j] - alpha M[i,i], 0) + max(M[j,i] - alpha M[i,i], 0)
+
+    asks every proxy to activate its own expert most (Constraint 1) and every expert to respond
+    most to its own proxy (Constraint 2).
+
+    Args:
+        router_weight: ``R [E, d]`` (:class:`moeyard.TopKRouter`'s ``weight``).
+        gate_weight: ``W_g [E, D, d]`` in nn.Linear layout: row ``r`` of expert j is its r-th
+            input unit. For moeyard's experts pass :attr:`moeyard.Experts.gate_weight` (the gate
+            rows of ``gate_up_proj`` for gated activations, all of it for ungated ones).
+        alpha: the coupling margin (paper: alpha in [0, 1], default 1; 0.5 was best for its
+            n = 256 model); must be >= 0.
+        generator: the ``torch.Generator`` that draws ``delta`` (one ``rand`` of ``[E, d]``):
+            the loss is deterministic given its state. None: torch's default generator. Drawn on
+            the generator's device and moved to R's (keep it on R's device to avoid the copy).
+
+    The noise level and ``delta`` carry no gradient (the paper's pseudocode, its Figure 8, draws
+    them under ``torch.no_grad``); the loss is differentiable w.r.t. ``R`` (through
+    ``R~ = R * delta``) and ``W_g``. Routing itself keeps the clean ``R``. Math in fp32 (fp64 for
+    fp64 R). Cost ``2 E^2 D d`` FLOPs and an ``[E, E, D]`` intermediate, independent of the number
+    of tokens: a torch composition (one batched matmul and a norm), which is what a kernel of its
+    own would run anyway. A zero row of R, or E = 1, gets no noise (``eps = 0``); E = 1 gives 0.
+    """
+    if router_weight.dim() != 2 or gate_weight.dim() != 3:
+        raise ValueError(f"router_weight must be [E, d] and gate_weight [E, D, d], got shapes "
+                         f"{tuple(router_weight.shape)} and {tuple(gate_weight.shape)}")
+    E, d = router_weight.shape
+    if gate_weight.shape[0] != E or gate_weight.shape[2] != d:
+        raise ValueError(f"gate_weight must be [E={E}, D, d={d}], got {tuple(gate_weight.shape)}")
+    if not alpha >= 0 or not math.isfinite(alpha):
+        raise ValueError(f"alpha={alpha} must be finite and >= 0")
+    acc = _acc_dtype(router_weight)
+    R, W = router_weight.to(acc), gate_weight.to(acc)
+    with torch.no_grad():
+        dist = torch.cdist(R[None], R[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
+        dist.fill_diagonal_(math.inf)
+        # E = 1 (no other centre: inf) and zero rows (0 / 0 or x / 0) get no noise
+        eps = torch.nan_to_num(dist.min(dim=1).values / (2 * R.norm(dim=1)), nan=0.0, posinf=0.0)
+        dev = generator.device if generator is not None else R.device
+        u = torch.rand(R.shape, generator=generator, device=dev, dtype=acc).to(R.device)
+        delta = 1 - eps[:, None] + 2 * eps[:, None] * u
+    proxy = R * delta
+    # M[i, j] = ||W_g^j proxy_i||: one [E, E, D] product (experts j outer), normed over D
+    M = torch.linalg.vector_norm(torch.matmul(proxy, W.transpose(1, 2)), dim=-1).t()
+    diag = M.diagonal()
+    row = (M - alpha * diag[:, None]).clamp(min=0)  # max(M[i,j] - alpha M[i,i], 0)
+    col = (M - alpha * diag[None, :]).clamp(min=0)  # max(M[i,j] - alpha M[j,j], 0): Eq. 3's 2nd
+    off = ~torch.eye(E, dtype=torch.bool, device=M.device)
+    return torch.where(off, row + col, torch.zeros_like(M)).sum() / (E * E)
 
 
 def load_stats(plan: RoutingPlan) -> dict[str, Tensor]:

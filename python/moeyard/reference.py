@@ -92,6 +92,33 @@ def relu_route(logits, k_max):
     return torch.where(active, w, torch.zeros_like(w)), torch.where(active, e, torch.full_like(e, -1))
 
 
+def top_p_route(logits, p, k_max):
+    """Dynamic top-p routing (Huang et al., ACL 2024). Returns (weights [T,k_max] fp32/fp64,
+    experts [T,k_max] int32).
+
+    s = softmax(logits) in fp32 (fp64 for fp64 logits); the experts in selection order of the
+    logits (larger first, ties to the lower index, NaN last); slot j takes the j-th of them while
+    the probabilities of slots 0..j-1, summed in slot order in s's dtype, are <= p (compared in
+    s's dtype), so the expert whose probability carries the sum past p is the last one kept;
+    p = 1 keeps all k_max slots. The weights are the raw probabilities (not renormalized); the
+    remaining slots have expert -1 and weight 0. A token with a NaN or +inf logit has NaN
+    probabilities and keeps only slot 0 (weight NaN)."""
+    acc = _acc_dtype(logits)
+    z = logits.to(acc)
+    T = z.shape[0]
+    s = torch.softmax(z, dim=-1)
+    sel = rank_key(z).topk(k_max, dim=-1).indices
+    w = s.gather(1, sel)
+    before = torch.zeros(T, dtype=acc, device=z.device)
+    keep = torch.zeros_like(w, dtype=torch.bool)
+    for j in range(k_max):
+        keep[:, j] = (before <= p) if p < 1 else True
+        before = before + w[:, j]
+    keep = torch.cumprod(keep.int(), dim=1).bool()  # a slot after a dropped one is dropped
+    return (torch.where(keep, w, torch.zeros_like(w)),
+            torch.where(keep, sel, torch.full_like(sel, -1)).to(torch.int32))
+
+
 def _token_priority(experts, weights, drop_policy):
     """Rank of each token in the drop priority: position -> token order; score -> by the token's
     best valid weight, descending (Batch Prioritized Routing), ties to the earlier token."""

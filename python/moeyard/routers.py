@@ -2,9 +2,10 @@
 
 :class:`TopKRouter` (:func:`moeyard.route`) serves Switch (softmax, k = 1, input jitter), Mixtral /
 Qwen (softmax top-k, optional renormalization) and DeepSeek-V3 (sigmoid, selection bias,
-group-limited, renormalized, scaled); :class:`ReLURouter` (:func:`moeyard.relu_route`) serves ReMoE.
-Both share :class:`RouterLinear` (weight, init, jitter, fp32 logits), which expert-choice uses
-directly. :class:`SmearRouter` routes whole examples (SMEAR).
+group-limited, renormalized, scaled); :class:`ReLURouter` (:func:`moeyard.relu_route`) serves ReMoE,
+:class:`TopPRouter` (:func:`moeyard.top_p_route`) dynamic top-p routing. They share
+:class:`RouterLinear` (weight, init, jitter, fp32 logits), which expert-choice uses directly.
+:class:`SmearRouter` routes whole examples (SMEAR).
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import relu_route, route
+from .ops import relu_route, route, top_p_route
 
-__all__ = ["RouterLinear", "TopKRouter", "ReLURouter", "SmearRouter"]
+__all__ = ["RouterLinear", "TopKRouter", "ReLURouter", "TopPRouter", "SmearRouter"]
 
 SCORES = ("softmax", "sigmoid")
 
@@ -162,6 +163,39 @@ class ReLURouter(RouterLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", k_max={self.k_max}"
+
+
+class TopPRouter(RouterLinear):
+    """Dynamic top-p router (Huang et al., ACL 2024): ``P = softmax(x W^T)`` (fp32), per token the
+    experts in descending probability until their probabilities sum past ``p`` (the crossing one
+    included), weighted by their raw probabilities.
+
+    ``forward(x [T, d]) -> (logits [T, E] fp32, weights [T, k_max] fp32, experts [T, k_max]
+    int32)`` by :func:`moeyard.top_p_route`: -1 (weight 0) in the slots a token does not use.
+    ``p`` in (0, 1], default 0.4 (the authors' ``top_p_threshold``); ``k_max=None`` (default)
+    means E, no bound, as the paper; a smaller ``k_max`` bounds the experts (and the plan's rows)
+    per token. ``jitter_eps`` and ``initializer_range`` as :class:`RouterLinear`.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, p: float = 0.4,
+                 k_max: Optional[int] = None, *, jitter_eps: float = 0.0,
+                 initializer_range: float = 0.02, device=None, dtype=None):
+        super().__init__(hidden_size, num_experts, jitter_eps=jitter_eps,
+                         initializer_range=initializer_range, device=device, dtype=dtype)
+        if not 0 < p <= 1:
+            raise ValueError(f"p={p} must be in (0, 1]")
+        if k_max is not None and not 1 <= k_max <= num_experts:
+            raise ValueError(f"k_max={k_max} must be in [1, num_experts={num_experts}] or None")
+        self.p = p
+        self.k_max = num_experts if k_max is None else k_max
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        logits = self.router_logits(x)
+        weights, experts = top_p_route(logits, self.p, self.k_max)
+        return logits, weights, experts
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", p={self.p}, k_max={self.k_max}"
 
 
 def check_sizes(hidden_size: int, num_experts: int) -> None:
