@@ -40,6 +40,15 @@ TORCH_LIBRARY(moeyard, m) {
         "float scale=1.0) -> (Tensor weights, Tensor experts)");
   // ReMoE: ReLU gates; the up-to-k_max active experts per token, -1 in inactive slots.
   m.def("relu_route(Tensor logits, int k_max) -> (Tensor weights, Tensor experts)");
+  // GRIN's SparseMixer-v2 (PhiMoE): top-2, each slot's expert within a sparsity window of the
+  // slot's maximum; weights [T,2] = the window softmax's probability (fp32, fp64 for fp64), experts
+  // [T,2] int32. noise [T,2,E+1] fp32 (per slot E Gumbel perturbations, then a uniform draw) means
+  // training: sampled experts and Heun's midpoint scaling; None: eval (the top two).
+  m.def("sparsemixer(Tensor logits, float jitter_eps=0.01, Tensor? noise=None) -> "
+        "(Tensor weights, Tensor experts)");
+  // GRIN's gradient estimate for sparsemixer: grad [T,2] of the weights -> grad of logits [T,E].
+  m.def("_sparsemixer_backward(Tensor grad, Tensor logits, Tensor experts, float jitter_eps) -> "
+        "Tensor");
   // experts [T,k] -> dispatch plan: counts [E] (before drops), offsets [E+1] (after drops),
   // row_source [R] (token*k+slot, -1 unused), token_row [T,k] (row, -1 dropped or no expert).
   // R = T*k without capacity (None = dropless), E*C with one (expert e's rows start at e*C).

@@ -79,6 +79,14 @@ if experts_only:
     print("sanitizer suite (experts): all ops ran")
     sys.exit(0)
 
+# sparsemixer (GRIN / PhiMoE): eval and training (drawn noise), forward and backward, E at the
+# smallest, a middle and the largest register tier, fp32 and bf16.
+for Es in (2, 64, 1000):
+    for dt in (torch.float32, torch.bfloat16):
+        zs = (4 + torch.randn(T, Es, device=dev)).to(dt).requires_grad_()
+        for training in (False, True):
+            moeyard.sparsemixer(zs, 0.1, training)[0].sum().backward()
+
 # SMEAR: merged_linear in bf16 (both weight memory orders, with a bias) and fp32, forward and
 # backward, in one chunk and one example per chunk (budget 0), and a SmearMoE layer.
 Bm, Sm, K, N, Em = 5, 7, 40, 24, 6
