@@ -93,12 +93,14 @@ class LayerType(NamedTuple):
     with expert parallelism ``build(d, cfg, ep_group)``, whose MoE layer holds only this rank's
     experts. ``causal=False`` marks routings where a token's experts depend on other tokens of the
     batch, later ones included (the table flags them: their LM losses see the future through
-    routing). ``expert_parallel=False``: the layer cannot be built with an ``ep_group``."""
+    routing). ``expert_parallel=False``: the layer cannot be built with an ``ep_group``.
+    ``default=False``: opt-in, left out of :data:`DEFAULT_LAYERS` (``--layers`` names it)."""
 
     build: Callable[..., nn.Module]
     causal: bool = True
     note: str = ""
     expert_parallel: bool = True
+    default: bool = True
 
 
 # Every MoE type computes k experts of width I per token (on average for ReMoE and expert choice),
@@ -132,8 +134,12 @@ LAYER_TYPES: dict[str, LayerType] = {
                        causal=False, note="SMEAR: experts merged per sequence (routed on its "
                                           "mean); one merged MLP of width k*I",
                        expert_parallel=False),
+    "grin": LayerType(lambda d, c, g=None: layers.TopKMoE.phimoe(
+                          d, max(1, c.k * c.expert_size // 2), c.experts, ep_group=g),
+                      note="GRIN / PhiMoE: SparseMixer-v2 top-2, sampled in training; experts of "
+                           "width k*I/2", default=False),
 }
-DEFAULT_LAYERS = tuple(LAYER_TYPES)
+DEFAULT_LAYERS = tuple(name for name, t in LAYER_TYPES.items() if t.default)
 
 
 def _moe_layers(model: nn.Module) -> list[nn.Module]:
