@@ -802,11 +802,17 @@ def test_phimoe_input_jitter_applied_twice():
     compare_models(got, want, torch.randint(0, TINY["vocab_size"], (2, 12)), 1e-5, 1e-5)
 
 
-def test_phimoe_refuses_bias_balancing_and_changes_nothing():
+def test_phimoe_refusals_change_nothing():
+    """bias_balancing (sparsemixer has no selection bias) and a PhiMoE whose window it cannot
+    read are refused before any block changes."""
     model = tiny_model("phimoe")
     classes = [type(m) for m in model.modules()]
     with pytest.raises(ValueError, match="no selection bias"):
         mh.replace_moe(model, bias_balancing=True)
+    assert [type(m) for m in model.modules()] == classes
+    del model.model.layers[1].mlp.router.router_jitter_noise
+    with pytest.raises(NotImplementedError, match="router_jitter_noise"):
+        mh.replace_moe(model)
     assert [type(m) for m in model.modules()] == classes
 
 

@@ -319,8 +319,9 @@ class HFRouter(TopKRouter):
 
     @classmethod
     def adopt(cls, hf_router: nn.Module, routing: _Routing, k: int, *,
-              bias_balancing: bool = False) -> "HFRouter":
-        """Turn ``hf_router`` (in place) into an HFRouter routing as ``routing`` says."""
+              bias_balancing: bool = False, sparsemixer_eps: float = 0.01) -> "HFRouter":
+        """Turn ``hf_router`` (in place) into an HFRouter routing as ``routing`` says
+        (``sparsemixer_eps``: the window of a sparsemixer router, see :func:`_sparsemixer_eps`)."""
         weight = hf_router.weight
         num_experts, hidden_size = weight.shape
         renormalize = routing.renormalize
@@ -331,9 +332,8 @@ class HFRouter(TopKRouter):
         if routing.grouped:
             n_group, topk_group = hf_router.num_group or 1, hf_router.topk_group or 1
             scale = float(hf_router.routed_scaling_factor)
-        sparsemixer_eps = 0.01
         if routing.score == "sparsemixer":  # transformers' sparsemixer always routes two
-            k, sparsemixer_eps = 2, float(hf_router.router_jitter_noise)
+            k = 2
         hf_bias = getattr(hf_router, "e_score_correction_bias", None)
         hf_router.__class__ = moeyard_class(cls, type(hf_router))
         self = hf_router
@@ -483,8 +483,9 @@ class SparseMoeBlock(nn.Module):
         """Turn ``block`` (in place) into a SparseMoeBlock routing as ``routing`` says."""
         source, router_name, k = type(block).__name__, _router_name(block), _router_k(block)
         jitters = _input_jitters(block, getattr(block, router_name), routing)
+        eps = _sparsemixer_eps(block) if routing.score == "sparsemixer" else 0.01
         router = HFRouter.adopt(getattr(block, router_name), routing, k,
-                                bias_balancing=bias_balancing)
+                                bias_balancing=bias_balancing, sparsemixer_eps=eps)
         block.__class__ = moeyard_class(cls, type(block))
         self = block
         self.source, self.router_name = source, router_name
@@ -564,6 +565,18 @@ def _input_jitters(block: nn.Module, hf_router: nn.Module, routing: _Routing) ->
     if routing.router_jitters_input:
         noises.append(getattr(hf_router, "input_jitter_noise", 0.0))
     return tuple(float(n) for n in noises if n and n > 0)
+
+
+def _sparsemixer_eps(block: nn.Module) -> float:
+    """A sparsemixer block's window, ``router_jitter_noise``, from its router (transformers 5.2x)
+    or the block itself; NotImplementedError if neither has it."""
+    for owner in (getattr(block, _router_name(block), None), block):
+        eps = getattr(owner, "router_jitter_noise", None)
+        if eps is not None:
+            return float(eps)
+    raise NotImplementedError(f"replace_moe cannot read the sparsemixer window "
+                              f"(router_jitter_noise) of {type(block).__name__} in transformers "
+                              f"{transformers.__version__}")
 
 
 def _router_name(block: nn.Module) -> str:
@@ -687,7 +700,10 @@ def replace_moe(model: nn.Module, *, bias_balancing: bool = False,
     for _, block in found:  # every refusal before anything changes
         _router_k(block)
         experts_activation(block.experts)
-        if bias_balancing and SUPPORTED_BLOCKS[type(block).__name__].score == "sparsemixer":
+        if SUPPORTED_BLOCKS[type(block).__name__].score != "sparsemixer":
+            continue
+        _sparsemixer_eps(block)
+        if bias_balancing:
             raise ValueError(f"replace_moe: bias_balancing cannot apply to {type(block).__name__}: "
                              "its sparsemixer routing has no selection bias")
     eps = [None if ep_group is None else
