@@ -43,6 +43,15 @@ TORCH_LIBRARY(moeyard, m) {
   // Dynamic top-p routing: per token the experts in descending probability until their softmax
   // probabilities sum past p (the crossing one kept), at most k_max; -1 in the unused slots.
   m.def("top_p_route(Tensor logits, float p, int k_max) -> (Tensor weights, Tensor experts)");
+  // GRIN's SparseMixer-v2 (PhiMoE): top-2, each slot's expert within a sparsity window of the
+  // slot's maximum; weights [T,2] = the window softmax's probability (fp32, fp64 for fp64), experts
+  // [T,2] int32. noise [T,2,E+1] fp32 (per slot E Gumbel perturbations, then a uniform draw) means
+  // training: sampled experts and Heun's midpoint scaling; None: eval (the top two).
+  m.def("sparsemixer(Tensor logits, float jitter_eps=0.01, Tensor? noise=None) -> "
+        "(Tensor weights, Tensor experts)");
+  // GRIN's gradient estimate for sparsemixer: grad [T,2] of the weights -> grad of logits [T,E].
+  m.def("_sparsemixer_backward(Tensor grad, Tensor logits, Tensor experts, float jitter_eps) -> "
+        "Tensor");
   // experts [T,k] -> dispatch plan: counts [E] (before drops), offsets [E+1] (after drops),
   // row_source [R] (token*k+slot, -1 unused), token_row [T,k] (row, -1 dropped or no expert).
   // R = T*k without capacity (None = dropless), E*C with one (expert e's rows start at e*C).

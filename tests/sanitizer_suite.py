@@ -83,6 +83,13 @@ if experts_only:
 pw, pe = moeyard.top_p_route(logits.clone().requires_grad_(), 0.5, 7)
 pw.sum().backward()
 moeyard.top_p_route(logits.bfloat16(), 1.0)
+# sparsemixer (GRIN / PhiMoE): eval and training (drawn noise), forward and backward, E at the
+# smallest, a middle and the largest register tier, fp32 and bf16.
+for Es in (2, 64, 1000):
+    for dt in (torch.float32, torch.bfloat16):
+        zs = (4 + torch.randn(T, Es, device=dev)).to(dt).requires_grad_()
+        for training in (False, True):
+            moeyard.sparsemixer(zs, 0.1, training)[0].sum().backward()
 
 # SMEAR: merged_linear in bf16 (both weight memory orders, with a bias) and fp32, forward and
 # backward, in one chunk and one example per chunk (budget 0), and a SmearMoE layer.

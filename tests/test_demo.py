@@ -163,3 +163,16 @@ def test_opt_in_layer_types_train(tmp_path, name):
     (r,) = json.loads((tmp_path / "results.json").read_text())["results"]
     assert r["layer_type"] == name and name in printed.getvalue()
     assert math.isfinite(r["heldout_loss"]) and r["final_train_loss"] < r["initial_loss"]
+
+
+def test_grin_is_opt_in_and_trains():
+    """The "grin" layer type (PhiMoE's sparsemixer routing) is not in the default run; named, it
+    trains, is causal and has the dense baseline's active parameters (plus the router)."""
+    assert "grin" in demo.LAYER_TYPES and "grin" not in demo.DEFAULT_LAYERS
+    cfg = demo.DemoConfig(d_model=16, blocks=1, heads=2, experts=4, k=2, expert_size=8,
+                          seq_len=8, batch_size=4, steps=3, eval_batches=1)
+    corpus = demo.make_corpus(1 << 12)
+    grin, dense = (demo.train(name, cfg, corpus, progress=False) for name in ("grin", "dense"))
+    assert grin["causal"] is True and math.isfinite(grin["heldout_loss"])
+    assert grin["active_params"] == dense["active_params"] + cfg.d_model * cfg.experts
+    assert sum(grin["expert_load"][0]) == cfg.steps * cfg.batch_size * cfg.seq_len * 2

@@ -36,6 +36,9 @@ def _op_args():
                                False, 1.0)),
         "relu_route": (_ops.relu_route, (torch.randn(3, 3), 2)),
         "top_p_route": (_ops.top_p_route, (torch.randn(3, 3), 0.5, 2)),
+        "sparsemixer": (_ops.sparsemixer, (torch.randn(3, 3), 0.01, torch.rand(3, 2, 4))),
+        "_sparsemixer_backward": (_ops._sparsemixer_backward,
+                                  (torch.randn(3, 2), torch.randn(3, 3), experts, 0.01)),
         "plan": (_ops.plan, (experts, 3, 2, "score", w)),
         "plan-position": (_ops.plan, (experts, 3, None, "position", w)),  # weights unused
         "expert_choice": (_ops.expert_choice, (torch.rand(3, 3), 2)),

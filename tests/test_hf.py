@@ -1,7 +1,13 @@
 """moeyard.hf: the "moeyard" experts implementation and replace_moe against transformers' own
 (eager) MoE code, on tiny randomly initialised models of each supported family (no downloads).
 
-CPU tests compare in fp32; the GPU tests (``-m gpu``) compare in bf16 and capture CUDA graphs."""
+CPU tests compare in fp32; the GPU tests (``-m gpu``) compare in bf16 and capture CUDA graphs.
+
+The tiny models are in training mode (as built). PhiMoE's sparsemixer samples its experts in
+training: transformers' and moeyard's forwards are compared after the same ``torch.manual_seed``,
+which gives both the same random draws (moeyard.hf draws them in transformers' order and dtype,
+HFRouter._transformers_noise; tests/test_sparsemixer.py checks the op on draws recorded from
+transformers' own sparsemixer)."""
 import copy
 import importlib
 import os
@@ -121,11 +127,14 @@ FAMILIES = {
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
         num_key_value_heads=2, head_dim=16, intermediate_size=32, num_local_experts=8,
         layer_types=["sliding_attention", "full_attention"], **_E8)),
+    # a wide sparsemixer window (router_jitter_noise 0.2: experts within 40% of the max), so that
+    # the tiny model's small logits give most tokens several candidates to sample from
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(
+        num_key_value_heads=2, intermediate_size=32, num_local_experts=8, router_jitter_noise=0.2,
+        **_E8)),
 }
 # Families whose MoE blocks replace_moe must refuse (routing or experts it cannot reproduce).
 UNSUPPORTED = {
-    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(
-        num_key_value_heads=2, intermediate_size=32, num_local_experts=8, **_E8)),
     "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM", dict(
         num_key_value_heads=2, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
         moe_shared_expert_intermediate_size=32, n_routed_experts=8,
@@ -170,8 +179,11 @@ def lm_loss(model, ids, **kwargs):
 
 
 def compare_models(got_model, want_model, ids, tol, grad_tol):
-    """Same outputs, router logits, aux loss and gradients of every parameter."""
+    """Same outputs, router logits, aux loss and gradients of every parameter (each model run
+    after the same seed: the same random draws, for PhiMoE's training-time sampling)."""
+    torch.manual_seed(0)
     got, got_out, got_loss = lm_loss(got_model, ids)
+    torch.manual_seed(0)
     want, want_out, want_loss = lm_loss(want_model, ids)
     close(got.float(), want.float(), tol, scaled=True)
     close(got_loss.float(), want_loss.float(), tol, scaled=True)
@@ -381,7 +393,8 @@ def _by_expert(weights, experts):
 # with negative selection biases and with k beyond the kept groups' experts.
 ROUTING_EDGES = [(f, e) for f in ("mixtral", "qwen2_moe", "qwen3_moe", "jamba", "gpt_oss",
                                   "deepseek_v3", "dots1") for e in ("random", "ties")] + [
-    (f, e) for f in ("deepseek_v3", "dots1") for e in ("negative_bias", "k_beyond_kept_groups")]
+    (f, e) for f in ("deepseek_v3", "dots1") for e in ("negative_bias", "k_beyond_kept_groups")] + [
+    ("phimoe", "random")]
 
 
 @pytest.mark.parametrize("family,edge", ROUTING_EDGES)
@@ -413,7 +426,9 @@ def test_replace_moe_routes_as_transformers(family, edge):
     got_router = model.get_submodule(qual).hf_router()
     assert got_router is router and isinstance(router, type(want_router))
     x = torch.randn(64, TINY["hidden_size"])
+    torch.manual_seed(1)  # the same draws for a router that samples in training (PhiMoE)
     got_logits, got_w, got_e = got_router(x)
+    torch.manual_seed(1)
     want_logits, want_w, want_e = want_router(x)
     assert got_logits.dtype == want_logits.dtype and got_w.dtype == torch.float32
     close(got_logits, want_logits, 1e-6, scaled=True)
@@ -583,11 +598,11 @@ def test_replace_moe_reuses_parameters_and_state_dict():
 
 
 def test_replace_moe_refuses_unsupported_blocks_and_changes_nothing():
-    model = tiny_model("phimoe", UNSUPPORTED)
-    mlp = model.model.layers[0].mlp
-    with pytest.raises(NotImplementedError, match="PhimoeSparseMoeBlock"):
+    model = tiny_model("nemotron_h", UNSUPPORTED)
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(NotImplementedError, match="NemotronHMoE"):
         mh.replace_moe(model)
-    assert model.model.layers[0].mlp is mlp
+    assert [type(m) for m in model.modules()] == classes
 
 
 def test_replace_moe_refuses_experts_it_cannot_run():
@@ -720,6 +735,87 @@ def test_compile_fullgraph(how):
     assert model.model.layers[0].mlp.experts.gate_up_proj.grad.any()
 
 
+# ---------------------------------------------------------------------------------- PhiMoE
+
+
+def _phimoe_pair(mode="train", **overrides):
+    """(replaced, original) tiny PhiMoE models with the same weights, in ``mode``."""
+    want = tiny_model("phimoe", **overrides).train(mode == "train")
+    got = copy.deepcopy(want)
+    mh.replace_moe(got)
+    return got, want
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_phimoe_matches_transformers(mode):
+    """replace_moe on PhiMoE against transformers: in eval (each slot's top expert) and in training
+    (sampled experts, the midpoint factor, GRIN's gradient estimator; the same seed gives both the
+    same draws) the same logits, router logits, aux loss and gradients of every parameter."""
+    got, want = _phimoe_pair(mode)
+    block = got.model.layers[0].mlp
+    assert block.source == "PhimoeSparseMoeBlock" and block.input_jitters == ()
+    router = block.hf_router()
+    assert router.score == "sparsemixer" and router.k == 2 and router.sparsemixer_eps == 0.2
+    compare_models(got, want, torch.randint(0, TINY["vocab_size"], (2, 12)), 1e-5, 1e-5)
+
+
+def test_phimoe_training_samples():
+    """Not vacuous: on the tiny model's router, training routes some tokens to other experts than
+    eval and scales some weights by 0.3333; the draws come from the router's generator when set
+    (the same generator state, the same routing)."""
+    got, _ = _phimoe_pair()
+    router = got.model.layers[0].mlp.hf_router()
+    x = torch.randn(512, TINY["hidden_size"])
+    logits, w_eval, e_eval = router.eval()(x)
+    router.train()
+    torch.manual_seed(0)
+    _, w, e = router(x)
+    assert (e != e_eval).any()
+    torch.manual_seed(0)
+    noise = router._transformers_noise(logits)
+    noise[..., -1] = 0.9  # no midpoint factor: the plain window probabilities of the same samples
+    p = moeyard.sparsemixer(logits, 0.2, True, noise=noise)[0]
+    scaled = ~torch.isclose(w, p)
+    assert scaled.any()
+    close(w[scaled], p[scaled] * 0.3333, 1e-6)
+    router.generator = torch.Generator().manual_seed(4)
+    first = router(x)[2]
+    router.generator.manual_seed(4)
+    assert torch.equal(router(x)[2], first)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_phimoe_experts_implementation(mode):
+    """The "moeyard" experts implementation runs PhiMoE's experts under transformers' routing."""
+    want = tiny_model("phimoe").train(mode == "train")
+    got = copy.deepcopy(want)
+    got.set_experts_implementation("moeyard")
+    compare_models(got, want, torch.randint(0, TINY["vocab_size"], (2, 12)), 1e-5, 1e-5)
+
+
+def test_phimoe_input_jitter_applied_twice():
+    """PhiMoE's input_jitter_noise: transformers' block and then its router multiply the same
+    tensor in place, so router and experts see both draws; the replaced block draws both, in
+    that order (compare_models: the same seed)."""
+    got, want = _phimoe_pair(input_jitter_noise=0.1)
+    assert got.model.layers[0].mlp.input_jitters == (0.1, 0.1)
+    compare_models(got, want, torch.randint(0, TINY["vocab_size"], (2, 12)), 1e-5, 1e-5)
+
+
+def test_phimoe_refusals_change_nothing():
+    """bias_balancing (sparsemixer has no selection bias) and a PhiMoE whose window it cannot
+    read are refused before any block changes."""
+    model = tiny_model("phimoe")
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="no selection bias"):
+        mh.replace_moe(model, bias_balancing=True)
+    assert [type(m) for m in model.modules()] == classes
+    del model.model.layers[1].mlp.router.router_jitter_noise
+    with pytest.raises(NotImplementedError, match="router_jitter_noise"):
+        mh.replace_moe(model)
+    assert [type(m) for m in model.modules()] == classes
+
+
 # ----------------------------------------------------------------------------------- GPU
 
 gpu = pytest.mark.gpu
@@ -789,3 +885,54 @@ def test_cuda_compile_inductor():
     got = torch.compile(model, fullgraph=True)(ids).logits
     close(got.float(), want.float(), 2e-2, scaled=True)
 
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_cuda_phimoe_matches_transformers(mode):
+    """PhiMoE in fp32 on the GPU (moeyard's CUDA kernels, CUDA random draws) against transformers
+    after the same seed. (In bf16 transformers computes sparsemixer in bf16, moeyard in fp32: a
+    logit on a window's edge or a near-tied sample may go the other way, see HFRouter.)"""
+    want = tiny_model("phimoe", device="cuda").train(mode == "train")
+    got = copy.deepcopy(want)
+    mh.replace_moe(got)
+    ids = torch.randint(0, TINY["vocab_size"], (4, 64), device="cuda")
+    compare_models(got, want, ids, 1e-4, 1e-4)
+
+
+@gpu
+def test_cuda_graph_phimoe_training():
+    """A replaced PhiMoE training step (sampling inside the graph) captured and replayed: after
+    the same seed the replay equals the eager step."""
+    model = tiny_model("phimoe", device="cuda")
+    mh.replace_moe(model)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 32), device="cuda")
+    params = list(model.parameters())
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss
+
+    torch.manual_seed(5)
+    want_loss = step()
+    want_grads = [p.grad.clone() for p in params]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            model.zero_grad(set_to_none=False)
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    model.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        loss = step()
+    for p in params:
+        p.grad.zero_()
+    torch.manual_seed(5)
+    graph.replay()
+    torch.cuda.synchronize()
+    close(loss.float(), want_loss.float(), 1e-6, scaled=True)
+    for p, g in zip(params, want_grads):
+        close(p.grad.float(), g.float(), 1e-6, scaled=True)

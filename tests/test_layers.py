@@ -1,6 +1,6 @@
-"""SwitchMoE and TopKMoE against a naive pure-PyTorch layer on the same weights (forward, backward,
-aux losses, stats), train vs eval behaviour, training, bias balancing, collect_aux_losses,
-state_dict, torch.compile and bad configurations."""
+"""SwitchMoE and TopKMoE (PhiMoE's sparsemixer routing included) against a naive pure-PyTorch
+layer on the same weights (forward, backward, aux losses, stats), train vs eval behaviour, training,
+bias balancing, collect_aux_losses, state_dict, torch.compile and bad configurations."""
 import copy
 import math
 import pickle
@@ -17,7 +17,8 @@ D, I, E, B, S = 16, 8, 8, 2, 12  # tokens T = B * S = 24
 
 # Name -> layer constructor (initializer_range 0.2 keeps activations O(1)). Together they cover
 # capacity drops, dropless, expert biases, every preset, shared experts (gated and not), z-loss,
-# sigmoid scores with a selection bias and group-limited routing.
+# sigmoid scores with a selection bias, group-limited routing and sparsemixer (a window of 0.2, wide
+# enough that most tokens have several candidates and the router a gradient).
 CONFIGS = {
     "switch": lambda **kw: moeyard.SwitchMoE(D, I, E, **kw),
     "switch_dropless": lambda **kw: moeyard.SwitchMoE(D, I, E, capacity_factor=None,
@@ -29,6 +30,7 @@ CONFIGS = {
     "qwen2_shared": lambda **kw: moeyard.TopKMoE.qwen2_moe(D, I, 12, num_experts=E, k=2, **kw),
     "deepseek": lambda **kw: moeyard.TopKMoE.deepseek_v3(D, I, num_experts=E, k=2, n_group=4,
                                                          topk_group=2, **kw),
+    "phimoe": lambda **kw: moeyard.TopKMoE.phimoe(D, I, num_experts=E, sparsemixer_eps=0.2, **kw),
 }
 
 
@@ -43,11 +45,15 @@ def make(name, device="cpu", dtype=torch.float32, **kw):
 # ------------------------------------------------------------------------- naive reference
 
 
-def naive_route(layer, h, noise=None):
-    """(logits, weights [T,k], experts [T,k] int64) written out with torch ops."""
+def naive_route(layer, h, noise=None, sm_noise=None):
+    """(logits, weights [T,k], experts [T,k] int64) written out with torch ops (sparsemixer:
+    reference.sparsemixer, on its training draws ``sm_noise``)."""
     r = layer.router
     xr = h.float() if noise is None else h.float() * noise
     logits = F.linear(xr, r.weight.float())
+    if r.score == "sparsemixer":
+        w, experts = ref.sparsemixer(logits, r.sparsemixer_eps, sm_noise)
+        return logits, w, experts.long()
     s = torch.softmax(logits, -1) if r.score == "softmax" else torch.sigmoid(logits)
     sel = s if r.e_score_correction_bias is None else s + r.e_score_correction_bias
     if r.n_group > 1:
@@ -78,11 +84,11 @@ def naive_keep(experts, capacity):
     return keep
 
 
-def naive_layer(layer, x, noise=None):
+def naive_layer(layer, x, noise=None, sm_noise=None):
     """(out, aux_losses, stats) of ``layer`` on x, one expert at a time, in fp32."""
     h = x.reshape(-1, D)
     T, k = h.shape[0], layer.k
-    logits, w, experts = naive_route(layer, h, noise)
+    logits, w, experts = naive_route(layer, h, noise, sm_noise)
     cf = layer.capacity_factor if layer.training else layer.eval_capacity_factor
     capacity = None if cf is None else max(math.ceil(T * k / E * cf), layer.min_capacity)
     keep = naive_keep(experts.cpu(), capacity).to(h.device)
@@ -167,11 +173,15 @@ def test_layer_matches_naive(name, training, dtype, device):
     layer = make(name, device, dtype).train(training)
     x = torch.randn(B, S, D, device=device).to(dtype)
     g = torch.randn(B, S, D, device=device)
-    noise = None
+    noise = sm_noise = None
     if training and layer.router.jitter_eps > 0:
         noise = jitter_noise(layer, x, 1234)
         torch.manual_seed(1234)
-    check_layer_against(layer, lambda v: naive_layer(layer, v, noise), x, g)
+    if training and layer.router.score == "sparsemixer":  # the draws the layer will make
+        torch.manual_seed(1234)
+        sm_noise = moeyard.sparsemixer_noise(B * S, E, device)
+        torch.manual_seed(1234)
+    check_layer_against(layer, lambda v: naive_layer(layer, v, noise, sm_noise), x, g)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -337,7 +347,7 @@ def test_bias_stays_fp32_and_init_std():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["switch", "qwen2_shared", "deepseek"])
+@pytest.mark.parametrize("name", ["switch", "qwen2_shared", "deepseek", "phimoe"])
 def test_compile_fullgraph_matches_eager(name, device):
     torch._dynamo.reset()
     layer = make(name, device)
@@ -381,6 +391,11 @@ def test_compile_fullgraph_matches_eager(name, device):
     (dict(jitter_eps=1.5), "jitter_eps"),
     (dict(shared_gate=True), "shared_gate"),
     (dict(aux_loss_coef=-1.0), "aux_loss_coef"),
+    (dict(score="sparsemixer", k=3), "k=2"),
+    (dict(score="sparsemixer", renormalize=True), "renormalize"),
+    (dict(score="sparsemixer", bias_balancing=True), "bias_balancing"),
+    (dict(score="sparsemixer", n_group=2), "n_group"),
+    (dict(score="sparsemixer", sparsemixer_eps=-1.0), "sparsemixer_eps"),
 ])
 def test_bad_configuration_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):

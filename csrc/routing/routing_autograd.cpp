@@ -1,12 +1,14 @@
 // Autograd of the differentiable routing and balance ops (route, relu_route, top_p_route,
-// expert_choice, router_losses, sequence_balance_loss), registered under the Autograd key in C++
-// so an eager call costs no Python (a Python autograd kernel added ~13 us of host time per call,
-// more than the GPU work of a route). Forward redispatches to the CPU/CUDA kernels; backward is
-// composed of ATen ops (so torch.compile traces it) and matches python/moeyard/reference.py's
+// sparsemixer, expert_choice, router_losses, sequence_balance_loss), registered under the Autograd
+// key in C++ so an eager call costs no Python (a Python autograd kernel added ~13 us of host time
+// per call, more than the GPU work of a route). Forward redispatches to the CPU/CUDA kernels;
+// backward is composed of ATen ops (so torch.compile traces it), or for sparsemixer is its own op
+// (with a fake kernel, so torch.compile traces it too), and matches python/moeyard/reference.py's
 // formulas.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "common/dispatch.h"
 #include "routing/route.h"
 
 namespace moeyard {
@@ -148,6 +150,35 @@ class TopPRouteFunction : public torch::autograd::Function<TopPRouteFunction> {
   }
 };
 
+// GRIN's estimator (transformers' PhimoeMultiplier): d(weights[:, j])/d(logits) is taken as
+// p_j[e_j] (onehot(e_j) - p_j), p_j the slot's window softmax, whatever the forward's midpoint
+// factor; computed by the _sparsemixer_backward op from the logits and the chosen experts.
+class SparsemixerFunction : public torch::autograd::Function<SparsemixerFunction> {
+ public:
+  static tensor_list forward(AutogradContext* ctx, const at::Tensor& logits, double jitter_eps,
+                             const std::optional<at::Tensor>& noise) {
+    static auto op = typed_op<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, double, const std::optional<at::Tensor>&)>("moeyard::sparsemixer");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [w, e] = op.call(logits, jitter_eps, noise);
+    ctx->save_for_backward({logits, e});
+    ctx->saved_data["jitter_eps"] = jitter_eps;
+    ctx->mark_non_differentiable({e});
+    return {w, e};
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    static auto op =
+        typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>(
+            "moeyard::_sparsemixer_backward");
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor grad;
+    if (grads[0].defined())
+      grad = op.call(grads[0], saved[0], saved[1], ctx->saved_data["jitter_eps"].toDouble());
+    return {grad, {}, {}};
+  }
+};
+
 class ExpertChoiceFunction : public torch::autograd::Function<ExpertChoiceFunction> {
  public:
   static tensor_list forward(AutogradContext* ctx, const at::Tensor& scores, int64_t capacity) {
@@ -272,6 +303,10 @@ std::tuple<at::Tensor, at::Tensor> relu_route_autograd(const at::Tensor& logits,
 std::tuple<at::Tensor, at::Tensor> top_p_route_autograd(const at::Tensor& logits, double p,
                                                         int64_t k_max) {
   auto out = TopPRouteFunction::apply(logits, p, k_max);
+std::tuple<at::Tensor, at::Tensor> sparsemixer_autograd(const at::Tensor& logits,
+                                                        double jitter_eps,
+                                                        const std::optional<at::Tensor>& noise) {
+  auto out = SparsemixerFunction::apply(logits, jitter_eps, noise);
   return {out[0], out[1]};
 }
 
@@ -299,6 +334,7 @@ TORCH_LIBRARY_IMPL(moeyard, Autograd, m) {
   m.impl("route", &route_autograd);
   m.impl("relu_route", &relu_route_autograd);
   m.impl("top_p_route", &top_p_route_autograd);
+  m.impl("sparsemixer", &sparsemixer_autograd);
   m.impl("expert_choice", &expert_choice_autograd);
   m.impl("router_losses", &router_losses_autograd);
   m.impl("sequence_balance_loss", &sequence_balance_loss_autograd);

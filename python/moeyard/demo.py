@@ -156,8 +156,12 @@ LAYER_TYPES: dict[str, LayerType] = {
                                                               erc_loss_coef=1.0),
                           note="topk plus the expert-router coupling loss (coefficient 1, "
                                "alpha 1)", expert_parallel=False, default=False),
+    "grin": LayerType(lambda d, c, g=None: layers.TopKMoE.phimoe(
+                          d, max(1, c.k * c.expert_size // 2), c.experts, ep_group=g),
+                      note="GRIN / PhiMoE: SparseMixer-v2 top-2, sampled in training; experts of "
+                           "width k*I/2", default=False),
 }
-DEFAULT_LAYERS = tuple(name for name, lt in LAYER_TYPES.items() if lt.default)
+DEFAULT_LAYERS = tuple(name for name, t in LAYER_TYPES.items() if t.default)
 
 
 def _moe_layers(model: nn.Module) -> list[nn.Module]:

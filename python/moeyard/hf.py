@@ -17,15 +17,16 @@ Two ways to use it:
 
 :func:`replace_moe`
     Turns every sparse MoE block (router + experts + optional shared expert), in place, into a
-    :class:`SparseMoeBlock` that routes with :func:`moeyard.route` and :func:`moeyard.plan`,
-    keeping the block's modules and parameters under their names (a replaced model's
-    ``state_dict`` loads into the original and back). By default it routes exactly as the original
-    (up to exact ties, see :class:`HFRouter`); options switch it for fine-tuning
-    (auxiliary-loss-free balancing, capacity). The experts run on the model's experts
-    implementation, ``"moeyard"`` unless asked otherwise. Router logits are still recorded for
-    ``output_router_logits`` (and the model's aux loss), and transformers still initialises the
-    routers (``init_weights()``, loading with missing keys). With ``ep_group`` the experts are
-    sharded over a process group (expert parallelism, :mod:`moeyard.distributed`).
+    :class:`SparseMoeBlock` that routes with :func:`moeyard.route` (PhiMoE:
+    :func:`moeyard.sparsemixer`) and :func:`moeyard.plan`, keeping the block's modules and
+    parameters under their names (a replaced model's ``state_dict`` loads into the original and
+    back). By default it routes exactly as the original (up to exact ties, see :class:`HFRouter`;
+    PhiMoE samples in training, from the same draws as transformers after the same seed); options
+    switch it for fine-tuning (auxiliary-loss-free balancing, capacity). The experts run on the
+    model's experts implementation, ``"moeyard"`` unless asked otherwise. Router logits are still
+    recorded for ``output_router_logits`` (and the model's aux loss), and transformers still
+    initialises the routers (``init_weights()``, loading with missing keys). With ``ep_group``
+    the experts are sharded over a process group (expert parallelism, :mod:`moeyard.distributed`).
 
 An experts module or MoE block this integration cannot reproduce exactly (an activation or gate it
 does not know, a post-expert norm, an unknown router) is refused with an error that names it;
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 
 from .distributed import ExpertParallel, shard_parameters
 from .layers import TopKMoE
-from .ops import expert_ffn, load_stats, plan
+from .ops import expert_ffn, load_stats, plan, sparsemixer
 from .reference import OSS_ALPHA, OSS_LIMIT, activation_name
 from .routers import TopKRouter
 
@@ -216,13 +217,17 @@ class _Routing:
     """How a transformers router routes, in :func:`moeyard.route`'s terms (plus where its
     numbers are rounded, so that a bf16 model gives the same results).
 
-    score, topk_before_score: as :func:`moeyard.route`.
+    score, topk_before_score: as :func:`moeyard.route`; score ``"sparsemixer"``: GRIN's routing
+        (:func:`moeyard.sparsemixer`, window ``router_jitter_noise``, always two experts).
     renormalize: True / False, or None: the router's ``norm_topk_prob`` attribute says.
     grouped: the router has DeepSeek-V3's ``num_group`` / ``topk_group`` / ``routed_scaling_factor``
         / ``e_score_correction_bias`` (group-limited, scaled, selection bias).
     logits_fp32: the router computes its logits from fp32 copies of x and W (else in x's dtype,
         as ``F.linear(x, W)``; those logits are what transformers records).
     weights_to_hidden: the routing weights are rounded to x's dtype before the experts.
+    router_jitters_input: the router multiplies its input in place by its own
+        ``input_jitter_noise`` in training (PhiMoE), so the experts see that jitter too: the block
+        draws it, after its own.
     """
 
     score: str = "softmax"
@@ -231,12 +236,14 @@ class _Routing:
     grouped: bool = False
     logits_fp32: bool = False
     weights_to_hidden: bool = True
+    router_jitters_input: bool = False
 
 
 _MIXTRAL = _Routing(renormalize=True, weights_to_hidden=False)
 _QWEN = _Routing()
 _DEEPSEEK_V3 = _Routing(score="sigmoid", grouped=True, logits_fp32=True, weights_to_hidden=False)
 _GPT_OSS = _Routing(topk_before_score=True)
+_PHIMOE = _Routing(score="sparsemixer", renormalize=False, router_jitters_input=True)
 
 #: transformers' sparse MoE block classes (by name) that :func:`replace_moe` swaps, and how each
 #: routes. Each is a router (``gate`` or ``router``), an experts module (``experts``) and
@@ -269,6 +276,7 @@ SUPPORTED_BLOCKS = {
     "BailingHybridMoE": _DEEPSEEK_V3,
     "MiMoV2FlashMoE": _DEEPSEEK_V3,
     "GptOssMLP": _GPT_OSS,
+    "PhimoeSparseMoeBlock": _PHIMOE,
 }
 
 
@@ -277,7 +285,8 @@ _RETURNS_ROUTER_SCORES = {"GptOssMLP"}
 
 
 class HFRouter(TopKRouter):
-    """A transformers router that routes with :func:`moeyard.route`.
+    """A transformers router that routes with :func:`moeyard.route` (PhiMoE's:
+    :func:`moeyard.sparsemixer`).
 
     :func:`replace_moe` does not build a new router: it changes the class of the model's own
     router to a subclass of both its class and this one (``Moeyard<Class>``, see
@@ -287,7 +296,7 @@ class HFRouter(TopKRouter):
     weights [T, k] fp32, experts [T, k] int32)``; the logits are computed as the original computes
     them (in x's dtype, or in fp32), so the recorded logits are the same.
 
-    The routing is transformers' rule, with two documented differences:
+    The routing is transformers' rule, with these documented differences:
 
     * exact ties at the k-th score go to the lower expert index (moeyard's rule); transformers'
       ``torch.topk`` picks among tied experts in an order of its own. Rare in fp32, a fraction of a
@@ -296,6 +305,12 @@ class HFRouter(TopKRouter):
       groups: transformers masks the other groups with -inf and ``topk`` still takes k experts,
       the rest from the masked groups in its own tie order. :func:`moeyard.route` refuses such a
       k, so these routers run transformers' own ops instead (op for op; a warning says so once).
+    * PhiMoE (sparsemixer) in bf16 / fp16: transformers computes the window, the Gumbel-perturbed
+      logits and the softmax in the model's dtype, moeyard in fp32 (the weights are rounded to the
+      model's dtype afterwards), so weights differ by that rounding and, rarely, a logit on the
+      window's edge or a near-tied sample goes the other way. In fp32 the two agree (fed the same
+      random draws in training). Always two experts, as transformers' sparsemixer, whatever
+      ``num_experts_per_tok`` says.
     """
 
     def __init__(self, *args, **kwargs):
@@ -304,8 +319,9 @@ class HFRouter(TopKRouter):
 
     @classmethod
     def adopt(cls, hf_router: nn.Module, routing: _Routing, k: int, *,
-              bias_balancing: bool = False) -> "HFRouter":
-        """Turn ``hf_router`` (in place) into an HFRouter routing as ``routing`` says."""
+              bias_balancing: bool = False, sparsemixer_eps: float = 0.01) -> "HFRouter":
+        """Turn ``hf_router`` (in place) into an HFRouter routing as ``routing`` says
+        (``sparsemixer_eps``: the window of a sparsemixer router, see :func:`_sparsemixer_eps`)."""
         weight = hf_router.weight
         num_experts, hidden_size = weight.shape
         renormalize = routing.renormalize
@@ -316,6 +332,8 @@ class HFRouter(TopKRouter):
         if routing.grouped:
             n_group, topk_group = hf_router.num_group or 1, hf_router.topk_group or 1
             scale = float(hf_router.routed_scaling_factor)
+        if routing.score == "sparsemixer":  # transformers' sparsemixer always routes two
+            k = 2
         hf_bias = getattr(hf_router, "e_score_correction_bias", None)
         hf_router.__class__ = moeyard_class(cls, type(hf_router))
         self = hf_router
@@ -325,6 +343,7 @@ class HFRouter(TopKRouter):
         self.score, self.topk_before_score = routing.score, routing.topk_before_score
         self.renormalize, self.scale = renormalize, scale
         self.n_group, self.topk_group = n_group, topk_group
+        self.sparsemixer_eps, self.generator = sparsemixer_eps, None
         self.logits_fp32 = routing.logits_fp32
         self.bias = getattr(self, "bias", None)
         device = weight.device
@@ -360,10 +379,33 @@ class HFRouter(TopKRouter):
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.score == "sparsemixer" and self.training:
+            logits = self.router_logits(x)
+            weights, experts = sparsemixer(logits, self.sparsemixer_eps, True,
+                                           noise=self._transformers_noise(logits))
+            return logits, weights, experts
         if not self.transformers_grouped_topk:
             return super().forward(x)
         logits = self.router_logits(x)
         return (logits, *self._transformers_grouped_topk(logits))
+
+    def _transformers_noise(self, logits: Tensor) -> Tensor:
+        """sparsemixer's training draws (:func:`moeyard.sparsemixer_noise`'s layout) drawn as
+        transformers' PhiMoE draws them: in the logits' dtype and in its order (slot 1: an
+        Exponential(1) ``[T, E]``, a uniform ``[T, 1]``; slot 2: an Exponential ``[T, E]``, a
+        uniform ``[T, 1]`` that transformers overwrites, the uniform it uses), from ``generator``
+        or the global generator. So a replaced model samples what the original samples after the
+        same ``torch.manual_seed`` (in bf16, up to near-ties: see the class docstring)."""
+        T, E = logits.shape
+        kw = dict(dtype=logits.dtype, device=logits.device)
+        noise = torch.empty(T, 2, E + 1, device=logits.device)
+        for j in range(2):
+            exponential = torch.empty(T, E, **kw).exponential_(generator=self.generator)
+            noise[:, j, :E] = exponential.log().neg()
+            if j == 1:  # transformers' rand_like(...).uniform_(): the first draw is overwritten
+                torch.rand(T, 1, generator=self.generator, **kw)
+            noise[:, j, E:] = torch.rand(T, 1, generator=self.generator, **kw)
+        return noise
 
     def _transformers_grouped_topk(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """transformers' group-limited sigmoid routing (DeepseekV3TopkRouter.forward), op for op."""
@@ -440,8 +482,10 @@ class SparseMoeBlock(nn.Module):
               min_capacity: int = 4) -> "SparseMoeBlock":
         """Turn ``block`` (in place) into a SparseMoeBlock routing as ``routing`` says."""
         source, router_name, k = type(block).__name__, _router_name(block), _router_k(block)
+        jitters = _input_jitters(block, getattr(block, router_name), routing)
+        eps = _sparsemixer_eps(block) if routing.score == "sparsemixer" else 0.01
         router = HFRouter.adopt(getattr(block, router_name), routing, k,
-                                bias_balancing=bias_balancing)
+                                bias_balancing=bias_balancing, sparsemixer_eps=eps)
         block.__class__ = moeyard_class(cls, type(block))
         self = block
         self.source, self.router_name = source, router_name
@@ -449,7 +493,7 @@ class SparseMoeBlock(nn.Module):
             if not hasattr(self, name):
                 setattr(self, name, None)
         self.num_experts, self.k = router.num_experts, router.k
-        self.jitter_noise = float(getattr(self, "jitter_noise", 0.0) or 0.0)
+        self.input_jitters = jitters
         self.weights_to_hidden = routing.weights_to_hidden
         self.returns_weights = source in _RETURNS_ROUTER_SCORES
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
@@ -468,8 +512,9 @@ class SparseMoeBlock(nn.Module):
     def forward(self, hidden_states: Tensor):
         shape = hidden_states.shape
         h = hidden_states.reshape(-1, shape[-1])
-        if self.training and self.jitter_noise > 0:  # Mixtral's jitter: router and experts
-            h = h * torch.empty_like(h).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        if self.training:  # multiplicative jitter seen by the router and the experts
+            for n in self.input_jitters:
+                h = h * torch.empty_like(h).uniform_(1.0 - n, 1.0 + n)
         router = self.hf_router()
         _, weights, experts = router(h)
         if self.weights_to_hidden:
@@ -509,6 +554,29 @@ class SparseMoeBlock(nn.Module):
                 f"eval_capacity_factor={self.eval_capacity_factor}")
         ep = _expert_parallel(self.experts)
         return text if ep is None else f"{text}, {ep.placement}"
+
+
+def _input_jitters(block: nn.Module, hf_router: nn.Module, routing: _Routing) -> tuple:
+    """The multiplicative input jitters (``Uniform(1 - n, 1 + n)`` draws, in order) a block applies
+    in training to the tensor both its router and its experts read: Mixtral's ``jitter_noise``;
+    PhiMoE's ``input_jitter_noise`` twice (its block multiplies its input in place, then its router
+    the same tensor)."""
+    noises = [getattr(block, "jitter_noise", 0.0), getattr(block, "input_jitter_noise", 0.0)]
+    if routing.router_jitters_input:
+        noises.append(getattr(hf_router, "input_jitter_noise", 0.0))
+    return tuple(float(n) for n in noises if n and n > 0)
+
+
+def _sparsemixer_eps(block: nn.Module) -> float:
+    """A sparsemixer block's window, ``router_jitter_noise``, from its router (transformers 5.2x)
+    or the block itself; NotImplementedError if neither has it."""
+    for owner in (getattr(block, _router_name(block), None), block):
+        eps = getattr(owner, "router_jitter_noise", None)
+        if eps is not None:
+            return float(eps)
+    raise NotImplementedError(f"replace_moe cannot read the sparsemixer window "
+                              f"(router_jitter_noise) of {type(block).__name__} in transformers "
+                              f"{transformers.__version__}")
 
 
 def _router_name(block: nn.Module) -> str:
@@ -569,10 +637,11 @@ def replace_moe(model: nn.Module, *, bias_balancing: bool = False,
     keys; each block becomes a :class:`SparseMoeBlock` and its router an :class:`HFRouter`, both
     still instances of their transformers classes) and, by default, route
     as the originals (softmax or sigmoid, renormalization, group limits,
-    ``e_score_correction_bias``, scaling, router bias; exact ties aside, see :class:`HFRouter`),
-    with :func:`moeyard.route` and :func:`moeyard.plan`. Router logits are still recorded for
-    ``output_router_logits`` (so the model's aux loss is unchanged), and transformers still
-    initialises the routers (``init_weights()``, missing keys).
+    ``e_score_correction_bias``, scaling, router bias, PhiMoE's sparsemixer with its training-time
+    sampling and gradient estimator; exact ties aside, see :class:`HFRouter`), with
+    :func:`moeyard.route` (:func:`moeyard.sparsemixer`) and :func:`moeyard.plan`. Router logits
+    are still recorded for ``output_router_logits`` (so the model's aux loss is unchanged), and
+    transformers still initialises the routers (``init_weights()``, missing keys).
 
     Options:
         experts_implementation: the experts implementation the model is switched to (as
@@ -580,7 +649,8 @@ def replace_moe(model: nn.Module, *, bias_balancing: bool = False,
             ``"moeyard"`` (:func:`moeyard.expert_ffn` on moeyard's plan); None keeps the model's.
         bias_balancing: auxiliary-loss-free balancing: each router gets a trainable selection bias
             ``e_score_correction_bias`` (DeepSeek-V3 style models already have one; others get
-            zeros, a new ``state_dict`` key) and counts its load; call
+            zeros, a new ``state_dict`` key; PhiMoE's sparsemixer has none: ValueError) and
+            counts its load; call
             ``moeyard.BiasBalancer(model).step()`` after each optimizer step. Default False.
         capacity_factor, eval_capacity_factor, min_capacity: per-expert capacity in training / in
             eval, as :class:`moeyard.TopKMoE`; over-capacity assignments are dropped by position
@@ -630,6 +700,12 @@ def replace_moe(model: nn.Module, *, bias_balancing: bool = False,
     for _, block in found:  # every refusal before anything changes
         _router_k(block)
         experts_activation(block.experts)
+        if SUPPORTED_BLOCKS[type(block).__name__].score != "sparsemixer":
+            continue
+        _sparsemixer_eps(block)
+        if bias_balancing:
+            raise ValueError(f"replace_moe: bias_balancing cannot apply to {type(block).__name__}: "
+                             "its sparsemixer routing has no selection bias")
     eps = [None if ep_group is None else
            _expert_parallel_for(qual, block, ep_group, experts_implementation)
            for qual, block in found]

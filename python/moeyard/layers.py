@@ -93,7 +93,11 @@ class TopKMoE(_Layer):
         hidden_size: d. intermediate_size: I of each routed expert. num_experts: E.
         k: experts per token (default 2).
         score, topk_before_score, renormalize, scale, n_group, topk_group: routing, as
-            :class:`TopKRouter` (defaults: softmax, no renormalization, scale 1, no groups).
+            :class:`TopKRouter` (defaults: softmax, no renormalization, scale 1, no groups);
+            ``score="sparsemixer"`` is GRIN's routing (see :meth:`phimoe`).
+        sparsemixer_eps, generator: ``score="sparsemixer"``'s window (default 0.01) and the
+            generator of its training noise (default None: torch's global one), as
+            :class:`TopKRouter`.
         capacity_factor: training capacity ``max(ceil(T k / E * cf), min_capacity)`` per expert,
             over-capacity assignments dropped by position (every first choice before any second
             choice, earlier tokens first); None (default) = dropless.
@@ -154,6 +158,7 @@ class TopKMoE(_Layer):
                  eval_capacity_factor: Optional[float] = None, min_capacity: int = 4,
                  aux_loss_coef: Optional[float] = None, seq_aux_loss_coef: float = 0.0,
                  z_loss_coef: float = 0.0, bias_balancing: bool = False, jitter_eps: float = 0.0,
+                 sparsemixer_eps: float = 0.01, generator: Optional[torch.Generator] = None,
                  shared_intermediate_size: Optional[int] = None, shared_gate: bool = False,
                  activation: str = "swiglu", expert_bias: bool = False,
                  initializer_range: float = 0.02, backend: str = "auto", ep_group=None,
@@ -187,6 +192,7 @@ class TopKMoE(_Layer):
                                  topk_before_score=topk_before_score, renormalize=renormalize,
                                  scale=scale, n_group=n_group, topk_group=topk_group,
                                  bias_balancing=bias_balancing, jitter_eps=jitter_eps,
+                                 sparsemixer_eps=sparsemixer_eps, generator=generator,
                                  initializer_range=initializer_range, **kw)
         self.experts = _experts(ep_group, num_experts, hidden_size, intermediate_size,
                                 activation, expert_bias, initializer_range, **kw, backend=backend)
@@ -241,6 +247,19 @@ class TopKMoE(_Layer):
                   **kwargs}
         return cls(hidden_size, intermediate_size, num_experts, k, n_group=n_group,
                    topk_group=topk_group, **kwargs)
+
+    @classmethod
+    def phimoe(cls, hidden_size: int, intermediate_size: int, num_experts: int = 16,
+               **kwargs) -> "TopKMoE":
+        """PhiMoE / GRIN (Liu et al. 2024, arXiv 2409.12136): GRIN's SparseMixer-v2 routing
+        (:func:`moeyard.sparsemixer`: top-2 within a window of the maximum, experts sampled in
+        training with GRIN's gradient estimator, the top two in eval), window
+        ``sparsemixer_eps=0.01`` (``PhimoeConfig.router_jitter_noise``), 16 experts, dropless,
+        aux-loss coefficient 1e-3 (``router_aux_loss_coef``; counted on the sampled experts).
+        PhiMoE's ``input_jitter_noise`` (default 0) multiplies the block's input, experts
+        included; moeyard's ``jitter_eps`` jitters the router's input only."""
+        kwargs = {"score": "sparsemixer", "aux_loss_coef": 1e-3, **kwargs}
+        return cls(hidden_size, intermediate_size, num_experts, 2, **kwargs)
 
     @property
     def balance_group(self):

@@ -25,6 +25,8 @@ __all__ = [
     "route",
     "relu_route",
     "top_p_route",
+    "sparsemixer",
+    "sparsemixer_noise",
     "plan",
     "expert_choice",
     "balanced_assignment",
@@ -215,6 +217,79 @@ def _top_p_route_fake(logits, p, k_max):
     T = logits.shape[0]
     return (logits.new_empty((T, k_max), dtype=_acc_dtype(logits)),
             logits.new_empty((T, k_max), dtype=torch.int32))
+
+
+def sparsemixer(logits: Tensor, jitter_eps: float = 0.01, training: bool = False, *,
+                generator: Optional[torch.Generator] = None,
+                noise: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """GRIN's SparseMixer-v2 routing (Liu et al. 2024, arXiv 2409.12136; PhiMoE in transformers):
+    two experts per token. Returns ``(weights [T,2], experts [T,2] int32)``, weights fp32 (fp64
+    for fp64 logits), not renormalized.
+
+    Slot 1 looks at every expert, slot 2 at every expert but slot 1's. In each slot, with ``m``
+    the largest candidate logit, the experts with ``(m - z) / max(|z|, m) > 2 * jitter_eps`` are
+    masked out (the sparsity window) and ``p`` is the softmax over the rest.
+
+    Eval (``training=False``): the slot takes its largest logit (ties to the lower id), weight
+    ``p[e]``; the weights are a differentiable function of the logits.
+
+    Training: the slot samples ``e`` from ``p`` (Gumbel-max over the window) and its weight is
+    ``p[e]``, times 0.3333 when ``e`` is not the slot's argmax and the slot's uniform draw is at
+    most 0.75 (Heun's third-order midpoint). The gradient is GRIN's estimate, not the
+    derivative of that forward: ``d weights[j] / d logits = p_j[e_j] * (onehot(e_j) - p_j)``
+    (the 0.3333 factor is ignored), the same formula as in eval.
+
+    Randomness is explicit: ``noise [T, 2, E + 1]`` fp32 holds, per token and slot, the E Gumbel
+    perturbations then the uniform draw (see :func:`sparsemixer_noise`); given ``noise`` the op is
+    deterministic and CPU and CUDA agree. With ``training=True`` and no ``noise`` it is drawn from
+    ``generator`` (default: torch's global generator of the logits' device). ``noise`` with
+    ``training=False`` is a ValueError.
+
+    NaN logits rank below every number; a token with a NaN (or +inf) logit gets NaN weights,
+    as in :func:`route`. The two experts are always valid and distinct. Differentiable w.r.t.
+    ``logits`` (once: the estimator is computed by its own op, which has no derivative).
+    """
+    if noise is not None and not training:
+        raise ValueError("sparsemixer: noise is only used in training (training=True)")
+    if training and noise is None and logits.dim() == 2:
+        noise = sparsemixer_noise(logits.shape[0], logits.shape[1], logits.device, generator)
+    return _ops.sparsemixer.default(logits, jitter_eps, noise)
+
+
+def sparsemixer_noise(num_tokens: int, num_experts: int, device=None,
+                      generator: Optional[torch.Generator] = None) -> Tensor:
+    """The random draws of one training :func:`sparsemixer` call: ``[T, 2, E + 1]`` fp32 where
+    ``[t, j, :E]`` are Gumbel(0, 1) perturbations ``-log(Exponential(1))`` (as transformers'
+    PhiMoE draws them) and ``[t, j, E]`` is ``Uniform[0, 1)``, from ``generator`` (default the
+    device's global generator)."""
+    noise = torch.empty(num_tokens, 2, num_experts + 1, device=device)
+    noise[..., :num_experts].exponential_(generator=generator).log_().neg_()
+    noise[..., num_experts].uniform_(generator=generator)
+    return noise
+
+
+@torch.library.register_fake("moeyard::sparsemixer")
+def _sparsemixer_fake(logits, jitter_eps=0.01, noise=None):
+    _check_same_device(locals())
+    torch._check(logits.dim() == 2, lambda: f"logits must be 2-D, got {logits.dim()}-D")
+    torch._check(logits.shape[1] >= 2,
+                 lambda: f"sparsemixer needs at least 2 experts, got E={logits.shape[1]}")
+    torch._check(math.isfinite(jitter_eps) and jitter_eps >= 0,
+                 lambda: f"jitter_eps={jitter_eps} must be finite and >= 0")
+    if noise is not None:
+        T, E = logits.shape
+        torch._check(noise.dtype == torch.float32, lambda: f"noise must be fp32, got {noise.dtype}")
+        torch._check(noise.shape == (T, 2, E + 1),
+                     lambda: f"noise must have shape [T, 2, E + 1], got {tuple(noise.shape)}")
+    return _route_fake(logits, 2)
+
+
+@torch.library.register_fake("moeyard::_sparsemixer_backward")
+def _sparsemixer_backward_fake(grad, logits, experts, jitter_eps):
+    _check_same_device(locals())
+    torch._check(logits.dim() == 2 and grad.dim() == 2 and experts.dim() == 2,
+                 lambda: "grad, logits and experts must be 2-D")
+    return logits.new_empty(logits.shape)
 
 
 # -------------------------------------------------------------------------------------- plan

@@ -119,6 +119,58 @@ def top_p_route(logits, p, k_max):
             torch.where(keep, sel, torch.full_like(sel, -1)).to(torch.int32))
 
 
+# SparseMixer-v2's midpoint (Heun's third order): a training slot that did not pick its argmax
+# keeps its weight if its uniform draw exceeds MIDPOINT_DRAW, else the weight is multiplied by
+# MIDPOINT_SCALE, an fp32 constant (0.3333, transformers' and GRIN's, not 1/3).
+MIDPOINT_DRAW = 0.75
+MIDPOINT_SCALE = 0.3333
+
+
+def sparsemixer(logits, jitter_eps=0.01, noise=None):
+    """GRIN's SparseMixer-v2 top-2. Returns (weights [T,2] fp32/fp64, experts [T,2] int32).
+
+    Slot j's candidates: every expert for j = 0, every expert but experts[:, 0] for j = 1.
+      m: the candidates' largest logit (NaN if one is NaN).
+      window: the candidates z with not ((m - z) / max(|z|, m) > 2 jitter_eps) (in the acc dtype;
+        a comparison with NaN is false, so a NaN row masks nothing); m is always inside.
+      p_j: softmax over the window (0 elsewhere).
+      best: the candidates' argmax by the selection order (fp32; ties to the lower id; NaN last).
+      noise None (eval): e_j = best, weight p_j[e_j].
+      noise [T,2,E+1] (training), g = noise[:, j, :E] and u = noise[:, j, E]: e_j is the argmax of
+        fp32(z + g) over the window (-inf outside it, the other candidates below -inf: a sample of
+        p_j when g is Gumbel(0, 1)); weight p_j[e_j] * s with s = 1 if e_j == best or
+        u > MIDPOINT_DRAW, else fp32(MIDPOINT_SCALE).
+    Gradient in both modes: d weights[:, j] / d logits = p_j[e_j] (onehot(e_j) - p_j), which in
+    training ignores s (GRIN's estimator; transformers' PhimoeMultiplier): written below as
+    ``p.detach() * s + (p - p.detach())``, whose value is p * s and whose derivative is p's.
+    """
+    acc = _acc_dtype(logits)
+    z = logits.to(acc)
+    T, E = z.shape
+    two_eps = torch.tensor(2 * jitter_eps, dtype=acc)
+    excluded = torch.zeros(T, E, dtype=torch.bool, device=z.device)
+    weights, experts = [], []
+    for j in range(2):
+        m = z.masked_fill(excluded, float("-inf")).max(-1, keepdim=True).values
+        masked = (m - z) / z.abs().clamp(min=m) > two_eps
+        window = ~excluded & ~masked
+        p = torch.softmax(z.masked_fill(~window, float("-inf")), -1)
+        best = rank_key(z).masked_fill(excluded, _NEG_KEY).argmax(-1)
+        s = torch.ones(T, dtype=acc, device=z.device)
+        if noise is None:
+            e = best
+        else:
+            v = torch.where(masked, float("-inf"), (z + noise[:, j, :E].to(acc)).float())
+            e = rank_key(v).masked_fill(excluded, _NEG_KEY).argmax(-1)
+            keep = (e == best) | (noise[:, j, E] > MIDPOINT_DRAW)
+            s = torch.where(keep, s, torch.tensor(MIDPOINT_SCALE, dtype=torch.float32).to(acc))
+        pe = p.gather(1, e[:, None])[:, 0]
+        weights.append(pe.detach() * s + (pe - pe.detach()))
+        experts.append(e)
+        excluded = excluded | F.one_hot(e, E).bool()
+    return torch.stack(weights, 1), torch.stack(experts, 1).to(torch.int32)
+
+
 def _token_priority(experts, weights, drop_policy):
     """Rank of each token in the drop priority: position -> token order; score -> by the token's
     best valid weight, descending (Batch Prioritized Routing), ties to the earlier token."""

@@ -2,24 +2,26 @@
 
 :class:`TopKRouter` (:func:`moeyard.route`) serves Switch (softmax, k = 1, input jitter), Mixtral /
 Qwen (softmax top-k, optional renormalization) and DeepSeek-V3 (sigmoid, selection bias,
-group-limited, renormalized, scaled); :class:`ReLURouter` (:func:`moeyard.relu_route`) serves ReMoE,
-:class:`TopPRouter` (:func:`moeyard.top_p_route`) dynamic top-p routing. They share
+group-limited, renormalized, scaled), and with ``score="sparsemixer"``
+(:func:`moeyard.sparsemixer`) GRIN / PhiMoE; :class:`ReLURouter` (:func:`moeyard.relu_route`)
+serves ReMoE, :class:`TopPRouter` (:func:`moeyard.top_p_route`) dynamic top-p routing. They share
 :class:`RouterLinear` (weight, init, jitter, fp32 logits), which expert-choice uses directly.
 :class:`SmearRouter` routes whole examples (SMEAR).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import relu_route, route, top_p_route
+from .ops import relu_route, route, sparsemixer, top_p_route
 
 __all__ = ["RouterLinear", "TopKRouter", "ReLURouter", "TopPRouter", "SmearRouter"]
 
-SCORES = ("softmax", "sigmoid")
+SCORES = ("softmax", "sigmoid", "sparsemixer")
 
 
 class RouterLinear(nn.Module):
@@ -68,7 +70,16 @@ class TopKRouter(RouterLinear):
     Args:
         hidden_size, num_experts: d and E.
         k: experts per token, ``1 <= k <= E``. Default 1.
-        score: ``"softmax"`` (default) or ``"sigmoid"`` (DeepSeek-V3).
+        score: ``"softmax"`` (default), ``"sigmoid"`` (DeepSeek-V3) or ``"sparsemixer"``: GRIN's
+            SparseMixer-v2 (PhiMoE), :func:`moeyard.sparsemixer`: k = 2, experts sampled in
+            training (``module.training``) with GRIN's gradient estimator, the top two in eval;
+            no renormalization, scale, groups, selection bias or ``topk_before_score``.
+        sparsemixer_eps: sparsemixer's window, ``jitter_eps`` of :func:`moeyard.sparsemixer`
+            (PhiMoE's ``router_jitter_noise``). Default 0.01.
+        generator: the ``torch.Generator`` sparsemixer draws its training noise from; None
+            (default): torch's global one (which ``torch.utils.checkpoint`` restores for its
+            recompute, so a recomputed forward samples the same experts; a generator of your own
+            is not restored). Settable later as ``router.generator``.
         topk_before_score: softmax over the k best logits (GPT-OSS); default False.
         renormalize: weights divided by their sum (Mixtral, ``norm_topk_prob``); default False.
         scale: weights multiplied by it (DeepSeek-V3's ``routed_scaling_factor``); default 1.
@@ -87,12 +98,17 @@ class TopKRouter(RouterLinear):
     def __init__(self, hidden_size: int, num_experts: int, k: int = 1, score: str = "softmax", *,
                  topk_before_score: bool = False, renormalize: bool = False, scale: float = 1.0,
                  n_group: int = 1, topk_group: int = 1, bias_balancing: bool = False,
-                 jitter_eps: float = 0.0, initializer_range: float = 0.02, device=None,
-                 dtype=None):
+                 jitter_eps: float = 0.0, sparsemixer_eps: float = 0.01,
+                 generator: Optional[torch.Generator] = None, initializer_range: float = 0.02,
+                 device=None, dtype=None):
         _check_routing(hidden_size, num_experts, k, score, n_group, topk_group, jitter_eps)
+        if score == "sparsemixer":
+            _check_sparsemixer(k, topk_before_score, renormalize, scale, n_group, bias_balancing,
+                               sparsemixer_eps)
         super().__init__(hidden_size, num_experts, jitter_eps=jitter_eps,
                          initializer_range=initializer_range, device=device, dtype=dtype)
         self.k, self.score = k, score
+        self.sparsemixer_eps, self.generator = sparsemixer_eps, generator
         self.topk_before_score, self.renormalize, self.scale = topk_before_score, renormalize, scale
         self.n_group, self.topk_group = n_group, topk_group
         if bias_balancing:
@@ -115,6 +131,10 @@ class TopKRouter(RouterLinear):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         logits = self.router_logits(x)
+        if self.score == "sparsemixer":
+            weights, experts = sparsemixer(logits, self.sparsemixer_eps, self.training,
+                                           generator=self.generator)
+            return logits, weights, experts
         weights, experts = route(logits, self.k, self.score,
                                  topk_before_score=self.topk_before_score,
                                  bias=self.e_score_correction_bias, n_group=self.n_group,
@@ -134,7 +154,9 @@ class TopKRouter(RouterLinear):
                 f"score={self.score!r}, renormalize={self.renormalize}, scale={self.scale}, "
                 f"n_group={self.n_group}, topk_group={self.topk_group}, "
                 f"bias_balancing={self.e_score_correction_bias is not None}, "
-                f"jitter_eps={self.jitter_eps}")
+                f"jitter_eps={self.jitter_eps}"
+                + (f", sparsemixer_eps={self.sparsemixer_eps}" if self.score == "sparsemixer"
+                   else ""))
 
 
 class ReLURouter(RouterLinear):
@@ -220,6 +242,20 @@ def _check_routing(hidden_size, num_experts, k, score, n_group, topk_group, jitt
                          f"topk_group={topk_group} groups of {num_experts // n_group}")
     if not 0 <= jitter_eps < 1:
         raise ValueError(f"jitter_eps={jitter_eps} must be in [0, 1)")
+
+
+def _check_sparsemixer(k, topk_before_score, renormalize, scale, n_group, bias_balancing, eps):
+    """Raise ValueError naming the first setting that score="sparsemixer" does not take."""
+    if k != 2:
+        raise ValueError(f"score='sparsemixer' routes k=2 experts per token, got k={k}")
+    fixed = (("topk_before_score", topk_before_score, False), ("renormalize", renormalize, False),
+             ("scale", scale, 1.0), ("n_group", n_group, 1),
+             ("bias_balancing", bias_balancing, False))
+    for name, value, default in fixed:
+        if value != default:
+            raise ValueError(f"score='sparsemixer' does not take {name}={value!r}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"sparsemixer_eps={eps} must be finite and >= 0")
 
 
 class SmearRouter(nn.Module):
