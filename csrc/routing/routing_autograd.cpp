@@ -303,6 +303,9 @@ std::tuple<at::Tensor, at::Tensor> relu_route_autograd(const at::Tensor& logits,
 std::tuple<at::Tensor, at::Tensor> top_p_route_autograd(const at::Tensor& logits, double p,
                                                         int64_t k_max) {
   auto out = TopPRouteFunction::apply(logits, p, k_max);
+  return {out[0], out[1]};
+}
+
 std::tuple<at::Tensor, at::Tensor> sparsemixer_autograd(const at::Tensor& logits,
                                                         double jitter_eps,
                                                         const std::optional<at::Tensor>& noise) {
