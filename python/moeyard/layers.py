@@ -16,6 +16,10 @@ After every forward the layer holds
                   over a model. Add them to the loss after each forward (micro-batch).
   ``last_stats``  :func:`moeyard.load_stats` of the plan (tokens per expert, MaxVio, dropped
                   fraction), device tensors.
+
+Every forward hands its routing to :func:`moeyard.report_routing` (a no-op unless a
+:func:`moeyard.record_routing` recorder is active): a new layer type does the same, once, after
+its plan.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from .experts import Experts, MergedExperts, SwiGLUMLP
 from .ops import (balanced_assignment, expert_capacity, expert_choice, load_stats, plan,
                   route, router_losses)
 from .routers import ReLURouter, RouterLinear, SmearRouter, TopKRouter, check_sizes
+from .telemetry import report_routing, routing_entropy
 
 __all__ = ["TopKMoE", "SwitchMoE", "ReMoE", "ExpertChoiceMoE", "BaseMoE", "SmearMoE"]
 
@@ -235,6 +240,7 @@ class TopKMoE(_Layer):
         self.router.record_load(p.counts)
         self.aux_losses = self._aux_losses(logits, p.counts)
         self.last_stats = load_stats(p)
+        report_routing(self, logits=logits, experts=experts, weights=weights, plan=p)
         return out.view(x.shape)
 
     def _aux_losses(self, logits: Tensor, counts: Tensor) -> dict[str, Tensor]:
@@ -375,6 +381,7 @@ class ReMoE(_Layer):
             self.forwards_since_update.add_(1)
             self.aux_losses = {"l1": self.l1_reg_coeff * self.l1_loss(logits, p.counts)}
         self.last_stats = {**load_stats(p), "sparsity": sparsity}
+        report_routing(self, logits=logits, experts=experts, weights=weights, plan=p)
         return out.view(x.shape)
 
     def l1_loss(self, logits: Tensor, counts: Tensor) -> Tensor:
@@ -437,12 +444,14 @@ class ExpertChoiceMoE(_Layer):
 
     def forward(self, x: Tensor) -> Tensor:
         h = _tokens(self, x)
-        scores = torch.softmax(self.router(h), dim=-1)
+        logits = self.router(h)
+        scores = torch.softmax(logits, dim=-1)
         weights, experts, p = expert_choice(scores, self.capacity(h.shape[0]))
         out = self.experts(h, p, weights)
         self.aux_losses = {}
         unrouted = (experts < 0).all(dim=-1).sum().float() / max(h.shape[0], 1)
         self.last_stats = {**load_stats(p), "unrouted_fraction": unrouted}
+        report_routing(self, logits=logits, experts=experts, weights=weights, plan=p)
         return out.view(x.shape)
 
     def extra_repr(self) -> str:
@@ -562,6 +571,8 @@ class BaseMoE(_Layer):
             out = h + out
         self.aux_losses = {}
         self.last_stats = load_stats(p)
+        report_routing(self, logits=logits, experts=experts, weights=alpha, plan=p,
+                       assignment=experts)
         return out.view(x.shape)
 
     def extra_repr(self) -> str:
@@ -642,6 +653,6 @@ class SmearMoE(_Layer):
         self.aux_losses = {}
         with torch.no_grad():
             n = max(probs.shape[0], 1)
-            self.last_stats = {"probs_mean": probs.sum(0) / n,
-                               "entropy": torch.special.entr(probs).sum() / n}
+            self.last_stats = {"probs_mean": probs.sum(0) / n, "entropy": routing_entropy(probs)}
+        report_routing(self, probs=probs)
         return out.view(x.shape)
