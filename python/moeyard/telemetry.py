@@ -323,19 +323,17 @@ def domain_distribution(records: Union[RoutingRecord, Sequence[RoutingRecord]],
     E = records[0].num_experts
     total = None
     for r, d in zip(records, domains):
-        if r.experts is not None:
+        if r.experts is not None:  # each chosen (token, slot) adds 1 to (domain, expert)
             experts = r.experts.long()
-            rows, mass = experts.shape[0], (experts >= 0).float()
-            index = d.reshape(-1, 1).to(experts.device).long() * E + experts.clamp(min=0)
-        elif "probs" in r.extra:
-            probs = r.extra["probs"].float()
-            rows, mass = probs.shape[0], probs
-            index = d.reshape(-1, 1).to(probs.device).long() * E + torch.arange(
-                E, device=probs.device)
+            mass, columns = (experts >= 0).float(), experts.clamp(min=0)
+        elif "probs" in r.extra:  # each example adds its probabilities to its domain's row
+            mass = r.extra["probs"].float()
+            columns = torch.arange(E, device=mass.device)
         else:
             raise ValueError("domain_distribution needs records with experts or probs")
-        if d.numel() != rows:
-            raise ValueError(f"domain labels: {d.numel()} for a record of {rows} rows")
+        if d.numel() != mass.shape[0]:
+            raise ValueError(f"domain labels: {d.numel()} for a record of {mass.shape[0]} rows")
+        index = d.reshape(-1, 1).to(mass.device).long() * E + columns
         if total is None:
             total = torch.zeros(num_domains * E, device=mass.device)
         total.index_add_(0, index.flatten(), mass.flatten())
