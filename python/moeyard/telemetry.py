@@ -12,9 +12,9 @@
 A :class:`RoutingRecord` holds device tensors, detached and not copied (the layer's own
 tensors): router ``logits``, ``experts`` (-1 = none), ``weights``, the plan's ``counts`` and the
 ``dropped`` mask, plus layer-specific ``extra`` tensors (BASE's ``assignment``, SMEAR's
-``probs``). Recording never reads a device value on the host, so it keeps a CUDA stream free
-running; read the reductions once, when you need the numbers. ``fields=`` keeps only some of
-them (a long run that only needs loads keeps ``("counts",)`` and holds a few bytes per forward).
+``probs``). Recording never reads a device value on the host, so it never stalls the GPU: read
+the reductions when you need the numbers. ``fields=`` keeps only some of them (a long run that
+only needs loads keeps ``("counts",)``: one ``[E]`` tensor per layer and forward).
 
 The reductions papers report: :func:`expert_load` (load over steps), :func:`moeyard.max_violation`
 (MaxVio), :func:`routing_entropy`, :func:`routing_fluctuation` (StableMoE's routing fluctuation)
