@@ -375,6 +375,8 @@ def test_compile_fullgraph_with_recording_off():
         want = net(x)
     compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), want)
+    with moeyard.record_routing(net), pytest.raises(Exception, match="record_routing"):
+        compiled(x)  # fullgraph cannot record: it says so
     # on, a compiled model records outside its graphs (a graph break; fullgraph would refuse)
     graph_broken = torch.compile(net[:2], backend="aot_eager")
     with moeyard.record_routing(net) as on:

@@ -134,7 +134,8 @@ def report_routing(layer: nn.Module, *, logits: Optional[Tensor] = None,
     _record(layer, logits, experts, weights, plan, extra)
 
 
-@torch.compiler.disable
+@torch.compiler.disable(reason="moeyard.record_routing records outside compiled graphs: stop "
+                                "the recorder, or compile without fullgraph=True to record")
 def _record(layer, logits, experts, weights, plan, extra) -> None:
     for recorder in _ACTIVE:
         recorder._add(layer, logits, experts, weights, plan, extra)
