@@ -284,8 +284,8 @@ def routing_entropy(probs: Tensor) -> Tensor:
     (rows summing to 1): log E for uniform routing, 0 for one-hot. ``routing_entropy(load /
     load.sum())`` is the entropy of a load distribution instead (log E: perfectly balanced).
     0 rows give 0."""
-    ent = torch.special.entr(probs).sum(-1)
-    return ent.sum() / max(ent.numel(), 1)
+    rows = probs.numel() // max(probs.shape[-1], 1)
+    return torch.special.entr(probs).sum() / max(rows, 1)
 
 
 def _top1(x: Union[RoutingRecord, Tensor]) -> Tensor:
