@@ -1,6 +1,7 @@
 """Shared fixtures. CUDA cases carry ``@pytest.mark.gpu`` (via ``DEVICES``) and are skipped when
 no GPU is visible or moeyard was built without its CUDA kernels; ``pytest -m gpu`` runs only them."""
 import zlib
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -96,3 +97,26 @@ def check_layer_against(layer, naive, x, grad_out, router_grad_tol=None):
     assert layer.last_stats.keys() == want_stats.keys()
     for n, v in layer.last_stats.items():
         close(v.float().cpu(), want_stats[n].float().cpu(), 1e-6)
+
+
+@contextmanager
+def host_reads():
+    """Records every Python-level read of a tensor's value on the host (what would synchronize
+    with the device on CUDA), by name, in the yielded list; the reads still happen."""
+    names = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+    seen = []
+
+    def recording(name):
+        def f(*a, **k):
+            seen.append(name)
+            return saved[name](*a, **k)
+        return f
+
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, recording(n))
+        yield seen
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)

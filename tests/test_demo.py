@@ -76,6 +76,15 @@ def test_routing_statistics(tiny_run):
     assert 0 <= by_name["remoe"]["sparsity"] <= 1
     assert by_name["topk"]["sparsity"] is None
     assert "n/a" in data["table"].splitlines()[2]  # the dense row
+    # routing fluctuation: one value per interval between the 10 probe checkpoints
+    assert dense["routing_fluctuation"] is None and dense["fluctuation_curve"] == []
+    for r in data["results"][1:]:
+        steps = [s for s, _ in r["fluctuation_curve"]]
+        assert steps == [3 * i for i in range(2, 11)], r["layer_type"]
+        assert all(0 <= f <= 1 for _, f in r["fluctuation_curve"])
+        late = [f for s, f in r["fluctuation_curve"] if s > TINY["--steps"] / 2]
+        assert r["routing_fluctuation"] == pytest.approx(sum(late) / len(late))
+    assert "fluct. %" in data["table"] and "StableMoE" in data["table"]
 
 
 def test_active_parameters_match_dense(tiny_run):
@@ -142,6 +151,16 @@ def test_opt_in_layer_types(name):
         model = demo.TinyLM(cfg, name)
         model(torch.zeros(1, 4, dtype=torch.int64))
         assert "erc" in model.blocks[0].mlp.aux_losses
+
+
+def test_train_a_given_model_in_place():
+    cfg = demo.DemoConfig(d_model=16, blocks=1, heads=2, experts=4, k=2, expert_size=8,
+                          seq_len=8, batch_size=4, steps=3, eval_batches=1)
+    model = demo.TinyLM(cfg, "topk")
+    before = model.blocks[0].mlp.router.weight.detach().clone()
+    r = demo.train("topk", cfg, demo.make_corpus(1 << 12), progress=False, model=model)
+    assert not torch.equal(model.blocks[0].mlp.router.weight, before)
+    assert len(r["loss_curve"]) == 3
 
 
 def test_command_line_and_bad_names(tmp_path, capsys):

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 import moeyard
 import moeyard.distributed as md
+from conftest import host_reads
 from ranks import run_checks
 
 pytestmark = pytest.mark.distributed
@@ -310,29 +311,6 @@ def check_base(rank, ws, device):
 
 
 @contextmanager
-def _host_reads():
-    """Records every Python-level read of a tensor's value on the host (what would synchronize
-    with the device on CUDA), by name, in the yielded list; the reads still happen."""
-    names = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-    seen = []
-
-    def recording(name):
-        def f(*a, **k):
-            seen.append(name)
-            return saved[name](*a, **k)
-        return f
-
-    try:
-        for n in names:
-            setattr(torch.Tensor, n, recording(n))
-        yield seen
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
-
-
-@contextmanager
 def _sync_errors(device):
     """On CUDA, torch's own detector: any synchronizing call raises."""
     if device != "cuda":
@@ -358,15 +336,15 @@ def check_host_syncs(rank, ws, device):
     x = _inputs(rank, 16, device=device).requires_grad_()
     for layer in layers:
         layer(x).sum().backward()  # warm-up: the agreement check
-        with _host_reads() as reads, _sync_errors(device):
+        with host_reads() as reads, _sync_errors(device):
             layer(x).sum().backward()
         assert reads == [], f"{type(layer).__name__}: host reads {reads}"
     dropless = moeyard.TopKMoE(D, I, E, k=2, **kw)
     dropless(x)
-    with _host_reads() as reads:
+    with host_reads() as reads:
         out = dropless(x)
     assert reads == ["tolist"], reads
-    with _host_reads() as reads, _sync_errors(device):
+    with host_reads() as reads, _sync_errors(device):
         out.sum().backward()
     assert reads == [], reads
 

@@ -3,7 +3,8 @@
 Importing moeyard loads its compiled library, which registers the ``torch.ops.moeyard`` ops; the
 typed Python wrappers, fake kernels and autograd formulas are in :mod:`moeyard.ops`; the
 ``nn.Module`` layers built on them in :mod:`moeyard.layers` (with :mod:`moeyard.routers`,
-:mod:`moeyard.experts`) and the training-time helpers in :mod:`moeyard.balance`.
+:mod:`moeyard.experts`), the training-time helpers in :mod:`moeyard.balance` and the routing
+recorder in :mod:`moeyard.telemetry`.
 """
 import json
 from pathlib import Path
@@ -31,6 +32,7 @@ from .experts import *  # noqa: E402,F401,F403
 from .routers import *  # noqa: E402,F401,F403
 from .layers import *  # noqa: E402,F401,F403
 from .balance import *  # noqa: E402,F401,F403
+from .telemetry import *  # noqa: E402,F401,F403
 
 __version__ = "0.1.0"
 

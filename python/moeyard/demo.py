@@ -25,7 +25,10 @@ merges the experts' weights instead of routing tokens, so it cannot be expert-pa
 Timing is honest: tokens/s counts the training steps after the first (warm-up) one; on CUDA the
 clock is read after a synchronize at both ends only. Nothing else in the loop reads a device value
 except the progress bar, which reads the loss once every ``log_every`` steps (one host sync per
-``log_every`` steps on CUDA). Load statistics stay on the device until the run ends.
+``log_every`` steps on CUDA). Load statistics stay on the device until the run ends: the loads
+per step come from a :class:`moeyard.RoutingRecorder` of the training forwards, the routing
+fluctuation (StableMoE's) from another that records a fixed held-out probe batch at every 10% of
+the run (see :func:`format_table`).
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ from . import layers
 from .balance import BiasBalancer, ReMoEController, collect_aux_losses
 from .experts import Experts, MergedExperts, SwiGLUMLP
 from .routers import TopKRouter
+from .telemetry import RoutingRecorder, routing_fluctuation
 
 __all__ = ["DemoConfig", "LayerType", "LAYER_TYPES", "DEFAULT_LAYERS", "VOCAB", "DOMAINS",
            "Corpus", "make_corpus", "encode", "decode", "TinyLM", "active_parameters",
@@ -167,6 +171,13 @@ DEFAULT_LAYERS = tuple(name for name, t in LAYER_TYPES.items() if t.default)
 def _moe_layers(model: nn.Module) -> list[nn.Module]:
     """The modules that report routing statistics (``last_stats``), in model order."""
     return [m for m in model.modules() if hasattr(m, "last_stats")]
+
+
+def _summed_loads(recorder: RoutingRecorder) -> list[Optional[Tensor]]:
+    """Per layer the recorder saw, in model order, its tokens per expert summed over the recorded
+    forwards (fp64, on the device), or None for a layer without a plan (SMEAR)."""
+    return [recorder.load(name).double().sum(0) if recorder[name][0].counts is not None
+            else None for name in recorder.layers]
 
 
 def _controllers(model: nn.Module, cfg: DemoConfig) -> list:
@@ -503,6 +514,44 @@ class _Ranks:
         return every.view(len(counters), self.size, -1).sum((0, 2)).tolist()
 
 
+class _FluctuationProbe:
+    """Routing fluctuation as StableMoE measures it (Dai et al. 2022, "fewer routing
+    fluctuations"): the same held-out tokens are routed at consecutive checkpoints of the
+    training, and the fraction whose target expert changed from one checkpoint to the next is
+    the fluctuation of that interval.
+
+    Here the checkpoints are the ends of every ``1 / checkpoints`` of the run; at each one the
+    model routes the fixed probe ``batch`` (eval mode, no grad: no RNG drawn, the training is
+    unchanged) and a recorder keeps each layer's routing. The target expert of a token is its
+    chosen expert of largest weight (:meth:`moeyard.RoutingRecord.top1`); SMEAR's, of an
+    example. Nothing is read on the host until :meth:`curve`."""
+
+    def __init__(self, model: nn.Module, batch: Tensor, steps: int, checkpoints: int = 10):
+        self.model, self.batch = model, batch
+        self.at = sorted({max(1, round(i * steps / checkpoints))
+                          for i in range(1, checkpoints + 1)})
+        self.recorder = RoutingRecorder(model, fields=("experts", "weights", "probs"))
+
+    @torch.no_grad()
+    def after_step(self, steps_done: int) -> None:
+        """Route the probe batch if ``steps_done`` training steps end a checkpoint interval."""
+        if steps_done in self.at:
+            self.model.eval()
+            with self.recorder:
+                self.model(self.batch)
+            self.model.train()
+
+    def curve(self) -> Optional[Tensor]:
+        """``[checkpoints - 1]``: each interval's fluctuation, averaged over the layers (device
+        tensor); None for a model without routing."""
+        rec = self.recorder
+        if not rec.layers:
+            return None
+        per_layer = [torch.stack([routing_fluctuation(a, b) for a, b in zip(rec[n], rec[n][1:])])
+                     for n in rec.layers]
+        return torch.stack(per_layer).mean(0)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, stream: Tensor, cfg: DemoConfig, batches: int,
              generator: torch.Generator, ranks: Optional[_Ranks] = None) -> tuple[float, list]:
@@ -515,25 +564,24 @@ def evaluate(model: nn.Module, stream: Tensor, cfg: DemoConfig, batches: int,
     device = next(model.parameters()).device
     stream = stream.to(device)
     starts = ranks.starts(stream, batches, cfg, generator).to(device)
-    moe_layers = _moe_layers(model)
-    loads = [None] * len(moe_layers)
     total = torch.zeros((), device=device)
-    for b in range(batches):
-        total += _lm_loss(model, _windows(stream, starts[b], cfg.seq_len + 1))
-        for i, m in enumerate(moe_layers):
-            t = m.last_stats.get("tokens_per_expert")
-            if t is not None:
-                loads[i] = t.double() if loads[i] is None else loads[i] + t
+    with RoutingRecorder(model, fields=("counts",)) as recorder:
+        for b in range(batches):
+            total += _lm_loss(model, _windows(stream, starts[b], cfg.seq_len + 1))
     model.train(was_training)
-    loads = [None if x is None else ranks.sum(x).tolist() for x in loads]
+    loads = [None if x is None else ranks.sum(x).tolist() for x in _summed_loads(recorder)]
     return ranks.mean(total / batches).item(), loads
 
 
 def train(layer_type: str, cfg: DemoConfig, corpus: Corpus, progress: bool = True,
-          log_every: Optional[int] = None, ep_group=None) -> dict:
+          log_every: Optional[int] = None, ep_group=None,
+          model: Optional[nn.Module] = None) -> dict:
     """Train a fresh :class:`TinyLM` with ``layer_type`` MLPs for ``cfg.steps`` steps. Every layer
     type sees the same initial embeddings/attention (``cfg.seed``) and the same batches. Runs
     with ``cfg.threads`` CPU threads (0: torch's default), restored afterwards.
+
+    ``model``: train this model (a ``TinyLM(cfg, layer_type)``, moved to ``cfg.device`` and
+    ``cfg.dtype``) in place instead of a fresh one, to look at it afterwards.
 
     ``ep_group``: expert parallelism over this process group (collective: every rank calls it
     with the same arguments); each rank trains on its own ``cfg.batch_size`` windows, the
@@ -545,19 +593,27 @@ def train(layer_type: str, cfg: DemoConfig, corpus: Corpus, progress: bool = Tru
     ``dropped_fraction``, ``sparsity``, ``experts_per_token`` (None where the layers do not
     report them), ``loss_curve``
     (LM loss per step), ``expert_load`` (tokens per expert summed over the run, per MoE layer),
-    ``heldout_expert_load``, ``heldout_by_domain`` (loss and last block's load per domain)."""
+    ``heldout_expert_load``, ``heldout_by_domain`` (loss and last block's load per domain),
+    ``routing_fluctuation`` (StableMoE's, see :func:`format_table`) and ``fluctuation_curve``
+    (``[checkpoint step, fluctuation since the previous checkpoint]`` pairs).
+
+    The loads and MaxVio come from a :class:`moeyard.RoutingRecorder` of the training forwards,
+    the fluctuation from one of a fixed held-out probe batch routed (eval mode) at every 10% of
+    the run; the probe's ten forwards are inside the timed loop (well under 1% of its work)."""
     before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or before)
     try:
-        return _train(layer_type, cfg, corpus, progress, log_every, _Ranks(ep_group))
+        return _train(layer_type, cfg, corpus, progress, log_every, _Ranks(ep_group), model)
     finally:
         torch.set_num_threads(before)
 
 
-def _train(layer_type, cfg, corpus, progress, log_every, ranks: _Ranks) -> dict:
+def _train(layer_type, cfg, corpus, progress, log_every, ranks: _Ranks, model) -> dict:
     device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
     torch.manual_seed(cfg.seed)
-    model = TinyLM(cfg, layer_type, ep_group=ranks.group).to(device=device, dtype=dtype)
+    if model is None:
+        model = TinyLM(cfg, layer_type, ep_group=ranks.group)
+    model = model.to(device=device, dtype=dtype)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
@@ -574,12 +630,17 @@ def _train(layer_type, cfg, corpus, progress, log_every, ranks: _Ranks) -> dict:
     stream = corpus.train.to(device)
     starts = ranks.starts(stream, cfg.steps, cfg, g).to(device)
     eval_generator = torch.Generator().manual_seed(cfg.seed + 1)
+    heldout_stream = corpus.heldout.to(device)
+    probe_starts = ranks.starts(heldout_stream, 1, cfg, torch.Generator().manual_seed(
+        cfg.seed + 2))[0].to(device)
+    probe = _FluctuationProbe(model, _windows(heldout_stream, probe_starts, cfg.seq_len),
+                              cfg.steps)
 
-    # Per-step histories stay on the device; read once at the end.
+    # Per-step histories stay on the device (the loads in the recorder); read once at the end.
+    routing = RoutingRecorder(model, fields=("counts",))
     losses = torch.zeros(cfg.steps, device=device)
-    names = ("max_violation", "dropped_fraction", "sparsity", "experts_per_token")
+    names = ("dropped_fraction", "sparsity", "experts_per_token")
     stats = {n: torch.full((cfg.steps,), float("nan"), device=device) for n in names}
-    load = [None] * len(moe_layers)
 
     log_every = log_every or max(1, cfg.steps // 100)
     bar = _Progress(cfg.steps, layer_type, progress and ranks.main)
@@ -589,7 +650,8 @@ def _train(layer_type, cfg, corpus, progress, log_every, ranks: _Ranks) -> dict:
         if step == 1:  # the first step is warm-up (allocations, kernel selection): not timed
             _sync(device)
             t0 = time.perf_counter()
-        lm = _lm_loss(model, _windows(stream, starts[step], cfg.seq_len + 1))
+        with routing:
+            lm = _lm_loss(model, _windows(stream, starts[step], cfg.seq_len + 1))
         loss = lm + collect_aux_losses(model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -604,18 +666,22 @@ def _train(layer_type, cfg, corpus, progress, log_every, ranks: _Ranks) -> dict:
                 vals = [m.last_stats[n] for m in moe_layers if n in m.last_stats]
                 if vals:
                     stats[n][step] = torch.stack(vals).float().mean()
-            for i, m in enumerate(moe_layers):
-                t = m.last_stats.get("tokens_per_expert")
-                if t is not None:
-                    load[i] = t.double() if load[i] is None else load[i] + t
+        probe.after_step(step + 1)
         shown = (step + 1) % log_every == 0 or step + 1 == cfg.steps
         bar.update(1, losses[step].item() if shown else None)  # the loop's only host read
     _sync(device)
     elapsed = ranks.max(time.perf_counter() - t0 if t0 is not None else float("nan"), device)
     bar.close()
     timed_tokens = (cfg.steps - 1) * ranks.size * cfg.batch_size * cfg.seq_len
+    routed = [n for n in routing.layers if routing[n][0].counts is not None]
+    stats["max_violation"] = (torch.stack([routing.max_violation(n) for n in routed]).mean(0)
+                              if routed else torch.full((cfg.steps,), float("nan"),
+                                                        device=device))
     losses, stats = ranks.mean(losses), {n: ranks.mean(v) for n, v in stats.items()}
-    load = [None if x is None else ranks.sum(x) for x in load]
+    load = [None if x is None else ranks.sum(x) for x in _summed_loads(routing)]
+    fluctuation = probe.curve()
+    fluctuation = None if fluctuation is None else ranks.mean(fluctuation).cpu().tolist()
+    late = [f for step, f in zip(probe.at[1:], fluctuation or []) if step > cfg.steps / 2]
 
     heldout, heldout_load = evaluate(model, corpus.heldout, cfg, cfg.eval_batches, eval_generator,
                                      ranks)
@@ -646,6 +712,8 @@ def _train(layer_type, cfg, corpus, progress, log_every, ranks: _Ranks) -> dict:
         "dropped_fraction": tail_mean(stats["dropped_fraction"]),
         "sparsity": tail_mean(stats["sparsity"]),
         "experts_per_token": tail_mean(stats["experts_per_token"]),
+        "routing_fluctuation": sum(late) / len(late) if late else None,
+        "fluctuation_curve": [list(x) for x in zip(probe.at[1:], fluctuation or [])],
         "target_sparsity": next((m.target_sparsity for m in model.modules()
                                  if isinstance(m, layers.ReMoE)), None),
         "loss_curve": curve,
@@ -676,7 +744,7 @@ def _columns(head, rows, left=(0,)) -> list[str]:
 def format_table(results: list[dict]) -> str:
     """One row per layer type: parameters, losses, speed and routing statistics."""
     head = ("layer type", "active", "total", "train loss", "held-out", "tokens/s", "MaxVio",
-            "dropped %", "sparsity")
+            "fluct. %", "dropped %", "sparsity")
     rows = []
     for r in results:
         sparsity = _fmt(r["sparsity"], ".3f")
@@ -686,10 +754,15 @@ def format_table(results: list[dict]) -> str:
                      f"{r['active_params']:,}", f"{r['total_params']:,}",
                      f"{r['final_train_loss']:.4f}", f"{r['heldout_loss']:.4f}",
                      f"{r['tokens_per_s']:,.0f}", _fmt(r["max_violation"], ".3f"),
+                     _fmt(r.get("routing_fluctuation"), ".1f", 100),
                      _fmt(r["dropped_fraction"], ".2f", 100), sparsity))
-    out = _columns(head, rows, left=(0, 8))
+    out = _columns(head, rows, left=(0, 9))
     out.append("train loss, MaxVio, dropped %, sparsity: means over the last 10% of steps "
                "(MaxVio averaged over layers); held-out: eval mode.")
+    out.append("fluct. %: routing fluctuation as in StableMoE (Dai et al. 2022): the share of a "
+               "fixed held-out probe batch's tokens whose top-1 expert changed between "
+               "consecutive checkpoints, one every 10% of training (eval mode), averaged over "
+               "the intervals of the second half and over the blocks (SMEAR: of its examples).")
     if any(not r["causal"] for r in results):
         out.append("* not causal: a token's experts depend on later tokens of the batch, so its "
                    "LM losses are not comparable with the others'.")

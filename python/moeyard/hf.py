@@ -48,6 +48,7 @@ from .layers import TopKMoE
 from .ops import expert_ffn, load_stats, plan, sparsemixer
 from .reference import OSS_ALPHA, OSS_LIMIT, activation_name
 from .routers import TopKRouter
+from .telemetry import report_routing
 
 #: transformers releases this integration is tested with: the oldest and the newest minor release
 #: (CI runs tests/test_hf.py on both). Older releases lack what it reads and are refused; newer ones
@@ -468,7 +469,8 @@ class SparseMoeBlock(nn.Module):
     collective (see :func:`replace_moe`). ``forward`` returns what the original returns (GPT-OSS:
     ``(out, routing weights)``). After each forward, ``last_stats`` holds :func:`moeyard.load_stats`
     of the plan (this rank's tokens) and ``aux_losses`` is empty (transformers computes its aux
-    loss from the recorded router logits).
+    loss from the recorded router logits); the routing goes to :func:`moeyard.report_routing`
+    (recorded by :func:`moeyard.record_routing`, under the block's qualified name).
     """
 
     def __init__(self, *args, **kwargs):
@@ -516,7 +518,7 @@ class SparseMoeBlock(nn.Module):
             for n in self.input_jitters:
                 h = h * torch.empty_like(h).uniform_(1.0 - n, 1.0 + n)
         router = self.hf_router()
-        _, weights, experts = router(h)
+        logits, weights, experts = router(h)
         if self.weights_to_hidden:
             weights = weights.to(h.dtype)
         capacity = self.capacity(h.shape[0])
@@ -546,6 +548,7 @@ class SparseMoeBlock(nn.Module):
             out = out + self.shared_experts(h)
         router.record_load(routing_plan.counts)
         self.last_stats = load_stats(routing_plan)
+        report_routing(self, logits=logits, experts=experts, weights=weights, plan=routing_plan)
         out = out.view(shape)
         return (out, weights) if self.returns_weights else out
 

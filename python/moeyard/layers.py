@@ -20,6 +20,10 @@ After every forward the layer holds
                   after each forward (micro-batch).
   ``last_stats``  :func:`moeyard.load_stats` of the plan (tokens per expert, MaxVio, dropped
                   fraction), device tensors.
+
+Every forward hands its routing to :func:`moeyard.report_routing` (a no-op unless a
+:func:`moeyard.record_routing` recorder is active): a new layer type does the same, once, after
+its plan.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from .ops import (balanced_assignment, erc_loss, expert_capacity, expert_choice,
                   route, router_entropy, router_losses, sequence_balance_loss)
 from .routers import (ReLURouter, RouterLinear, SmearRouter, TopKRouter, TopPRouter,
                       check_sizes)
+from .telemetry import report_routing, routing_entropy
 
 __all__ = ["TopKMoE", "SwitchMoE", "ReMoE", "TopPMoE", "ExpertChoiceMoE", "BaseMoE", "SmearMoE"]
 
@@ -298,6 +303,7 @@ class TopKMoE(_Layer):
                 self.router.weight, self.experts.gate_weight, self.erc_alpha,
                 generator=self.erc_generator)
         self.last_stats = load_stats(p)
+        report_routing(self, logits=logits, experts=experts, weights=weights, plan=p)
         return out.view(x.shape)
 
     def _aux_losses(self, logits: Tensor, counts: Tensor, sequences: int) -> dict[str, Tensor]:
@@ -447,6 +453,7 @@ class ReMoE(_Layer):
             self.forwards_since_update.add_(1)
             self.aux_losses = {"l1": self.l1_reg_coeff * self.l1_loss(logits, p.counts)}
         self.last_stats = {**load_stats(p), "sparsity": sparsity}
+        report_routing(self, logits=logits, experts=experts, weights=weights, plan=p)
         return out.view(x.shape)
 
     def l1_loss(self, logits: Tensor, counts: Tensor) -> Tensor:
@@ -533,6 +540,7 @@ class TopPMoE(_Layer):
         h = _tokens(self, x)
         logits, weights, experts = self.router(h)
         p = plan(experts, self.num_experts)
+        report_routing(self, logits=logits, experts=experts, weights=weights, plan=p)
         out = self.experts(h, p, weights)
         losses = {}
         if self.aux_loss_coef > 0 or self.z_loss_coef > 0:
@@ -602,12 +610,14 @@ class ExpertChoiceMoE(_Layer):
 
     def forward(self, x: Tensor) -> Tensor:
         h = _tokens(self, x)
-        scores = torch.softmax(self.router(h), dim=-1)
+        logits = self.router(h)
+        scores = torch.softmax(logits, dim=-1)
         weights, experts, p = expert_choice(scores, self.capacity(h.shape[0]))
         out = self.experts(h, p, weights)
         self.aux_losses = {}
         unrouted = (experts < 0).all(dim=-1).sum().float() / max(h.shape[0], 1)
         self.last_stats = {**load_stats(p), "unrouted_fraction": unrouted}
+        report_routing(self, logits=logits, experts=experts, weights=weights, plan=p)
         return out.view(x.shape)
 
     def extra_repr(self) -> str:
@@ -727,6 +737,8 @@ class BaseMoE(_Layer):
             out = h + out
         self.aux_losses = {}
         self.last_stats = load_stats(p)
+        report_routing(self, logits=logits, experts=experts, weights=alpha, plan=p,
+                       assignment=experts)
         return out.view(x.shape)
 
     def extra_repr(self) -> str:
@@ -807,6 +819,6 @@ class SmearMoE(_Layer):
         self.aux_losses = {}
         with torch.no_grad():
             n = max(probs.shape[0], 1)
-            self.last_stats = {"probs_mean": probs.sum(0) / n,
-                               "entropy": torch.special.entr(probs).sum() / n}
+            self.last_stats = {"probs_mean": probs.sum(0) / n, "entropy": routing_entropy(probs)}
+        report_routing(self, probs=probs)
         return out.view(x.shape)

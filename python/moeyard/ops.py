@@ -38,6 +38,7 @@ __all__ = [
     "router_entropy",
     "erc_loss",
     "load_stats",
+    "max_violation",
     "expert_capacity",
     "grouped_mm",
     "expert_ffn",
@@ -590,17 +591,25 @@ def erc_loss(router_weight: Tensor, gate_weight: Tensor, alpha: float = 1.0, *,
 
 def load_stats(plan: RoutingPlan) -> dict[str, Tensor]:
     """Load statistics of a plan, as device tensors (no sync): ``tokens_per_expert`` (pre-drop),
-    ``max_violation`` ((max load - mean load) / mean load, DeepSeek's MaxVio) and
-    ``dropped_fraction`` (assignments dropped by the capacity)."""
+    ``max_violation`` (:func:`max_violation` of it) and ``dropped_fraction`` (assignments dropped
+    by the capacity)."""
     load = plan.counts.float()
-    mean = load.mean()
     total = load.sum()
     kept = plan.offsets[-1].float()
     return {
         "tokens_per_expert": plan.counts,
-        "max_violation": (load.max() - mean) / mean.clamp(min=1e-20),
+        "max_violation": max_violation(load),
         "dropped_fraction": (total - kept) / total.clamp(min=1),
     }
+
+
+def max_violation(load: Tensor) -> Tensor:
+    """DeepSeek's MaxVio of per-expert loads ``load [..., E]``: ``(max_e load - mean_e load) /
+    mean_e load`` over the last dim, fp32 ``[...]`` (0 when balanced; 0 for no load at all). Of a
+    batch's counts it is the batch MaxVio; of counts summed over batches, the global one."""
+    load = load.float()
+    mean = load.mean(-1)
+    return (load.amax(-1) - mean) / mean.clamp(min=1e-20)
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int = 1, capacity_factor: float = 1.25,
