@@ -6,7 +6,7 @@ Shape: qwen3moe, d_model 2048, d_ff 768 per expert, 128 experts, T = 16384 token
 Layers, each configured to route about 8 experts' worth of rows per token where it can:
   topk      TopKMoE.qwen3_moe(k=8, renormalize=True): softmax, top-8, dropless, balance loss
   deepseek  TopKMoE.deepseek_v3(k=8): sigmoid + selection bias, best 4 of 8 groups, scale 2.5,
-            plus a shared SwiGLU expert of width d_ff
+            the sequence-wise balance loss (alpha 1e-4), a shared SwiGLU expert of width d_ff
   switch    SwitchMoE: top-1, capacity factor 1.25 (drops by position), ReLU experts, balance and
             z losses (no jitter, so both sides route the same tokens)
   remoe     ReMoE(k=8, k_max=8): ReLU gates, the 8 largest positive kept, L1 term; at
@@ -109,10 +109,29 @@ def torch_experts(h, tok, e, w, ex):
     return torch.zeros(h.shape, dtype=torch.float32, device=h.device).index_add(0, tok, y)
 
 
-def balance_loss(logits, e, E):
+def scores_for_loss(logits, sigmoid):
+    """The balance losses' per-token scores: softmax, or the sigmoid normalized per token."""
+    if not sigmoid:
+        return torch.softmax(logits, -1)
+    s = torch.sigmoid(logits)
+    return s / (s.sum(-1, keepdim=True) + 1e-20)
+
+
+def balance_loss(logits, e, E, sigmoid=False):
     """Switch load-balancing loss E * sum_e f_e P_e (f: share of the T k assignments, pre-drop)."""
     f = torch.histc(e.float(), bins=E, min=0, max=E - 1) / e.numel()
-    return E * (f * torch.softmax(logits, -1).mean(0)).sum()
+    return E * (f * scores_for_loss(logits, sigmoid).mean(0)).sum()
+
+
+def sequence_balance_loss(logits, k, sequences, sigmoid):
+    """DeepSeek-V3's sequence-wise loss without alpha: per sequence of S tokens f_e = E / (k S)
+    times the tokens whose plain top-k has e, P_e the mean normalized score; mean over them."""
+    T, E = logits.shape
+    S = T // sequences
+    top = logits.topk(k, dim=-1).indices.view(sequences, S * k)
+    f = F.one_hot(top, E).sum(1).float() * (E / (k * S))
+    P = scores_for_loss(logits, sigmoid).view(sequences, S, E).mean(1)
+    return (f * P).sum(-1).mean()
 
 
 def torch_topk(layer, x):
@@ -142,8 +161,13 @@ def torch_topk(layer, x):
     if layer.shared_expert is not None:
         out = out + layer.shared_expert(h).float()
     losses = []
+    sigmoid = r.score == "sigmoid"
     if layer.aux_loss_coef > 0:
-        losses.append(layer.aux_loss_coef * balance_loss(logits, chosen, E))
+        losses.append(layer.aux_loss_coef * balance_loss(logits, chosen, E, sigmoid))
+    if layer.seq_aux_loss_coef > 0:
+        sequences = x.shape[0] if x.dim() == 3 else 1
+        losses.append(layer.seq_aux_loss_coef * sequence_balance_loss(logits, k, sequences,
+                                                                      sigmoid))
     if layer.z_loss_coef > 0:
         losses.append(layer.z_loss_coef * (torch.logsumexp(logits, -1) ** 2).mean())
     return out.to(h.dtype), losses
