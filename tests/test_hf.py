@@ -846,13 +846,22 @@ def test_cuda_graph_forward_backward(how):
     else:
         mh.replace_moe(model)
     ids = torch.randint(0, TINY["vocab_size"], (2, 32), device="cuda")
-    params = [p for p in model.parameters()]
+    check_graph_replay(model, ids)
+
+
+def check_graph_replay(model, ids, seed=None):
+    """One training step (loss and every gradient) captured in a CUDA graph and replayed equals
+    the eager step; ``seed``: torch.manual_seed before the eager step and before the replay (for
+    routing that samples inside the graph)."""
+    params = list(model.parameters())
 
     def step():
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         return loss
 
+    if seed is not None:
+        torch.manual_seed(seed)
     want_loss = step()
     want_grads = [p.grad.clone() for p in params]
     stream = torch.cuda.Stream()
@@ -868,6 +877,8 @@ def test_cuda_graph_forward_backward(how):
         loss = step()
     for p in params:
         p.grad.zero_()
+    if seed is not None:
+        torch.manual_seed(seed)
     graph.replay()
     torch.cuda.synchronize()
     close(loss.float(), want_loss.float(), 1e-6, scaled=True)
@@ -907,32 +918,4 @@ def test_cuda_graph_phimoe_training():
     model = tiny_model("phimoe", device="cuda")
     mh.replace_moe(model)
     ids = torch.randint(0, TINY["vocab_size"], (2, 32), device="cuda")
-    params = list(model.parameters())
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss
-
-    torch.manual_seed(5)
-    want_loss = step()
-    want_grads = [p.grad.clone() for p in params]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            model.zero_grad(set_to_none=False)
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    model.zero_grad(set_to_none=False)
-    with torch.cuda.graph(graph):
-        loss = step()
-    for p in params:
-        p.grad.zero_()
-    torch.manual_seed(5)
-    graph.replay()
-    torch.cuda.synchronize()
-    close(loss.float(), want_loss.float(), 1e-6, scaled=True)
-    for p, g in zip(params, want_grads):
-        close(p.grad.float(), g.float(), 1e-6, scaled=True)
+    check_graph_replay(model, ids, seed=5)
