@@ -5,8 +5,10 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import moeyard
+from moeyard import reference as ref
 
 HAS_CUDA_KERNELS = torch.cuda.is_available() and moeyard.build_info()["cuda_compiled"]
 
@@ -47,6 +49,15 @@ def random_experts(T, k, E, device="cpu", p_none=0.0):
     if p_none > 0:
         ex = ex.masked_fill(torch.rand(T, k) < p_none, -1)
     return ex.to(device)
+
+
+def expert_out(ex, e, rows):
+    """Expert e of an experts module on ``rows``, one nn.Linear at a time in fp32: the naive
+    layers' expert (reference activation, optional biases)."""
+    b1 = None if ex.gate_up_proj_bias is None else ex.gate_up_proj_bias[e].float()
+    b2 = None if ex.down_proj_bias is None else ex.down_proj_bias[e].float()
+    a = ref.activation(F.linear(rows.float(), ex.gate_up_proj[e].float(), b1), ex.activation)
+    return F.linear(a, ex.down_proj[e].float(), b2)
 
 
 def fwd_bwd(fn, layer, x, grad_out):

@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import moeyard
-from moeyard import reference as ref
-from conftest import DEVICES, check_layer_against, fwd_bwd, run_layer
+from conftest import DEVICES, check_layer_against, expert_out, fwd_bwd, run_layer
 
 D, I, E, B, S = 16, 8, 8, 2, 12  # tokens T = B * S = 24
 
@@ -26,13 +25,6 @@ def make(name, device="cpu", dtype=torch.float32, **kw):
         with torch.no_grad():
             ex.gate_up_proj_bias.normal_(std=0.1), ex.down_proj_bias.normal_(std=0.1)
     return layer
-
-
-def expert_out(ex, e, rows):
-    b1 = None if ex.gate_up_proj_bias is None else ex.gate_up_proj_bias[e].float()
-    b2 = None if ex.down_proj_bias is None else ex.down_proj_bias[e].float()
-    a = ref.activation(F.linear(rows.float(), ex.gate_up_proj[e].float(), b1), ex.activation)
-    return F.linear(a, ex.down_proj[e].float(), b2)
 
 
 def naive_topp(layer, x):
